@@ -1,0 +1,50 @@
+"""Every error leaves the API as ``{"error": {"code", "message"}}``; never as a stack trace."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, Response, jsonify
+from pydantic import ValidationError
+from werkzeug.exceptions import HTTPException
+
+from common.errors import InvalidRequest, VideoQAError
+
+log = logging.getLogger(__name__)
+
+
+def error_response(status: int, code: str, message: str, details: object = None) -> tuple[Response, int]:
+    body: dict[str, object] = {"code": code, "message": message}
+    if details is not None:
+        body["details"] = details
+    return jsonify({"error": body}), status
+
+
+def validation_problems(exc: ValidationError, prefix: str = "") -> list[dict[str, str]]:
+    problems = []
+    for error in exc.errors():
+        field = ".".join(str(part) for part in error["loc"]) or "body"
+        message = "unknown field" if error["type"] == "extra_forbidden" else error["msg"]
+        problems.append({"field": prefix + field, "message": message})
+    return problems
+
+
+def invalid(problems: list[dict[str, str]]) -> InvalidRequest:
+    summary = "; ".join(f"{p['field']}: {p['message']}" for p in problems)
+    return InvalidRequest(f"invalid request: {summary}", details=problems)
+
+
+def register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(VideoQAError)
+    def _service_error(exc: VideoQAError) -> tuple[Response, int]:
+        return error_response(exc.http_status, exc.code, exc.message, exc.details)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException) -> tuple[Response, int]:
+        code = (exc.name or "error").lower().replace(" ", "_")
+        return error_response(exc.code or 500, code, exc.description or exc.name)
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> tuple[Response, int]:
+        log.exception("unhandled error")
+        return error_response(500, "internal", "internal error; the request was not completed")

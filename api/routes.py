@@ -1,0 +1,79 @@
+"""The v1 REST routes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, Response, current_app, jsonify, request, url_for
+
+from api.submission import submit_job
+from common.errors import Conflict, InvalidRequest, NotFound
+from common.jobs import Job, JobStore
+
+bp = Blueprint("v1", __name__)
+
+
+def _services() -> Any:
+    return current_app.extensions["videoqa"]
+
+
+def _job_body(job: Job) -> dict[str, Any]:
+    body = job.to_public()
+    body["links"] = {"self": url_for("v1.get_job", job_id=job.id)}
+    return body
+
+
+def _load(job_id: str) -> Job:
+    job = _services().jobs.get(job_id)
+    if job is None:
+        raise NotFound(f"no job {job_id!r} (unknown, or past retention)")
+    return job
+
+
+@bp.post("/v1/jobs")
+def create_job() -> tuple[Response, int, dict[str, str]]:
+    services = _services()
+    job = submit_job(
+        request,
+        settings=services.settings,
+        jobs=services.jobs,
+        store=services.store,
+        enqueue_ingest=services.enqueue_ingest,
+    )
+    location = url_for("v1.get_job", job_id=job.id)
+    return jsonify(_job_body(job)), 202, {"Location": location}
+
+
+@bp.get("/v1/jobs/<job_id>")
+def get_job(job_id: str) -> Response:
+    return jsonify(_job_body(_load(job_id)))
+
+
+@bp.delete("/v1/jobs/<job_id>")
+def cancel_job(job_id: str) -> Response:
+    jobs: JobStore = _services().jobs
+    job = _load(job_id)
+    if not jobs.cancel(job_id):
+        job = _load(job_id)
+        if job.status.terminal:
+            raise Conflict(f"job {job_id} already ended as {job.status}")
+    return jsonify(_job_body(_load(job_id)))
+
+
+@bp.get("/v1/jobs")
+def list_jobs() -> Response:
+    try:
+        limit = int(request.args.get("limit", 20))
+        before = float(request.args["before"]) if "before" in request.args else None
+    except ValueError:
+        raise InvalidRequest("limit must be an integer and before a timestamp") from None
+    if not 1 <= limit <= 100:
+        raise InvalidRequest("limit must be between 1 and 100")
+    jobs = _services().jobs.list(limit=limit, before=before)
+    next_cursor = jobs[-1].created_at if len(jobs) == limit else None
+    return jsonify({"jobs": [_job_body(job) for job in jobs], "next_before": next_cursor})
+
+
+@bp.get("/healthz")
+def healthz() -> Response:
+    return jsonify({"status": "ok"})

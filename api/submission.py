@@ -1,0 +1,112 @@
+"""Turning an HTTP request into a stored job: parse, validate, keep uploads, record, enqueue."""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+from flask import Request
+from pydantic import ValidationError
+from werkzeug.datastructures import FileStorage
+
+from api.errors import invalid, validation_problems
+from common.errors import InvalidRequest, ServiceUnavailable
+from common.jobs import Job, JobStore
+from common.schemas import JobRequest, MediaSource, StoredRequest, check_limits
+from common.settings import Settings
+from common.storage import ObjectStore
+
+SAMPLING_FIELDS = ("num_frames", "fps", "start", "end")
+GENERATION_FIELDS = ("max_new_tokens", "do_sample", "temperature", "top_p")
+FILE_FIELDS = ("videos", "images")
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def parse_json_body(req: Request) -> tuple[JobRequest, list[FileStorage], list[FileStorage]]:
+    body = req.get_json(silent=True)
+    if body is None:
+        raise InvalidRequest("the body is not valid JSON", details=[{"field": "body", "message": "invalid JSON"}])
+    if not isinstance(body, dict):
+        raise invalid([{"field": "body", "message": "must be a JSON object"}])
+    try:
+        return JobRequest.model_validate(body), [], []
+    except ValidationError as exc:
+        raise invalid(validation_problems(exc)) from None
+
+
+def parse_multipart_body(req: Request) -> tuple[JobRequest, list[FileStorage], list[FileStorage]]:
+    """Multipart carries files in ``videos``/``images`` and options as flat text fields."""
+    unknown = [name for name in req.form if name not in ("question", "prompt", *SAMPLING_FIELDS, *GENERATION_FIELDS)]
+    unknown += [name for name in req.files if name not in FILE_FIELDS]
+    if unknown:
+        raise invalid([{"field": name, "message": "unknown field"} for name in sorted(set(unknown))])
+    body: dict[str, Any] = {
+        "sampling": {name: req.form[name] for name in SAMPLING_FIELDS if req.form.get(name, "") != ""},
+        "generation": {name: req.form[name] for name in GENERATION_FIELDS if req.form.get(name, "") != ""},
+    }
+    for name in ("question", "prompt"):
+        if name in req.form:
+            body[name] = req.form[name]
+    try:
+        parsed = JobRequest.model_validate(body)
+    except ValidationError as exc:
+        raise invalid(validation_problems(exc)) from None
+    return parsed, req.files.getlist("videos"), req.files.getlist("images")
+
+
+def _store_upload(store: ObjectStore, job_id: str, kind: str, position: int, upload: FileStorage) -> MediaSource:
+    filename = _SAFE_NAME.sub("_", Path(upload.filename or f"{kind}-{position}").name)[-100:]
+    key = f"uploads/{job_id}/{kind}-{position}-{filename}"
+    with tempfile.NamedTemporaryFile(suffix=".upload") as tmp:
+        upload.save(tmp)
+        tmp.flush()
+        if tmp.tell() == 0:
+            raise invalid([{"field": f"{kind}[{position}]", "message": "the file is empty"}])
+        store.put_file(key, Path(tmp.name))
+    return MediaSource(kind="upload", location=key, filename=upload.filename)
+
+
+def submit_job(
+    req: Request,
+    *,
+    settings: Settings,
+    jobs: JobStore,
+    store: ObjectStore,
+    enqueue_ingest: Any,
+) -> Job:
+    if req.mimetype == "application/json":
+        parsed, video_files, image_files = parse_json_body(req)
+    elif req.mimetype == "multipart/form-data":
+        parsed, video_files, image_files = parse_multipart_body(req)
+    else:
+        raise InvalidRequest(
+            f"unsupported content type {req.mimetype or 'none'!r}: send application/json or multipart/form-data"
+        )
+    problems = check_limits(parsed, settings, uploaded_videos=len(video_files), uploaded_images=len(image_files))
+    if problems:
+        raise invalid(problems)
+
+    job_id = uuid.uuid4().hex
+    videos = [_store_upload(store, job_id, "video", i, f) for i, f in enumerate(video_files)]
+    images = [_store_upload(store, job_id, "image", i, f) for i, f in enumerate(image_files)]
+    videos += [MediaSource.from_url(item.url) for item in parsed.videos]
+    images += [MediaSource.from_url(item.url) for item in parsed.images]
+    stored = StoredRequest(
+        question=parsed.question,
+        prompt=parsed.prompt,
+        videos=videos,
+        images=images,
+        sampling=parsed.sampling,
+        generation=parsed.generation,
+    )
+    job = jobs.create(json.loads(stored.model_dump_json()), job_id=job_id)
+    try:
+        enqueue_ingest(job.id)
+    except Exception as exc:
+        jobs.fail(job.id, "service_unavailable", "the job could not be queued")
+        raise ServiceUnavailable("the job queue is unavailable; try again") from exc
+    return job

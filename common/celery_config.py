@@ -1,0 +1,44 @@
+"""The Celery application shared by the API (which only sends) and the workers (which also run).
+
+Task names are constants so the API can enqueue by name without importing worker code.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Queue
+
+from common.settings import Settings
+
+INGEST_TASK = "videoqa.ingest"
+GENERATE_TASK = "videoqa.generate"
+CPU_QUEUE = "cpu"
+GPU_QUEUE = "gpu"
+
+
+def make_celery(settings: Settings, *, main: str = "videoqa") -> Celery:
+    app = Celery(main, broker=settings.redis_url, set_as_current=False)
+    soft_limit = max(settings.task_time_limit_s - 30, int(settings.task_time_limit_s * 0.9))
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        # Outcomes live in our job records; Celery's result meta would be a second, weaker copy.
+        task_ignore_result=True,
+        task_queues=(Queue(CPU_QUEUE), Queue(GPU_QUEUE)),
+        task_default_queue=CPU_QUEUE,
+        task_routes={INGEST_TASK: {"queue": CPU_QUEUE}, GENERATE_TASK: {"queue": GPU_QUEUE}},
+        # A job is acknowledged only once handled, and comes back if its worker dies mid-way.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        task_time_limit=settings.task_time_limit_s,
+        task_soft_time_limit=soft_limit,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+    )
+    return app

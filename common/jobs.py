@@ -1,0 +1,203 @@
+"""Job records in Redis: our own keys, guarded state transitions, a terminal state written once."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import redis
+
+KEY_PREFIX = "videoqa:job:"
+INDEX_KEY = "videoqa:jobs"
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    INGESTING = "ingesting"
+    QUEUED_GPU = "queued_gpu"
+    GENERATING = "generating"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
+ACTIVE = frozenset(JobStatus) - TERMINAL
+
+# Compare-and-set in one round trip: the status moves only from an allowed one, so a redelivered
+# or late task can never overwrite a terminal state or move a job backwards.
+_TRANSITION = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return -1 end
+local allowed = cjson.decode(ARGV[1])
+for _, s in ipairs(allowed) do
+  if s == status then
+    local fields = cjson.decode(ARGV[2])
+    for k, v in pairs(fields) do redis.call('HSET', KEYS[1], k, v) end
+    return 1
+  end
+end
+return 0
+"""
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    status: JobStatus
+    created_at: float
+    updated_at: float
+    attempts: int
+    request: dict[str, Any]
+    media: list[dict[str, Any]] | None = None
+    ingest_timings: dict[str, float] = field(default_factory=dict)
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    stages: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def stage_seconds(self) -> dict[str, float]:
+        return {
+            name: round(times["end"] - times["start"], 4)
+            for name, times in self.stages.items()
+            if "start" in times and "end" in times
+        }
+
+    def to_public(self) -> dict[str, Any]:
+        """The record as the API shows it (frame storage keys are internal)."""
+        seconds = self.stage_seconds()
+        return {
+            "id": self.id,
+            "status": str(self.status),
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "attempts": self.attempts,
+            "request": self.request,
+            "result": self.result,
+            "error": self.error,
+            "stages": {
+                name: {**times, **({"seconds": seconds[name]} if name in seconds else {})}
+                for name, times in self.stages.items()
+            },
+        }
+
+
+def _decode(raw: dict[str, str]) -> Job:
+    stages: dict[str, dict[str, float]] = {}
+    for key, value in raw.items():
+        if key.startswith("stage:"):
+            _, name, edge = key.split(":", 2)
+            stages.setdefault(name, {})[edge] = float(value)
+    loads = lambda name: json.loads(raw[name]) if raw.get(name) else None  # noqa: E731
+    return Job(
+        id=raw["id"],
+        status=JobStatus(raw["status"]),
+        created_at=float(raw["created_at"]),
+        updated_at=float(raw["updated_at"]),
+        attempts=int(raw.get("attempts", 0)),
+        request=loads("request") or {},
+        media=loads("media"),
+        ingest_timings=loads("ingest_timings") or {},
+        result=loads("result"),
+        error=loads("error"),
+        stages=stages,
+    )
+
+
+class JobStore:
+    """All reads and writes of job records go through here."""
+
+    def __init__(self, client: redis.Redis, *, ttl_s: int) -> None:
+        self._redis = client
+        self._ttl_s = ttl_s
+        self._transition = client.register_script(_TRANSITION)
+
+    @staticmethod
+    def key(job_id: str) -> str:
+        return KEY_PREFIX + job_id
+
+    def create(self, request: dict[str, Any], *, job_id: str | None = None) -> Job:
+        job_id = job_id or uuid.uuid4().hex
+        now = time.time()
+        fields = {
+            "id": job_id,
+            "status": str(JobStatus.QUEUED),
+            "created_at": repr(now),
+            "updated_at": repr(now),
+            "attempts": "0",
+            "request": json.dumps(request),
+        }
+        with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self.key(job_id), mapping=fields)
+            pipe.expire(self.key(job_id), self._ttl_s)
+            pipe.zadd(INDEX_KEY, {job_id: now})
+            pipe.execute()
+        return _decode(fields)
+
+    def get(self, job_id: str) -> Job | None:
+        raw = self._redis.hgetall(self.key(job_id))
+        return _decode(raw) if raw else None
+
+    def transition(
+        self,
+        job_id: str,
+        to: JobStatus | None,
+        *,
+        allowed_from: frozenset[JobStatus] | set[JobStatus] = ACTIVE,
+        **fields: Any,
+    ) -> bool:
+        """Set ``status`` to ``to`` (or keep it, when None) and write ``fields``, only if the job is
+        currently in ``allowed_from``. Values that are not strings are stored as JSON."""
+        encoded = {
+            name: value if isinstance(value, str) else json.dumps(value) for name, value in fields.items()
+        }
+        encoded["updated_at"] = repr(time.time())
+        if to is not None:
+            encoded["status"] = str(to)
+        outcome = self._transition(
+            keys=[self.key(job_id)],
+            args=[json.dumps(sorted(str(s) for s in allowed_from)), json.dumps(encoded)],
+        )
+        return bool(outcome == 1)
+
+    def mark(self, job_id: str, stage: str, edge: str, at: float | None = None) -> None:
+        """Record when a stage started or ended (``edge`` is ``start`` or ``end``)."""
+        self._redis.hset(self.key(job_id), f"stage:{stage}:{edge}", repr(at if at is not None else time.time()))
+
+    def add_attempt(self, job_id: str) -> int:
+        return int(self._redis.hincrby(self.key(job_id), "attempts", 1))
+
+    def succeed(self, job_id: str, result: dict[str, Any]) -> bool:
+        return self.transition(
+            job_id, JobStatus.SUCCEEDED, allowed_from={JobStatus.GENERATING}, result=result
+        )
+
+    def fail(self, job_id: str, code: str, message: str) -> bool:
+        return self.transition(job_id, JobStatus.FAILED, error={"code": code, "message": message})
+
+    def cancel(self, job_id: str) -> bool:
+        return self.transition(
+            job_id, JobStatus.CANCELLED, error={"code": "cancelled", "message": "cancelled by the client"}
+        )
+
+    def is_cancelled(self, job_id: str) -> bool:
+        return self._redis.hget(self.key(job_id), "status") == JobStatus.CANCELLED
+
+    def list(self, *, limit: int, before: float | None = None) -> list[Job]:
+        """Newest first; ``before`` is the ``created_at`` of the last job of the previous page."""
+        cutoff = time.time() - self._ttl_s
+        self._redis.zremrangebyscore(INDEX_KEY, "-inf", cutoff)
+        upper = f"({before}" if before is not None else "+inf"
+        ids = self._redis.zrevrangebyscore(INDEX_KEY, upper, "-inf", start=0, num=limit)
+        with self._redis.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hgetall(self.key(job_id))
+            raws = pipe.execute()
+        return [_decode(raw) for raw in raws if raw]

@@ -1,0 +1,134 @@
+"""Request models: the single definition of what a job request may contain."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from common.settings import Settings
+
+VIDEO_PLACEHOLDER = "<video>"
+IMAGE_PLACEHOLDER = "<image>"
+_URL_SCHEMES = ("http://", "https://", "s3://")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class MediaInput(_Strict):
+    url: str = Field(description="http(s):// or s3://bucket/key")
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, value: str) -> str:
+        if not value.lower().startswith(_URL_SCHEMES):
+            raise ValueError("must be an http://, https:// or s3:// URL")
+        return value
+
+
+class Sampling(_Strict):
+    num_frames: int = Field(default=8, ge=1, description="frames sampled from each video")
+    fps: float | None = Field(default=None, gt=0, description="one frame per 1/fps seconds instead")
+    start: float | None = Field(default=None, ge=0, description="window start, seconds")
+    end: float | None = Field(default=None, gt=0, description="window end, seconds")
+
+    @model_validator(mode="after")
+    def _window(self) -> Sampling:
+        if self.start is not None and self.end is not None and self.end <= self.start:
+            raise ValueError("end must be greater than start")
+        return self
+
+
+class Generation(_Strict):
+    max_new_tokens: int = Field(default=100, ge=1)
+    do_sample: bool = False
+    temperature: float | None = Field(default=None, gt=0)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+
+
+class JobRequest(_Strict):
+    """The body of ``POST /v1/jobs``."""
+
+    question: str = Field(min_length=1)
+    videos: list[MediaInput] = Field(default_factory=list)
+    images: list[MediaInput] = Field(default_factory=list)
+    prompt: str | None = Field(
+        default=None,
+        description="text with one <video> / <image> placeholder per entry, in order",
+    )
+    sampling: Sampling = Field(default_factory=Sampling)
+    generation: Generation = Field(default_factory=Generation)
+
+    @field_validator("question")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be blank")
+        return value
+
+
+class MediaSource(BaseModel):
+    """Where the worker finds one video or image: a user URL or an upload in our storage."""
+
+    kind: Literal["http", "s3", "upload"]
+    location: str
+    filename: str | None = None
+
+    @classmethod
+    def from_url(cls, url: str) -> MediaSource:
+        return cls(kind="s3" if url.lower().startswith("s3://") else "http", location=url)
+
+
+class StoredRequest(BaseModel):
+    """What a job record keeps of the request: the validated body with media resolved to sources."""
+
+    question: str
+    prompt: str | None
+    videos: list[MediaSource]
+    images: list[MediaSource]
+    sampling: Sampling
+    generation: Generation
+
+
+def check_limits(
+    request: JobRequest, settings: Settings, *, uploaded_videos: int = 0, uploaded_images: int = 0
+) -> list[dict[str, str]]:
+    """Checks that span fields or depend on configuration, as ``{field, message}`` problems.
+
+    Uploaded files count with the URLs: a multipart request carries its media as files.
+    """
+    problems: list[dict[str, str]] = []
+    n_videos = len(request.videos) + uploaded_videos
+    n_images = len(request.images) + uploaded_images
+    if n_videos + n_images == 0:
+        problems.append({"field": "videos", "message": "at least one video or image is required"})
+    if request.prompt is not None:
+        found_videos = request.prompt.count(VIDEO_PLACEHOLDER)
+        found_images = request.prompt.count(IMAGE_PLACEHOLDER)
+        if (found_videos, found_images) != (n_videos, n_images):
+            problems.append(
+                {
+                    "field": "prompt",
+                    "message": f"has {found_videos} <video> and {found_images} <image> placeholders "
+                    f"for {n_videos} videos and {n_images} images",
+                }
+            )
+    if n_videos > settings.max_videos:
+        problems.append({"field": "videos", "message": f"at most {settings.max_videos} videos per job"})
+    if n_images > settings.max_images:
+        problems.append({"field": "images", "message": f"at most {settings.max_images} images per job"})
+    if request.sampling.num_frames > settings.max_frames:
+        problems.append(
+            {"field": "sampling.num_frames", "message": f"at most {settings.max_frames} frames per video"}
+        )
+    if request.generation.max_new_tokens > settings.max_new_tokens:
+        problems.append(
+            {"field": "generation.max_new_tokens", "message": f"at most {settings.max_new_tokens}"}
+        )
+    if len(request.question) > settings.max_question_chars:
+        problems.append(
+            {"field": "question", "message": f"at most {settings.max_question_chars} characters"}
+        )
+    return problems

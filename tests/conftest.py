@@ -1,0 +1,172 @@
+"""Real services for the tests: Redis (a database of our own), moto's S3 server over HTTP,
+the tiny model, and the service's own processes started with the README's commands."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import pytest
+import redis
+import requests
+
+from common.settings import Settings, load_settings
+from worker.stack import Stack, api_command, cpu_worker_command, free_port, gpu_worker_command, wait_for_http
+
+REDIS_HOST = os.environ.get("VIDEOQA_TEST_REDIS_HOST", "127.0.0.1:6379")
+REDIS_DB = int(os.environ.get("VIDEOQA_TEST_REDIS_DB", "13"))
+SPARE_REDIS_DB = REDIS_DB - 1
+BUCKET = "videoqa-test"
+
+
+def _flushed(url: str) -> redis.Redis:
+    client = redis.Redis.from_url(url, decode_responses=True)
+    try:
+        client.ping()
+    except redis.ConnectionError:
+        pytest.exit(f"the tests need Redis at {REDIS_HOST} (.ci/run starts one)", returncode=2)
+    client.flushdb()
+    return client
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    url = f"redis://{REDIS_HOST}/{REDIS_DB}"
+    client = _flushed(url)
+    yield url
+    client.flushdb()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """moto's standalone server: boto3 talks to it over HTTP exactly as to MinIO or AWS."""
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
+    process = subprocess.Popen(
+        [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    wait_for_http(f"{endpoint}/moto-api/", timeout_s=30)
+    yield endpoint
+    process.terminate()
+    process.wait(10)
+    log.close()
+
+
+@pytest.fixture(scope="session")
+def aws_env(s3_endpoint: str) -> dict[str, str]:
+    return {
+        "AWS_ENDPOINT_URL": s3_endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+
+
+@pytest.fixture(scope="session")
+def monkeypatch_session() -> Iterator[pytest.MonkeyPatch]:
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+@pytest.fixture(scope="session")
+def s3(aws_env: dict[str, str], monkeypatch_session: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """A boto3 client of the test process, configured by the same variables the service gets."""
+    for name, value in aws_env.items():
+        monkeypatch_session.setenv(name, value)
+    client = boto3.client("s3")
+    client.create_bucket(Bucket=BUCKET)
+    return client
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from worker.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def sample_videos(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    from worker.sample_media import write_sample_videos
+
+    return write_sample_videos(tmp_path_factory.mktemp("videos"))
+
+
+def service_env(redis_url: str, aws_env: dict[str, str], model_dir: Path, **extra: str) -> dict[str, str]:
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("VIDEOQA_", "AWS_", "CUDA_VISIBLE_DEVICES"))
+    }
+    env.update(aws_env)
+    env.update(
+        {
+            "VIDEOQA_REDIS_URL": redis_url,
+            "VIDEOQA_STORAGE_URL": f"s3://{BUCKET}/service",
+            "VIDEOQA_MODEL": str(model_dir),
+            "VIDEOQA_DEVICE": "cpu",
+            "HF_HUB_OFFLINE": "1",
+            "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+    )
+    env.update(extra)
+    return env
+
+
+class RunningService:
+    def __init__(self, base_url: str, env: dict[str, str], stack: Stack, logs: Path) -> None:
+        self.base_url = base_url
+        self.env = env
+        self.stack = stack
+        self.logs = logs
+        self.settings: Settings = load_settings(env)
+
+    def url(self, path: str) -> str:
+        return self.base_url + path
+
+    def wait(self, job_id: str, timeout_s: float = 120.0) -> dict:  # type: ignore[type-arg]
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            job = requests.get(self.url(f"/v1/jobs/{job_id}"), timeout=10).json()
+            if job["status"] in {"succeeded", "failed", "cancelled"}:
+                return job
+            time.sleep(0.1)
+        raise AssertionError(f"job {job_id} did not finish: {job}\n{self.tail_logs()}")
+
+    def tail_logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(self.logs.glob("*.log")))
+
+
+def start_process(stack: Stack, logs: Path, name: str, argv: list[str], **extra_env: str) -> None:
+    handle = open(logs / f"{name}.log", "ab")
+    stack.start(name, argv, stdout=handle, stderr=subprocess.STDOUT, extra_env=extra_env)
+
+
+@pytest.fixture(scope="session")
+def service(
+    redis_url: str, aws_env: dict[str, str], s3: object, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningService]:
+    """The API under gunicorn, a CPU worker and a GPU worker, as README starts them."""
+    logs = tmp_path_factory.mktemp("service-logs")
+    env = service_env(redis_url, aws_env, tiny_model_dir)
+    stack = Stack(env=env)
+    port = free_port()
+    start_process(stack, logs, "api", api_command(port=port, workers=2))
+    start_process(stack, logs, "cpu", cpu_worker_command(concurrency=1))
+    start_process(stack, logs, "gpu", gpu_worker_command())
+    running = RunningService(f"http://127.0.0.1:{port}", env, stack, logs)
+    try:
+        wait_for_http(running.url("/healthz"), timeout_s=30)
+        yield running
+    finally:
+        stack.stop()

@@ -1,0 +1,35 @@
+"""Builds the worker-side Celery app: the shared configuration plus the tasks and the runtime."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from celery.signals import worker_process_init
+
+from common.celery_config import make_celery
+from common.settings import load_settings
+from worker.logs import configure_logging
+from worker.runtime import WorkerRuntime
+from worker.tasks import register_tasks
+
+
+def build_worker_app(role: str) -> Celery:
+    """``role`` is ``cpu`` or ``gpu``: a GPU worker loads its model before taking jobs."""
+    settings = load_settings()
+    configure_logging(settings.log_level)
+    app = make_celery(settings)
+    runtime = WorkerRuntime(settings, app)
+    register_tasks(app, runtime)
+
+    def _prepare(**_: Any) -> None:
+        # Runs in the process that executes tasks (prefork child or solo main), never at import,
+        # so the first job does not pay for loading.
+        if role == "gpu":
+            runtime.load_model()
+        else:
+            runtime.geometry
+
+    worker_process_init.connect(_prepare, weak=False)
+    app.videoqa_runtime = runtime  # type: ignore[attr-defined]
+    return app

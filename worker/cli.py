@@ -1,0 +1,80 @@
+"""The ``videoqa`` command."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import click
+
+from worker.demo import DEMO_QUESTION, run_demo
+from worker.stack import Stack, api_command, cpu_worker_command, flower_command, gpu_worker_command
+
+
+@click.group()
+def main() -> None:
+    """videoqa: ask questions about videos."""
+
+
+@main.command("tiny-model")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--seed", default=0, show_default=True)
+def tiny_model(directory: Path, seed: int) -> None:
+    """Build the tiny random-weight LLaVA into DIRECTORY (loadable with from_pretrained)."""
+    from worker.tiny_model import build_tiny_model
+
+    click.echo(str(build_tiny_model(directory, seed=seed)))
+
+
+@main.command("sample-videos")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+def sample_videos(directory: Path) -> None:
+    """Write the two generated sample cat videos into DIRECTORY."""
+    from worker.sample_media import write_sample_videos
+
+    for path in write_sample_videos(directory):
+        click.echo(str(path))
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True)
+@click.option("--api-workers", default=2, show_default=True, help="gunicorn worker processes")
+@click.option("--cpu-concurrency", default=2, show_default=True, help="ingest processes")
+@click.option("--gpu-workers", default=1, show_default=True, help="GPU worker processes (one per GPU)")
+@click.option("--flower/--no-flower", default=False, help="also start Flower on 127.0.0.1:5555")
+def up(host: str, port: int, api_workers: int, cpu_concurrency: int, gpu_workers: int, flower: bool) -> None:
+    """Run the API, a CPU worker and GPU workers in the foreground until Ctrl-C."""
+    stack = Stack(env=dict(os.environ))
+    stack.start("api", api_command(host, port, api_workers))
+    stack.start("cpu", cpu_worker_command(cpu_concurrency))
+    for gpu in range(gpu_workers):
+        pinned = {"CUDA_VISIBLE_DEVICES": str(gpu)} if gpu_workers > 1 else {}
+        stack.start(f"gpu{gpu}", gpu_worker_command(f"gpu{gpu}"), extra_env=pinned)
+    if flower:
+        stack.start("flower", flower_command())
+    click.echo(f"videoqa is up: http://{host}:{port}/v1/jobs (Ctrl-C stops it)")
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        while not (dead := stack.exited()):
+            time.sleep(0.5)
+        click.echo(f"stopping: {', '.join(f'{n} exited with {c}' for n, c in dead.items())}", err=True)
+    except KeyboardInterrupt:
+        click.echo("stopping")
+    finally:
+        stack.stop()
+
+
+@main.command()
+@click.option("--question", default=DEMO_QUESTION, show_default=True)
+@click.option("--num-frames", default=6, show_default=True)
+@click.option("--timeout", "timeout_s", default=600.0, show_default=True)
+def demo(question: str, num_frames: int, timeout_s: float) -> None:
+    """Start everything on this machine, ask the sample question about two generated videos."""
+    run_demo(question, num_frames, timeout_s)

@@ -1,0 +1,112 @@
+"""The commands that run each part of the service, and a supervisor for a single-machine stack.
+
+README, ``docker/`` and the tests use these same command lines.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import redis
+import requests
+
+
+def api_command(host: str = "127.0.0.1", port: int = 8000, workers: int = 2) -> list[str]:
+    return [
+        sys.executable, "-m", "gunicorn",
+        "--bind", f"{host}:{port}",
+        "--workers", str(workers),
+        "--access-logfile", "-",
+        "api.app:create_app()",
+    ]  # fmt: skip
+
+
+def cpu_worker_command(concurrency: int = 2, name: str = "cpu") -> list[str]:
+    return [
+        sys.executable, "-m", "celery", "-A", "worker.cpu_app", "worker",
+        "--queues", "cpu",
+        "--concurrency", str(concurrency),
+        "--hostname", f"{name}@%h",
+        "--loglevel", "INFO",
+    ]  # fmt: skip
+
+
+def gpu_worker_command(name: str = "gpu0") -> list[str]:
+    # One process per GPU: a single task slot, the model loaded once in it.
+    return [
+        sys.executable, "-m", "celery", "-A", "worker.gpu_app", "worker",
+        "--queues", "gpu",
+        "--concurrency", "1",
+        "--hostname", f"{name}@%h",
+        "--loglevel", "INFO",
+    ]  # fmt: skip
+
+
+def flower_command(port: int = 5555, address: str = "127.0.0.1") -> list[str]:
+    return [
+        sys.executable, "-m", "celery", "-A", "worker.cpu_app", "flower",
+        f"--port={port}", f"--address={address}",
+    ]  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def redis_answers(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
+    except redis.RedisError:
+        return False
+
+
+def wait_for_http(url: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(url, timeout=1).status_code < 500:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} did not answer within {timeout_s:.0f} s")
+
+
+@dataclass
+class Stack:
+    """Child processes started together and stopped together (SIGTERM, then SIGKILL)."""
+
+    env: Mapping[str, str]
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def start(
+        self, name: str, argv: Sequence[str], *, extra_env: Mapping[str, str] | None = None, **popen: object
+    ) -> subprocess.Popen[bytes]:
+        env = {**self.env, **(extra_env or {})}
+        process = subprocess.Popen(list(argv), env=env, start_new_session=True, **popen)  # type: ignore[call-overload]
+        self.processes[name] = process
+        return process
+
+    def exited(self) -> dict[str, int]:
+        return {name: p.returncode for name, p in self.processes.items() if p.poll() is not None}
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for process in self.processes.values():
+            try:
+                process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()

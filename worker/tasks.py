@@ -1,0 +1,53 @@
+"""Celery tasks: thin wrappers that hand a job id to the plain stage functions."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Celery, Task
+from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
+
+from common.celery_config import GENERATE_TASK, INGEST_TASK
+from common.errors import TransientError, VideoQAError
+from worker.generate import generate_job
+from worker.ingest import ingest_job
+from worker.runtime import WorkerRuntime
+
+log = logging.getLogger(__name__)
+
+
+def failure_of(exc: BaseException) -> tuple[str, str]:
+    """The error code and message a job ends with when its task gives up."""
+    if isinstance(exc, (SoftTimeLimitExceeded, TimeLimitExceeded)):
+        return "timeout", "the job ran past its time limit"
+    if isinstance(exc, VideoQAError):
+        return exc.code, exc.message
+    return "internal", "internal error while processing the job"
+
+
+def register_tasks(app: Celery, runtime: WorkerRuntime) -> None:
+    class JobTask(Task):  # type: ignore[misc]
+        """Ends the job as failed when the task gives up (retries spent, time limit, a bug)."""
+
+        def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+            job_id = args[0] if args else kwargs.get("job_id")
+            if job_id:
+                code, message = failure_of(exc)
+                runtime.jobs.fail(job_id, code, message)
+
+    retry_policy = {
+        "autoretry_for": (TransientError,),
+        "retry_backoff": 2,
+        "retry_backoff_max": 60,
+        "retry_jitter": True,
+        "max_retries": runtime.settings.ingest_max_retries,
+    }
+
+    @app.task(name=INGEST_TASK, base=JobTask, **retry_policy)
+    def ingest(job_id: str) -> None:
+        ingest_job(job_id, runtime.ingest_context())
+
+    @app.task(name=GENERATE_TASK, base=JobTask, **retry_policy)
+    def generate(job_id: str) -> None:
+        generate_job(job_id, runtime.generate_context())
