@@ -170,3 +170,17 @@ def service(
         yield running
     finally:
         stack.stop()
+
+
+@pytest.fixture()
+def spare_redis_url() -> Iterator[str]:
+    """A second database for tests that must not feed the shared service's workers."""
+    url = f"redis://{REDIS_HOST}/{SPARE_REDIS_DB}"
+    client = _flushed(url)
+    yield url
+    client.flushdb()
+
+
+@pytest.fixture()
+def local_settings(spare_redis_url: str, tmp_path: Path) -> Settings:
+    return load_settings({"VIDEOQA_REDIS_URL": spare_redis_url, "VIDEOQA_STORAGE_URL": str(tmp_path / "store")})

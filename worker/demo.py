@@ -16,7 +16,7 @@ import click
 import requests
 
 from common.settings import DEFAULT_STORAGE_DIR, load_settings
-from worker.stack import Stack, api_command, cpu_worker_command, free_port, gpu_worker_command, redis_answers, wait_for_http
+from worker.stack import Stack, api_command, cpu_worker_command, free_port, gpu_worker_command, redis_answers, wait_for_http, wait_for_workers
 
 DEMO_QUESTION = "Are these two cats in these two videos doing the same thing?"
 CACHE_DIR = Path.home() / ".cache" / "videoqa"
@@ -121,6 +121,8 @@ def run_demo(question: str, num_frames: int, timeout_s: float) -> None:
                     stack.start(name, argv, stdout=log, stderr=subprocess.STDOUT)
             base_url = f"http://127.0.0.1:{port}"
             wait_for_http(f"{base_url}/healthz")
+            click.echo("waiting for the CPU and GPU workers")
+            wait_for_workers(load_settings(env), ["cpu", "gpu0"])
             videos = write_sample_videos(workdir / "videos")
             click.echo(f"submitting {', '.join(v.name for v in videos)} with {num_frames} frames each")
             job = submit_and_wait(base_url, videos, question, num_frames, timeout_s)

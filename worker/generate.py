@@ -40,15 +40,17 @@ def _load_prompt(job: Job, ctx: GenerateContext) -> tuple[Prompt, list[dict[str,
     return render_prompt(ctx.model.processor, request, video_frames, images), sampled
 
 
+TIMING_ORDER = ("queue_wait", "download", "decode", "store_frames", "ingest", "queue_gpu", "load_frames", "generate")
+
+
 def _timings(job: Job, now: float, extra: dict[str, float]) -> dict[str, float]:
-    stages = job.stages
-    timings: dict[str, float] = dict(job.ingest_timings)
-    if "ingest" in stages and "start" in stages["ingest"]:
-        timings["queue_wait"] = stages["ingest"]["start"] - job.created_at
-    timings.update(job.stage_seconds())
-    timings.update(extra)
-    timings["total"] = now - job.created_at
-    return {name: round(value, 4) for name, value in timings.items()}
+    """Seconds per stage, in pipeline order, then the total from submission to result."""
+    measured: dict[str, float] = {**job.ingest_timings, **job.stage_seconds(), **extra}
+    if "start" in job.stages.get("ingest", {}):
+        measured["queue_wait"] = job.stages["ingest"]["start"] - job.created_at
+    timings = {name: round(measured[name], 4) for name in TIMING_ORDER if name in measured}
+    timings["total"] = round(now - job.created_at, 4)
+    return timings
 
 
 def generate_job(job_id: str, ctx: GenerateContext) -> None:

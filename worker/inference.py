@@ -84,7 +84,9 @@ def load_model(settings: Settings) -> LoadedModel:
     """Load model and processor from a hub id or a local folder (fp16 on CUDA, fp32 on CPU)."""
     import torch
     from transformers import LlavaForConditionalGeneration, LlavaProcessor
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # progress bars would flood the worker's log
     device = resolve_device(settings.device)
     dtype = torch.float16 if device == "cuda" else torch.float32
     attn = resolve_attention(settings.attn_implementation, device)

@@ -74,9 +74,10 @@ def _render_frame(index: int, n_frames: int, fps: int, width: int, height: int,
     t = index / fps
     r = min(width, height) * 0.12
     if variant == 0:
-        # Span the full width over the clip's duration regardless of its length.
+        # Cross the frame once over the whole clip, whatever its length; the
+        # margins keep the tail (2r left) and head (1.5r right) in view.
         progress = index / max(1, n_frames - 1)
-        cx = 2.2 * r + progress * (width - 3.4 * r)
+        cx = 2.2 * r + progress * (width - 3.9 * r)
         cy = ground_y - 0.5 * r
     else:
         # Two hops per second; |sin| gives a bounce that lands on the ground.
@@ -103,19 +104,7 @@ def read_frame_index(rgb: np.ndarray) -> int:
                if luma[int((bit + 0.5) * cell)] > 127)
 
 
-def _yuv_frame(rgb: np.ndarray) -> av.VideoFrame:
-    # Encoders (x264 at least) read a little past the end of the input planes.
-    # PyAV's own frame buffers leave that slack uninitialised, which made ~4%
-    # of encodes differ in the first packet; a zero-padded numpy buffer that
-    # the frame references directly keeps the output byte-for-byte repeatable.
-    yuv = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p").to_ndarray()
-    backing = np.zeros(yuv.size + 4 * rgb.shape[1], dtype=np.uint8)
-    planar = backing[: yuv.size].reshape(yuv.shape)
-    planar[...] = yuv
-    return av.VideoFrame.from_numpy_buffer(planar, format="yuv420p")
-
-
-def _encoder_options(codec: str, fps: int, gop: int | None, bframes: int | None) -> dict[str, str]:
+def _encoder_options(codec: str, gop: int | None, bframes: int | None) -> dict[str, str]:
     # A fixed thread count keeps the bitstream identical across machines with
     # different core counts; these clips are tiny so parallelism buys little.
     opts = {"threads": "1"}
@@ -128,9 +117,10 @@ def _encoder_options(codec: str, fps: int, gop: int | None, bframes: int | None)
     if bframes is not None:
         opts["bf"] = str(bframes)
     if codec == "libx264":
-        opts["preset"] = "veryfast"
-        if gop is not None:
-            opts["x264-params"] = "scenecut=0"
+        # MB-tree + B-frames made x264's output differ run to run (~5% of
+        # encodes, apparently an uninitialised read in its asm); it only saves bits.
+        params = ["mbtree=0"] + (["scenecut=0"] if gop is not None else [])
+        opts.update({"preset": "veryfast", "x264-params": ":".join(params)})
     elif codec == "libx265":
         params = ["log-level=error"]
         if gop is not None:
@@ -139,8 +129,9 @@ def _encoder_options(codec: str, fps: int, gop: int | None, bframes: int | None)
             params.append(f"bframes={bframes}")
         opts.update({"preset": "ultrafast", "x265-params": ":".join(params)})
     elif codec == "libvpx-vp9":
-        # Realtime/speed 8 keeps VP9 encoding in the same ballpark as x264.
-        opts.update({"deadline": "realtime", "cpu-used": "8", "lag-in-frames": "0"})
+        # Not "realtime": that deadline adapts speed to wall-clock time, so the
+        # output would depend on machine load.
+        opts.update({"deadline": "good", "cpu-used": "5", "lag-in-frames": "0"})
         if gop is not None:
             opts["keyint_min"] = str(gop)  # maps to kf_min_dist
     return opts
@@ -163,7 +154,8 @@ def write_cat_video(
 
     Frame ``i`` has pts ``i`` in a ``1/fps`` time base.  ``gop`` fixes the
     keyframe interval exactly; ``bframes`` sets the maximum consecutive
-    B-frames (``0`` disables them).  ``None`` leaves the encoder's default.
+    B-frames (``0`` disables them; VP9 has none).  ``None`` leaves the
+    encoder's default, which for x264/x265 includes B-frames.
     """
     if variant not in (0, 1):
         raise ValueError(f"variant must be 0 or 1, got {variant}")
@@ -176,24 +168,25 @@ def write_cat_video(
     path.parent.mkdir(parents=True, exist_ok=True)
     time_base = Fraction(1, fps)
 
-    container_options: dict[str, str] = {}
+    # bitexact drops the random Matroska segment UID and the muxer version tag.
+    container_options = {"fflags": "+bitexact"}
     if (container_format or path.suffix.lstrip(".")).lower() in ("mp4", "mov", "m4v"):
         # The mov muxer otherwise rescales to its own timescale (e.g. 1/15360);
-        # pinning it to fps keeps stored pts equal to frame indices.  faststart
-        # puts the index first so the demo can stream the file progressively.
+        # pinning it to fps keeps stored pts equal to frame indices.
         # (WebM/Matroska always stores milliseconds; pts there is round(i*1000/fps).)
-        container_options = {"video_track_timescale": str(fps), "movflags": "+faststart"}
+        container_options["video_track_timescale"] = str(fps)
     with av.open(str(path), mode="w", format=container_format,
                  container_options=container_options) as container:
         stream = container.add_stream(codec, rate=fps,
-                                      options=_encoder_options(codec, fps, gop, bframes))
+                                      options=_encoder_options(codec, gop, bframes))
         stream.width, stream.height = width, height
         stream.pix_fmt = "yuv420p"
         stream.time_base = time_base
         stream.codec_context.time_base = time_base
         stream.codec_context.framerate = Fraction(fps, 1)
         for index in range(n_frames):
-            frame = _yuv_frame(_render_frame(index, n_frames, fps, width, height, variant))
+            rgb = _render_frame(index, n_frames, fps, width, height, variant)
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p")
             frame.pts = index
             frame.time_base = time_base
             container.mux(stream.encode(frame))

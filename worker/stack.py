@@ -17,6 +17,9 @@ from dataclasses import dataclass, field
 import redis
 import requests
 
+from common.celery_config import make_celery
+from common.settings import Settings
+
 
 def api_command(host: str = "127.0.0.1", port: int = 8000, workers: int = 2) -> list[str]:
     return [
@@ -79,6 +82,19 @@ def wait_for_http(url: str, timeout_s: float = 30.0) -> None:
             pass
         time.sleep(0.1)
     raise TimeoutError(f"{url} did not answer within {timeout_s:.0f} s")
+
+
+def wait_for_workers(settings: Settings, prefixes: Sequence[str], timeout_s: float = 120.0) -> None:
+    """Until a worker whose name starts with each prefix answers a ping (it is consuming)."""
+    app = make_celery(settings)
+    deadline = time.monotonic() + timeout_s
+    missing = list(prefixes)
+    while time.monotonic() < deadline:
+        names = [name for reply in app.control.ping(timeout=0.5) for name in reply]
+        missing = [prefix for prefix in prefixes if not any(name.startswith(prefix + "@") for name in names)]
+        if not missing:
+            return
+    raise TimeoutError(f"workers {missing} did not come up within {timeout_s:.0f} s")
 
 
 @dataclass

@@ -155,7 +155,9 @@ def build_tiny_model(directory: str | Path, *, seed: int = 0) -> Path:
         SiglipImageProcessorPil,
         SiglipVisionConfig,
     )
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
 

@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+import pytest
+
+from common.settings import SettingsError, load_settings
+
+
+def test_defaults_are_the_single_machine_setup() -> None:
+    settings = load_settings({})
+    assert settings.redis_url == "redis://127.0.0.1:6379/0"
+    assert not settings.is_s3
+    assert settings.model == "llava-hf/llava-interleave-qwen-7b-hf"
+
+
+def test_values_come_from_prefixed_variables() -> None:
+    settings = load_settings({"VIDEOQA_STORAGE_URL": "s3://bucket/prefix", "VIDEOQA_MAX_FRAMES": "12", "OTHER": "x"})
+    assert settings.is_s3
+    assert settings.max_frames == 12
+
+
+def test_errors_name_the_variable_in_words_an_operator_understands() -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings({"VIDEOQA_REDIS_URL": "http://localhost", "VIDEOQA_MAX_FRAMES": "zero"})
+    message = str(caught.value)
+    assert "VIDEOQA_REDIS_URL: Value error, must start with redis://" in message
+    assert "VIDEOQA_MAX_FRAMES" in message
+
+
+def test_time_limit_must_stay_below_the_visibility_timeout() -> None:
+    with pytest.raises(SettingsError, match="VIDEOQA_TASK_TIME_LIMIT_S must be below VIDEOQA_VISIBILITY_TIMEOUT_S"):
+        load_settings({"VIDEOQA_TASK_TIME_LIMIT_S": "4000", "VIDEOQA_VISIBILITY_TIMEOUT_S": "3600"})
