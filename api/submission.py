@@ -19,6 +19,7 @@ from common.jobs import Job, JobStore
 from common.schemas import JobRequest, MediaSource, StoredRequest, check_limits
 from common.settings import Settings
 from common.storage import ObjectStore
+from common.url_policy import BlockedUrl, UrlPolicy
 
 SAMPLING_FIELDS = ("num_frames", "fps", "start", "end")
 GENERATION_FIELDS = ("max_new_tokens", "do_sample", "temperature", "top_p")
@@ -70,6 +71,19 @@ def _store_upload(store: ObjectStore, job_id: str, kind: str, position: int, upl
     return MediaSource(kind="upload", location=key, filename=upload.filename)
 
 
+def _blocked_urls(request: JobRequest, policy: UrlPolicy) -> list[dict[str, str]]:
+    """Refuse internal targets before anything connects; the worker checks again at download."""
+    problems = []
+    for kind, items in (("videos", request.videos), ("images", request.images)):
+        for position, item in enumerate(items):
+            if item.url.lower().startswith(("http://", "https://")):
+                try:
+                    policy.check(item.url)
+                except BlockedUrl as exc:
+                    problems.append({"field": f"{kind}.{position}.url", "message": exc.message})
+    return problems
+
+
 def submit_job(
     req: Request,
     *,
@@ -87,6 +101,7 @@ def submit_job(
             f"unsupported content type {req.mimetype or 'none'!r}: send application/json or multipart/form-data"
         )
     problems = check_limits(parsed, settings, uploaded_videos=len(video_files), uploaded_images=len(image_files))
+    problems += _blocked_urls(parsed, UrlPolicy.from_allowlist(settings.fetch_allowlist_entries))
     if problems:
         raise invalid(problems)
 

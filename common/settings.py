@@ -49,6 +49,11 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(default=2 * 1024**3, ge=1)
     download_connect_timeout_s: float = Field(default=10.0, gt=0)
     download_read_timeout_s: float = Field(default=30.0, gt=0)
+    download_deadline_s: float = Field(default=600.0, gt=0, description="total time for one download")
+    fetch_allowlist: str = Field(
+        default="",
+        description="comma-separated hosts or networks (CIDR) that may be fetched although not public",
+    )
 
     # Reliability
     visibility_timeout_s: int = Field(default=3600, ge=60)
@@ -73,6 +78,10 @@ class Settings(BaseSettings):
                 f"(got {self.task_time_limit_s} >= {self.visibility_timeout_s})"
             )
         return self
+
+    @property
+    def fetch_allowlist_entries(self) -> list[str]:
+        return [entry.strip() for entry in self.fetch_allowlist.split(",") if entry.strip()]
 
     @property
     def is_s3(self) -> bool:

@@ -113,6 +113,8 @@ def service_env(redis_url: str, aws_env: dict[str, str], model_dir: Path, **extr
             "VIDEOQA_STORAGE_URL": f"s3://{BUCKET}/service",
             "VIDEOQA_MODEL": str(model_dir),
             "VIDEOQA_DEVICE": "cpu",
+            # The tests' own media servers listen on loopback, which the service refuses by default.
+            "VIDEOQA_FETCH_ALLOWLIST": "127.0.0.1",
             "HF_HUB_OFFLINE": "1",
             "OMP_NUM_THREADS": "1",
             "MKL_NUM_THREADS": "1",

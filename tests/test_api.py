@@ -31,13 +31,13 @@ def _queued_messages(settings: Settings) -> list[dict]:  # type: ignore[type-arg
 def test_post_json_answers_202_with_location_and_enqueues_by_id(client: FlaskClient, local_settings: Settings) -> None:
     response = client.post(
         "/v1/jobs",
-        json={"question": QUESTION, "videos": [{"url": "https://example.com/a.mp4"}], "sampling": {"num_frames": 6}},
+        json={"question": QUESTION, "videos": [{"url": "https://93.184.215.14/a.mp4"}], "sampling": {"num_frames": 6}},
     )
     assert response.status_code == 202
     job = response.get_json()
     assert response.headers["Location"] == f"/v1/jobs/{job['id']}"
     assert job["status"] == "queued"
-    assert job["request"]["videos"] == [{"kind": "http", "location": "https://example.com/a.mp4", "filename": None}]
+    assert job["request"]["videos"] == [{"kind": "http", "location": "https://93.184.215.14/a.mp4", "filename": None}]
     messages = _queued_messages(local_settings)
     assert len(messages) == 1
     assert messages[0]["headers"]["task"] == "videoqa.ingest"
@@ -72,17 +72,17 @@ def test_multipart_uploads_are_stored_and_referenced(client: FlaskClient, local_
 @pytest.mark.parametrize(
     ("body", "field"),
     [
-        ({"videos": [{"url": "https://example.com/a.mp4"}]}, "question"),
-        ({"question": "  ", "videos": [{"url": "https://example.com/a.mp4"}]}, "question"),
+        ({"videos": [{"url": "https://93.184.215.14/a.mp4"}]}, "question"),
+        ({"question": "  ", "videos": [{"url": "https://93.184.215.14/a.mp4"}]}, "question"),
         ({"question": QUESTION, "videos": [{"url": "ftp://example.com/a.mp4"}]}, "videos.0.url"),
-        ({"question": QUESTION, "videos": [{"url": "https://e.com/a.mp4"}], "sampling": {"num_frames": 0}}, "sampling.num_frames"),
-        ({"question": QUESTION, "videos": [{"url": "https://e.com/a.mp4"}], "sampling": {"num_frames": 10000}}, "sampling.num_frames"),
-        ({"question": QUESTION, "videos": [{"url": "https://e.com/a.mp4"}], "sampling": {"num_frames": "six"}}, "sampling.num_frames"),
-        ({"question": QUESTION, "videos": [{"url": "https://e.com/a.mp4"}], "colour": "red"}, "colour"),
-        ({"question": QUESTION, "videos": [{"url": "https://e.com/a.mp4"}] * 9}, "videos"),
+        ({"question": QUESTION, "videos": [{"url": "https://93.184.215.14/a.mp4"}], "sampling": {"num_frames": 0}}, "sampling.num_frames"),
+        ({"question": QUESTION, "videos": [{"url": "https://93.184.215.14/a.mp4"}], "sampling": {"num_frames": 10000}}, "sampling.num_frames"),
+        ({"question": QUESTION, "videos": [{"url": "https://93.184.215.14/a.mp4"}], "sampling": {"num_frames": "six"}}, "sampling.num_frames"),
+        ({"question": QUESTION, "videos": [{"url": "https://93.184.215.14/a.mp4"}], "colour": "red"}, "colour"),
+        ({"question": QUESTION, "videos": [{"url": "https://93.184.215.14/a.mp4"}] * 9}, "videos"),
         ({"question": QUESTION}, "videos"),
-        ({"question": QUESTION, "videos": [{"url": "https://e.com/a.mp4"}], "prompt": "no placeholder"}, "prompt"),
-        ({"question": QUESTION, "videos": [{"url": "https://e.com/a.mp4"}], "generation": {"top_p": 2}}, "generation.top_p"),
+        ({"question": QUESTION, "videos": [{"url": "https://93.184.215.14/a.mp4"}], "prompt": "no placeholder"}, "prompt"),
+        ({"question": QUESTION, "videos": [{"url": "https://93.184.215.14/a.mp4"}], "generation": {"top_p": 2}}, "generation.top_p"),
     ],
 )
 def test_bad_requests_get_400_naming_the_field(client: FlaskClient, local_settings: Settings, body: dict, field: str) -> None:  # type: ignore[type-arg]
@@ -142,7 +142,7 @@ def test_unknown_job_is_404_with_a_json_error(client: FlaskClient) -> None:
 
 
 def test_cancel_a_queued_job_then_cancel_again_is_409(client: FlaskClient) -> None:
-    job = client.post("/v1/jobs", json={"question": QUESTION, "videos": [{"url": "https://e.com/a.mp4"}]}).get_json()
+    job = client.post("/v1/jobs", json={"question": QUESTION, "videos": [{"url": "https://93.184.215.14/a.mp4"}]}).get_json()
     response = client.delete(f"/v1/jobs/{job['id']}")
     assert response.status_code == 200
     assert response.get_json()["status"] == "cancelled"
@@ -153,7 +153,7 @@ def test_cancel_a_queued_job_then_cancel_again_is_409(client: FlaskClient) -> No
 
 def test_list_jobs_newest_first_with_a_cursor(client: FlaskClient) -> None:
     ids = [
-        client.post("/v1/jobs", json={"question": f"{QUESTION} {n}", "videos": [{"url": "https://e.com/a.mp4"}]}).get_json()["id"]
+        client.post("/v1/jobs", json={"question": f"{QUESTION} {n}", "videos": [{"url": "https://93.184.215.14/a.mp4"}]}).get_json()["id"]
         for n in range(3)
     ]
     page = client.get("/v1/jobs?limit=2").get_json()

@@ -1,4 +1,4 @@
-"""Bringing a job's media to a local file: http(s) streamed with a byte cap and timeouts,
+"""Bringing a job's media to a local file: http(s) through the SSRF-safe downloader,
 s3:// keys and uploads read from storage. The content hash is computed on the way."""
 
 from __future__ import annotations
@@ -7,12 +7,12 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-import requests
-
-from common.errors import FetchFailed, InvalidMedia, MediaTooLarge, NotFound, TransientError
+from common.errors import FetchFailed, InvalidMedia, NotFound
 from common.schemas import MediaSource
 from common.settings import Settings
 from common.storage import ObjectStore, S3Store, parse_s3_url
+from common.url_policy import UrlPolicy
+from worker import safe_http
 
 _CHUNK = 1 << 20
 MAX_REDIRECTS = 3
@@ -36,35 +36,16 @@ def _hash_file(path: Path) -> tuple[str, int]:
 
 
 def _download_http(url: str, target: Path, settings: Settings) -> None:
-    session = requests.Session()
-    session.max_redirects = MAX_REDIRECTS
-    cap = settings.max_download_bytes
-    try:
-        with session.get(
-            url,
-            stream=True,
-            timeout=(settings.download_connect_timeout_s, settings.download_read_timeout_s),
-        ) as response:
-            if response.status_code >= 500 or response.status_code == 429:
-                raise TransientError(f"{url} answered HTTP {response.status_code}")
-            if response.status_code >= 400:
-                raise FetchFailed(f"{url} answered HTTP {response.status_code}")
-            declared = response.headers.get("Content-Length")
-            if declared and declared.isdigit() and int(declared) > cap:
-                raise MediaTooLarge(f"{url} is {declared} bytes; the limit is {cap}")
-            written = 0
-            with open(target, "wb") as out:
-                for chunk in response.iter_content(_CHUNK):
-                    written += len(chunk)
-                    if written > cap:
-                        raise MediaTooLarge(f"{url} is larger than the limit of {cap} bytes")
-                    out.write(chunk)
-    except requests.TooManyRedirects:
-        raise FetchFailed(f"{url} redirects more than {MAX_REDIRECTS} times") from None
-    except (requests.ConnectionError, requests.Timeout) as exc:
-        raise TransientError(f"could not download {url}: {exc.__class__.__name__}") from None
-    except requests.RequestException as exc:
-        raise FetchFailed(f"could not download {url}: {exc}") from None
+    safe_http.download(
+        url,
+        target,
+        policy=UrlPolicy.from_allowlist(settings.fetch_allowlist_entries),
+        max_bytes=settings.max_download_bytes,
+        connect_timeout_s=settings.download_connect_timeout_s,
+        read_timeout_s=settings.download_read_timeout_s,
+        deadline_s=settings.download_deadline_s,
+        max_redirects=MAX_REDIRECTS,
+    )
 
 
 def fetch_media(source: MediaSource, target: Path, *, settings: Settings, store: ObjectStore) -> FetchedMedia:
