@@ -5,14 +5,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import redis
 from celery import Celery
 from flask import Flask
+from prometheus_client import CollectorRegistry
 
+from api.auth import Authenticator, parse_api_keys
 from api.errors import register_error_handlers
+from api.limits import init_limits
+from api.logs import bind_job_ids
+from api.ops import ops
 from api.routes import bp
 from common.celery_config import INGEST_TASK, make_celery
 from common.connections import redis_client
 from common.jobs import JobStore
+from common.metrics import RedisCollector
+from common.readiness import ready_workers
 from common.settings import Settings, load_settings
 from common.storage import ObjectStore, open_store
 
@@ -25,6 +33,8 @@ class Services:
     jobs: JobStore
     store: ObjectStore
     celery: Celery
+    redis: redis.Redis
+    metrics: CollectorRegistry
 
     @property
     def enqueue_ingest(self) -> Callable[[str], None]:
@@ -33,17 +43,32 @@ class Services:
 
 def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or load_settings()
-    app = Flask(__name__)
+    app = Flask(__name__, static_folder=None)  # the API serves no files
     # Werkzeug refuses a larger body from Content-Length, or stops a chunked one at the cap.
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes
     app.config["MAX_FORM_PARTS"] = 4 * (settings.max_videos + settings.max_images) + 32
     app.json.sort_keys = False  # type: ignore[attr-defined]
+    client = redis_client(settings)
+    celery = make_celery(settings)
+    # A "task-sent" event would be a second broker write on every submission (an eighth of its
+    # cost); Flower and the metrics see a task from the moment a worker receives it.
+    celery.conf.task_send_sent_event = False
+    # Read from Redis at scrape time, so every API process reports the same values.
+    metrics = CollectorRegistry()
+    metrics.register(RedisCollector(client, lambda: [worker.hostname for worker in ready_workers(client)]))
     app.extensions["videoqa"] = Services(
         settings=settings,
-        jobs=JobStore(redis_client(settings), ttl_s=settings.job_ttl_s),
+        jobs=JobStore(client, ttl_s=settings.job_ttl_s),
         store=open_store(settings),
-        celery=make_celery(settings),
+        celery=celery,
+        redis=client,
+        metrics=metrics,
     )
     register_error_handlers(app)
+    # Authentication runs first, so the rate limiter counts per tenant.
+    app.before_request(Authenticator(parse_api_keys(settings.api_keys)).authenticate_request)
+    init_limits(app, bp, settings)
     app.register_blueprint(bp)
+    app.register_blueprint(ops)
+    bind_job_ids(app)
     return app

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import redis
 from flask import Flask, Response, jsonify
 from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException
@@ -43,6 +44,18 @@ def register_error_handlers(app: Flask) -> None:
     def _http_error(exc: HTTPException) -> tuple[Response, int]:
         code = (exc.name or "error").lower().replace(" ", "_")
         return error_response(exc.code or 500, code, exc.description or exc.name)
+
+    @app.errorhandler(redis.RedisError)
+    def _store_unavailable(exc: redis.RedisError) -> tuple[Response, int]:
+        # Full (maxmemory with noeviction), restarting or unreachable: the client should retry.
+        log.warning("job store error: %s", exc.__class__.__name__)
+        if isinstance(exc, redis.exceptions.OutOfMemoryError):
+            message = "the job store is full; no job was created; try again later"
+        else:
+            message = "the job store is unavailable; no job was created; try again later"
+        response, status = error_response(503, "service_unavailable", message)
+        response.headers["Retry-After"] = "5"
+        return response, status
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> tuple[Response, int]:

@@ -6,6 +6,7 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request, url_for
 
+from api.auth import current_tenant
 from api.submission import submit_job
 from common.errors import Conflict, InvalidRequest, NotFound
 from common.jobs import Job, JobStore
@@ -25,7 +26,8 @@ def _job_body(job: Job) -> dict[str, Any]:
 
 def _load(job_id: str) -> Job:
     job = _services().jobs.get(job_id)
-    if job is None:
+    # Another tenant's job is indistinguishable from one that does not exist.
+    if job is None or job.tenant != current_tenant().name:
         raise NotFound(f"no job {job_id!r} (unknown, or past retention)")
     return job
 
@@ -39,6 +41,7 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
         jobs=services.jobs,
         store=services.store,
         enqueue_ingest=services.enqueue_ingest,
+        tenant=current_tenant(),
     )
     location = url_for("v1.get_job", job_id=job.id)
     return jsonify(_job_body(job)), 202, {"Location": location}
@@ -69,7 +72,7 @@ def list_jobs() -> Response:
         raise InvalidRequest("limit must be an integer and before a timestamp") from None
     if not 1 <= limit <= 100:
         raise InvalidRequest("limit must be between 1 and 100")
-    jobs = _services().jobs.list(limit=limit, before=before)
+    jobs = _services().jobs.list(limit=limit, before=before, tenant=current_tenant().name)
     next_cursor = jobs[-1].created_at if len(jobs) == limit else None
     return jsonify({"jobs": [_job_body(job) for job in jobs], "next_before": next_cursor})
 

@@ -13,9 +13,11 @@ from flask import Request
 from pydantic import ValidationError
 from werkzeug.datastructures import FileStorage
 
+from api.auth import PUBLIC, Tenant
 from api.errors import invalid, validation_problems
-from common.errors import InvalidRequest, ServiceUnavailable
+from common.errors import InvalidRequest, ServiceUnavailable, TooManyRequests
 from common.jobs import Job, JobStore
+from common.logging_config import job_id_var
 from common.schemas import JobRequest, MediaSource, StoredRequest, check_limits
 from common.settings import Settings
 from common.storage import ObjectStore
@@ -84,6 +86,16 @@ def _blocked_urls(request: JobRequest, policy: UrlPolicy) -> list[dict[str, str]
     return problems
 
 
+def _foreign_s3_keys(request: JobRequest, tenant: Tenant) -> list[dict[str, str]]:
+    """With API keys, a tenant reads only the s3:// prefixes its key lists."""
+    problems = []
+    for kind, items in (("videos", request.videos), ("images", request.images)):
+        for position, item in enumerate(items):
+            if item.url.lower().startswith("s3://") and not tenant.may_read_s3(item.url):
+                problems.append({"field": f"{kind}.{position}.url", "message": "outside the s3 prefixes of this API key"})
+    return problems
+
+
 def submit_job(
     req: Request,
     *,
@@ -91,6 +103,7 @@ def submit_job(
     jobs: JobStore,
     store: ObjectStore,
     enqueue_ingest: Any,
+    tenant: Tenant = PUBLIC,
 ) -> Job:
     if req.mimetype == "application/json":
         parsed, video_files, image_files = parse_json_body(req)
@@ -102,10 +115,19 @@ def submit_job(
         )
     problems = check_limits(parsed, settings, uploaded_videos=len(video_files), uploaded_images=len(image_files))
     problems += _blocked_urls(parsed, UrlPolicy.from_allowlist(settings.fetch_allowlist_entries))
+    if tenant.key_sha256:
+        problems += _foreign_s3_keys(parsed, tenant)
     if problems:
         raise invalid(problems)
+    if jobs.active_count(tenant.name) >= settings.max_active_jobs_per_tenant:
+        raise TooManyRequests(
+            f"{settings.max_active_jobs_per_tenant} jobs are already queued or running for this key; "
+            "wait for some to finish",
+            code="too_many_active_jobs",
+        )
 
     job_id = uuid.uuid4().hex
+    job_id_var.set(job_id)  # what is logged from here on concerns this job (reset after the request)
     videos = [_store_upload(store, job_id, "video", i, f) for i, f in enumerate(video_files)]
     images = [_store_upload(store, job_id, "image", i, f) for i, f in enumerate(image_files)]
     videos += [MediaSource.from_url(item.url) for item in parsed.videos]
@@ -118,7 +140,7 @@ def submit_job(
         sampling=parsed.sampling,
         generation=parsed.generation,
     )
-    job = jobs.create(json.loads(stored.model_dump_json()), job_id=job_id)
+    job = jobs.create(json.loads(stored.model_dump_json()), job_id=job_id, tenant=tenant.name)
     try:
         enqueue_ingest(job.id)
     except Exception as exc:

@@ -34,6 +34,16 @@ class InvalidRequest(VideoQAError):
     http_status = 400
 
 
+class Unauthorized(VideoQAError):
+    code = "unauthorized"
+    http_status = 401
+
+
+class TooManyRequests(VideoQAError):
+    code = "rate_limited"
+    http_status = 429
+
+
 class NotFound(VideoQAError):
     code = "not_found"
     http_status = 404
@@ -65,6 +75,13 @@ class FetchFailed(VideoQAError):
     """The media could not be fetched from where the request said it lives."""
 
     code = "fetch_failed"
+    http_status = 422
+
+
+class ResourceExhausted(VideoQAError):
+    """The job alone does not fit in the GPU's memory (its prompt is too long for this GPU)."""
+
+    code = "resource_exhausted"
     http_status = 422
 
 

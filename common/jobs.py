@@ -11,8 +11,13 @@ from typing import Any
 
 import redis
 
+from common.metrics import METRICS_KEY, SUBMITTED_FIELD, TERMINAL_HOOK_LUA
+
 KEY_PREFIX = "videoqa:job:"
 INDEX_KEY = "videoqa:jobs"
+TENANT_INDEX_PREFIX = "videoqa:jobs:"
+ACTIVE_PREFIX = "videoqa:active:"
+DEFAULT_TENANT = "public"
 
 
 class JobStatus(StrEnum):
@@ -33,7 +38,8 @@ TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED
 ACTIVE = frozenset(JobStatus) - TERMINAL
 
 # Compare-and-set in one round trip: the status moves only from an allowed one, so a redelivered
-# or late task can never overwrite a terminal state or move a job backwards.
+# or late task can never overwrite a terminal state or move a job backwards. A terminal transition
+# also updates the metrics hash (KEYS[2]) in the same script, so each job is counted exactly once.
 _TRANSITION = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return -1 end
@@ -42,6 +48,11 @@ for _, s in ipairs(allowed) do
   if s == status then
     local fields = cjson.decode(ARGV[2])
     for k, v in pairs(fields) do redis.call('HSET', KEYS[1], k, v) end
+    if ARGV[3] == '1' then
+      local tenant = redis.call('HGET', KEYS[1], 'tenant') or ''
+      redis.call('SREM', ARGV[4] .. tenant, redis.call('HGET', KEYS[1], 'id'))
+    end
+""" + TERMINAL_HOOK_LUA + """
     return 1
   end
 end
@@ -53,6 +64,7 @@ return 0
 class Job:
     id: str
     status: JobStatus
+    tenant: str
     created_at: float
     updated_at: float
     attempts: int
@@ -75,6 +87,7 @@ class Job:
         seconds = self.stage_seconds()
         return {
             "id": self.id,
+            "tenant": self.tenant,
             "status": str(self.status),
             "created_at": self.created_at,
             "updated_at": self.updated_at,
@@ -99,6 +112,7 @@ def _decode(raw: dict[str, str]) -> Job:
     return Job(
         id=raw["id"],
         status=JobStatus(raw["status"]),
+        tenant=raw.get("tenant", DEFAULT_TENANT),
         created_at=float(raw["created_at"]),
         updated_at=float(raw["updated_at"]),
         attempts=int(raw.get("attempts", 0)),
@@ -119,15 +133,20 @@ class JobStore:
         self._ttl_s = ttl_s
         self._transition = client.register_script(_TRANSITION)
 
+    @property
+    def client(self) -> redis.Redis:
+        return self._redis
+
     @staticmethod
     def key(job_id: str) -> str:
         return KEY_PREFIX + job_id
 
-    def create(self, request: dict[str, Any], *, job_id: str | None = None) -> Job:
+    def create(self, request: dict[str, Any], *, job_id: str | None = None, tenant: str = DEFAULT_TENANT) -> Job:
         job_id = job_id or uuid.uuid4().hex
         now = time.time()
         fields = {
             "id": job_id,
+            "tenant": tenant,
             "status": str(JobStatus.QUEUED),
             "created_at": repr(now),
             "updated_at": repr(now),
@@ -138,6 +157,9 @@ class JobStore:
             pipe.hset(self.key(job_id), mapping=fields)
             pipe.expire(self.key(job_id), self._ttl_s)
             pipe.zadd(INDEX_KEY, {job_id: now})
+            pipe.hincrby(METRICS_KEY, SUBMITTED_FIELD, 1)
+            pipe.zadd(TENANT_INDEX_PREFIX + tenant, {job_id: now})
+            pipe.sadd(ACTIVE_PREFIX + tenant, job_id)
             pipe.execute()
         return _decode(fields)
 
@@ -161,9 +183,10 @@ class JobStore:
         encoded["updated_at"] = repr(time.time())
         if to is not None:
             encoded["status"] = str(to)
+        ends = "1" if to is not None and to in TERMINAL else "0"
         outcome = self._transition(
-            keys=[self.key(job_id)],
-            args=[json.dumps(sorted(str(s) for s in allowed_from)), json.dumps(encoded)],
+            keys=[self.key(job_id), METRICS_KEY],
+            args=[json.dumps(sorted(str(s) for s in allowed_from)), json.dumps(encoded), ends, ACTIVE_PREFIX],
         )
         return bool(outcome == 1)
 
@@ -173,6 +196,23 @@ class JobStore:
 
     def add_attempt(self, job_id: str) -> int:
         return int(self._redis.hincrby(self.key(job_id), "attempts", 1))
+
+    def begin_attempt(self, job_id: str, max_attempts: int) -> bool:
+        """Count one more delivery of the job's current stage; False (and the job failed with
+        ``poison``) when deliveries that ended without an outcome reach ``max_attempts``: the job
+        keeps killing its worker. Retries after transient errors (``note_retry``) do not count."""
+        with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hincrby(self.key(job_id), "attempts", 1)
+            pipe.hget(self.key(job_id), "retries")
+            attempts, retries = pipe.execute()
+        lost = int(attempts) - int(retries or 0) - 1
+        if lost >= max_attempts:
+            self.fail(job_id, "poison", f"the job ended its worker {lost} times; not tried again")
+            return False
+        return True
+
+    def note_retry(self, job_id: str) -> None:
+        self._redis.hincrby(self.key(job_id), "retries", 1)
 
     def succeed(self, job_id: str, result: dict[str, Any]) -> bool:
         return self.transition(
@@ -190,12 +230,18 @@ class JobStore:
     def is_cancelled(self, job_id: str) -> bool:
         return self._redis.hget(self.key(job_id), "status") == JobStatus.CANCELLED
 
-    def list(self, *, limit: int, before: float | None = None) -> list[Job]:
-        """Newest first; ``before`` is the ``created_at`` of the last job of the previous page."""
+    def active_count(self, tenant: str) -> int:
+        """Jobs of ``tenant`` not yet ended (each leaves the set in its terminal transition)."""
+        return int(self._redis.scard(ACTIVE_PREFIX + tenant))
+
+    def list(self, *, limit: int, before: float | None = None, tenant: str | None = None) -> list[Job]:
+        """Newest first; ``before`` is the ``created_at`` of the last job of the previous page.
+        With ``tenant``, only that tenant's jobs."""
+        index = INDEX_KEY if tenant is None else TENANT_INDEX_PREFIX + tenant
         cutoff = time.time() - self._ttl_s
-        self._redis.zremrangebyscore(INDEX_KEY, "-inf", cutoff)
+        self._redis.zremrangebyscore(index, "-inf", cutoff)
         upper = f"({before}" if before is not None else "+inf"
-        ids = self._redis.zrevrangebyscore(INDEX_KEY, upper, "-inf", start=0, num=limit)
+        ids = self._redis.zrevrangebyscore(index, upper, "-inf", start=0, num=limit)
         with self._redis.pipeline(transaction=False) as pipe:
             for job_id in ids:
                 pipe.hgetall(self.key(job_id))

@@ -33,6 +33,9 @@ class Sampling(_Strict):
     fps: float | None = Field(default=None, gt=0, description="one frame per 1/fps seconds instead")
     start: float | None = Field(default=None, ge=0, description="window start, seconds")
     end: float | None = Field(default=None, gt=0, description="window end, seconds")
+    fast: bool = Field(
+        default=False, description="take the keyframe nearest each target instead of the exact frame"
+    )
 
     @model_validator(mode="after")
     def _window(self) -> Sampling:

@@ -54,18 +54,76 @@ class Settings(BaseSettings):
         default="",
         description="comma-separated hosts or networks (CIDR) that may be fetched although not public",
     )
+    max_video_seconds: float = Field(default=4 * 3600, gt=0, description="longest video, by its stream")
+    max_video_pixels: int = Field(default=4096 * 2160, ge=1, description="largest width x height")
+    max_video_frames: int = Field(default=500_000, ge=1, description="most frames in a video stream")
+    max_streams: int = Field(default=16, ge=1, description="most streams (video, audio, subtitles) in a file")
+
+    # Decoding: each video is probed and decoded in child processes with these limits
+    decode_memory_mb: int = Field(default=2048, ge=64, description="memory limit (heap, buffers, stacks) of a decode process")
+    decode_timeout_s: float = Field(default=300.0, gt=0, description="deadline for sampling one video")
+    decode_processes: int = Field(default=0, ge=0, description="processes per long video; 0: one per core")
+
+    # Access
+    api_keys: str = Field(
+        default="",
+        description="comma-separated tenant:sha256-of-key[:s3-prefix|s3-prefix...]; empty turns authentication off",
+    )
+    rate_limit: str = Field(default="120/minute", description="job submissions per API key (or client address)")
+    max_active_jobs_per_tenant: int = Field(default=500, ge=1)
 
     # Reliability
-    visibility_timeout_s: int = Field(default=3600, ge=60)
+    visibility_timeout_s: int = Field(default=3600, ge=5)
     task_time_limit_s: int = Field(default=1800, ge=10)
     job_ttl_s: int = Field(default=7 * 24 * 3600, ge=60, description="how long job records are kept")
-    ingest_max_retries: int = Field(default=5, ge=0)
+    ingest_max_retries: int = Field(
+        default=5, ge=0, description="retries of transient storage and network errors, in either stage"
+    )
+    max_attempts: int = Field(
+        default=3, ge=1, description="deliveries that end their worker before a job fails as poison"
+    )
+    retry_backoff_s: int = Field(default=2, ge=1, description="first retry after up to this many seconds, doubling")
+    reconcile_interval_s: float = Field(default=30.0, gt=0, description="how often CPU workers look for lost jobs")
+    reconcile_after_s: float = Field(
+        default=300.0, gt=0, description="a job unchanged this long with no queue message is sent again"
+    )
+
+    # GPU workers
+    batch_size: int = Field(
+        default=0, ge=0, description="jobs a GPU worker generates together; 0 sizes it from free GPU memory"
+    )
+    batch_wait_ms: int = Field(default=50, ge=0, description="how long a batch waits for more queued jobs")
+    heartbeat_interval_s: float = Field(
+        default=5.0, gt=0, description="readiness refresh of a GPU worker; its key expires after three"
+    )
 
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, value: str) -> str:
         if not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _api_key_entries(cls, value: str) -> str:
+        for entry in filter(None, (e.strip() for e in value.split(","))):
+            parts = entry.split(":", 2)
+            if len(parts) < 2 or not parts[0] or len(parts[1]) != 64:
+                raise ValueError(
+                    f"entry {parts[0] or '?'!r} must be tenant:sha256-hex-of-key (see `videoqa api-key`)"
+                )
+        return value
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _rate_limit_syntax(cls, value: str) -> str:
+        from limits import parse_many
+
+        try:
+            parse_many(value)
+        except ValueError:
+            raise ValueError("must read like '120/minute' or '10/second;1000/hour'") from None
         return value
 
     @model_validator(mode="after")

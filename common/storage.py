@@ -110,7 +110,7 @@ class S3Store:
             return getattr(self._client, method)(**kwargs)
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "")
-            if code in {"NoSuchKey", "404", "NotFound"}:
+            if code in {"NoSuchKey", "NoSuchBucket", "404", "NotFound"}:
                 raise NotFound(f"no object {kwargs.get('Key')!r} in bucket {self.bucket!r}") from None
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
             if status >= 500 or code in {"SlowDown", "RequestTimeout"}:
@@ -135,18 +135,29 @@ class S3Store:
                     raise
         self._bucket_checked = True
 
-    def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+    def _put(self, **kwargs: object) -> None:
         self.ensure_bucket()
-        self._call("put_object", Bucket=self.bucket, Key=self._key(key), Body=data, ContentType=content_type)
+        try:
+            self._call("put_object", Bucket=self.bucket, **kwargs)
+        except NotFound:
+            # The bucket went away under us (a wiped MinIO, a test server restarted): make it again.
+            self._bucket_checked = False
+            self.ensure_bucket()
+            body = kwargs.get("Body")
+            if hasattr(body, "seek"):
+                body.seek(0)  # type: ignore[union-attr]
+            self._call("put_object", Bucket=self.bucket, **kwargs)
+
+    def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        self._put(Key=self._key(key), Body=data, ContentType=content_type)
 
     def get_bytes(self, key: str) -> bytes:
         response = self._call("get_object", Bucket=self.bucket, Key=self._key(key))
         return response["Body"].read()  # type: ignore[index]
 
     def put_file(self, key: str, path: Path) -> None:
-        self.ensure_bucket()
         with open(path, "rb") as body:
-            self._call("put_object", Bucket=self.bucket, Key=self._key(key), Body=body)
+            self._put(Key=self._key(key), Body=body)
 
     def get_file(self, key: str, path: Path) -> None:
         response = self._call("get_object", Bucket=self.bucket, Key=self._key(key))

@@ -1,26 +1,57 @@
-"""Frame sampling on files the suite encodes itself, checked against decoding every frame."""
+"""Frame sampling on real-world shapes of file the suite encodes itself, checked pixel for pixel
+against decoding every frame (the reference notebook's way)."""
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
 
-from common.errors import InvalidMedia
+from common.errors import InvalidMedia, InvalidRequest
 from common.schemas import Sampling
-from worker.frames import choose_positions, decode_positions, index_stream, sample_frames
-from worker.sample_media import write_cat_video
+from worker.frames import Segment, choose_positions, decode_positions, decode_segments, index_stream, sample_frames
+from worker.sample_media import read_frame_index, write_cat_video
+
+# Variable frame rate: irregular gaps, some long, some a few milliseconds.
+VFR_TIMES = [round(i * 0.04 + (0.03 if i % 5 == 2 else 0) + (0.2 if i >= 30 else 0), 3) for i in range(60)]
+
+FILES = {
+    "h264": dict(name="plain.mp4", seconds=3, fps=30),
+    "h264_bframes_long_gop": dict(name="bframes.mp4", seconds=4, fps=30, gop=50, bframes=3),
+    "h264_open_gop": dict(name="open.mp4", seconds=3, fps=30, gop=24, bframes=3, open_gop=True),
+    "vfr": dict(name="vfr.mp4", frame_times=VFR_TIMES, gop=12, bframes=2),
+    "mkv_to_pipe": dict(name="pipe.mkv", seconds=3, fps=25, gop=20, bframes=2, to_pipe=True),
+    "fragmented_mp4": dict(name="frag.mp4", seconds=3, fps=30, gop=20, bframes=2, fragmented=True),
+    "with_audio": dict(name="audio.mp4", seconds=2, fps=30, gop=15, audio=True),
+    "hevc": dict(name="hevc.mp4", seconds=2, fps=25, codec="libx265", gop=20),
+    "hevc_open_gop": dict(name="hevc_open.mp4", seconds=2, fps=25, codec="libx265", gop=16, open_gop=True),
+    "vp9_webm_with_audio": dict(name="vp9.webm", seconds=2, fps=24, codec="libvpx-vp9", gop=12, audio=True),
+    "av1": dict(name="av1.mp4", seconds=2, fps=24, codec="libsvtav1", gop=16),
+}
 
 
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("frames")
+    made = {}
+    for kind, spec in FILES.items():
+        spec = dict(spec)
+        made[kind] = write_cat_video(root / spec.pop("name"), width=160, height=120, **spec)
+    return made
+
+
+@cache
 def _decode_everything(path: Path) -> tuple[list[np.ndarray], list[float]]:
     """The reference notebook's way: decode every frame, in presentation order."""
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         frames = sorted(container.decode(stream), key=lambda f: f.pts)
         first = frames[0].pts
-        return [f.to_ndarray(format="rgb24") for f in frames], [float((f.pts - first) * stream.time_base) for f in frames]
+        times = [float((f.pts - first) * stream.time_base) for f in frames]
+        return [f.to_ndarray(format="rgb24") for f in frames], times
 
 
 def _notebook_indices(total: int, wanted: int) -> list[int]:
@@ -30,40 +61,63 @@ def _notebook_indices(total: int, wanted: int) -> list[int]:
     return [i * step for i in range(wanted)]
 
 
-@pytest.fixture(scope="module")
-def videos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("frames")
-    return {
-        "h264": write_cat_video(root / "plain.mp4", seconds=3, fps=30),
-        "h264_bframes_long_gop": write_cat_video(root / "bframes.mp4", seconds=4, fps=30, gop=50, bframes=3),
-        "hevc": write_cat_video(root / "hevc.mp4", seconds=2, fps=25, codec="libx265", gop=20),
-        "vp9": write_cat_video(root / "vp9.webm", seconds=2, fps=24, codec="libvpx-vp9", gop=12),
-    }
-
-
-@pytest.mark.parametrize("name", ["h264", "h264_bframes_long_gop", "hevc", "vp9"])
-@pytest.mark.parametrize("wanted", [1, 6, 7, 16])
-def test_default_strategy_picks_the_notebook_frames_exactly(videos: dict[str, Path], name: str, wanted: int) -> None:
-    reference, times = _decode_everything(videos[name])
-    sampled = sample_frames(videos[name], Sampling(num_frames=wanted))
-    expected = _notebook_indices(len(reference), wanted)
-    assert [frame.index for frame in sampled] == expected
+@pytest.mark.parametrize("kind", list(FILES))
+@pytest.mark.parametrize("wanted", [1, 7, 16])
+def test_default_strategy_picks_the_notebook_frames_exactly(videos: dict[str, Path], kind: str, wanted: int) -> None:
+    reference, times = _decode_everything(videos[kind])
+    sampled = sample_frames(videos[kind], Sampling(num_frames=wanted))
+    assert [frame.index for frame in sampled] == _notebook_indices(len(reference), wanted)
     for frame in sampled:
         assert frame.time == pytest.approx(times[frame.index], abs=1e-6)
-        assert np.array_equal(np.asarray(frame.image), reference[frame.index]), f"frame {frame.index} differs"
+        assert np.array_equal(frame.array, reference[frame.index]), f"frame {frame.index} differs"
+        assert read_frame_index(frame.array) == frame.index
 
 
-def test_frame_count_comes_from_the_stream(videos: dict[str, Path]) -> None:
+@pytest.mark.parametrize("kind", ["h264_open_gop", "hevc_open_gop", "h264_bframes_long_gop", "mkv_to_pipe"])
+def test_every_frame_around_each_keyframe_decodes_exactly_on_its_own(videos: dict[str, Path], kind: str) -> None:
+    """Single targets force a seek each: leading B-frames of an open GOP, the frames just before a
+    keyframe and the keyframes themselves."""
+    path = videos[kind]
+    index = index_stream(path)
+    reference, _ = _decode_everything(path)
+    keyframes = [index.position_of(pts) for pts in index.keyframe_pts]
+    around = sorted({p for k in keyframes for p in range(k - 3, k + 2) if 0 <= p < index.frame_count})
+    for position in around:
+        [frame] = decode_positions(path, index, [position])
+        assert frame.index == position
+        assert np.array_equal(frame.array, reference[position]), f"frame {position} differs"
+
+
+def test_frame_count_and_times_come_from_the_stream(videos: dict[str, Path]) -> None:
     index = index_stream(videos["h264_bframes_long_gop"])
     assert index.frame_count == 120
     assert index.pts == sorted(index.pts)
     assert len(index.keyframe_pts) >= 3
+    # A pipe-written Matroska file declares neither duration nor frame count.
+    with av.open(str(videos["mkv_to_pipe"])) as container:
+        assert container.duration is None and not container.streams.video[0].frames
+    assert index_stream(videos["mkv_to_pipe"]).frame_count == 75
+    vfr = index_stream(videos["vfr"])
+    assert [round(vfr.seconds(i), 3) for i in range(vfr.frame_count)] == [t - VFR_TIMES[0] for t in VFR_TIMES]
+
+
+def test_a_phone_video_comes_out_upright(tmp_path: Path) -> None:
+    # Stored landscape with a display matrix, as phones record portrait video.
+    path = write_cat_video(tmp_path / "phone.mp4", seconds=1, fps=30, width=120, height=160, rotation=-90)
+    with av.open(str(path)) as container:
+        assert (container.streams.video[0].width, container.streams.video[0].height) == (160, 120)
+    sampled = sample_frames(path, Sampling(num_frames=5))
+    assert [frame.index for frame in sampled] == [0, 6, 12, 18, 24]
+    for frame in sampled:
+        assert frame.array.shape == (160, 120, 3)
+        assert read_frame_index(frame.array) == frame.index
 
 
 def test_a_video_shorter_than_asked_gives_every_frame_once(tmp_path: Path) -> None:
     path = write_cat_video(tmp_path / "short.mp4", seconds=0.2, fps=20)
     sampled = sample_frames(path, Sampling(num_frames=8))
     assert [frame.index for frame in sampled] == [0, 1, 2, 3]
+    assert [read_frame_index(frame.array) for frame in sampled] == [0, 1, 2, 3]
 
 
 def test_fps_strategy_takes_one_frame_per_interval(videos: dict[str, Path]) -> None:
@@ -72,21 +126,55 @@ def test_fps_strategy_takes_one_frame_per_interval(videos: dict[str, Path]) -> N
     assert choose_positions(index, Sampling(num_frames=3, fps=2)) == [0, 15, 30]
 
 
+def test_fps_strategy_on_a_variable_frame_rate_follows_time(videos: dict[str, Path]) -> None:
+    path = videos["vfr"]
+    reference, times = _decode_everything(path)
+    sampled = sample_frames(path, Sampling(num_frames=32, fps=4))
+    expected = []
+    for j in range(32):
+        at = next((i for i, t in enumerate(times) if t >= j * 0.25 - 1e-9), None)
+        if at is None:
+            break
+        if not expected or expected[-1] != at:
+            expected.append(at)
+    assert [frame.index for frame in sampled] == expected
+    for frame in sampled:
+        assert np.array_equal(frame.array, reference[frame.index])
+
+
 def test_window_restricts_the_frames(videos: dict[str, Path]) -> None:
     index = index_stream(videos["h264"])
-    positions = choose_positions(index, Sampling(num_frames=4, start=1.0, end=2.0))
-    assert positions == [30, 37, 44, 51]
-    with pytest.raises(InvalidMedia, match="holds no frames"):
-        choose_positions(index, Sampling(num_frames=4, start=10.0))
+    assert choose_positions(index, Sampling(num_frames=4, start=1.0, end=2.0)) == [30, 37, 44, 51]
+    assert choose_positions(index, Sampling(num_frames=3, fps=1, start=0.5)) == [15, 45, 75]
+    assert choose_positions(index, Sampling(num_frames=2, end=0.1)) == [0, 1]
 
 
-def test_decoding_out_of_order_targets_is_not_needed_but_repeat_seeks_work(videos: dict[str, Path]) -> None:
-    path = videos["h264_bframes_long_gop"]
+@pytest.mark.parametrize(
+    "window", [{"start": 10.0}, {"start": 3.5, "end": 9.0}, {"start": 1.01, "end": 1.02}, {"start": 2.99, "end": 2.995}]
+)
+def test_a_window_outside_the_video_is_a_bad_request(videos: dict[str, Path], window: dict[str, float]) -> None:
+    with pytest.raises(InvalidRequest, match="holds no frames") as raised:
+        sample_frames(videos["h264"], Sampling(num_frames=4, **window))
+    assert raised.value.code == "invalid_request" and raised.value.http_status == 400
+
+
+@pytest.mark.parametrize("kind", ["h264_bframes_long_gop", "vp9_webm_with_audio", "av1"])
+def test_fast_mode_takes_the_nearest_keyframes_and_says_how_far(videos: dict[str, Path], kind: str) -> None:
+    path = videos[kind]
     index = index_stream(path)
-    reference, _ = _decode_everything(path)
-    positions = [0, 1, 49, 50, 51, 99, 119]
-    for frame in decode_positions(path, index, positions):
-        assert np.array_equal(np.asarray(frame.image), reference[frame.index])
+    reference, times = _decode_everything(path)
+    keyframes = {index.position_of(pts) for pts in index.keyframe_pts}
+    targets = choose_positions(index, Sampling(num_frames=6))
+    sampled = sample_frames(path, Sampling(num_frames=6, fast=True))
+    assert len({frame.index for frame in sampled}) == len(sampled)
+    for frame in sampled:
+        assert frame.index in keyframes
+        assert np.array_equal(frame.array, reference[frame.index])
+        assert frame.offset is not None
+        target = min(targets, key=lambda t: abs(times[t] - (frame.time - frame.offset)))
+        assert times[target] == pytest.approx(frame.time - frame.offset, abs=1e-6)
+        # No keyframe is nearer to that target.
+        assert abs(frame.offset) <= min(abs(times[k] - times[target]) for k in keyframes) + 1e-6
 
 
 def test_files_that_are_not_video_are_invalid_media(tmp_path: Path) -> None:
@@ -113,3 +201,22 @@ def test_files_that_are_not_video_are_invalid_media(tmp_path: Path) -> None:
     truncated.write_bytes(whole.read_bytes()[:2000])
     with pytest.raises(InvalidMedia):
         sample_frames(truncated, Sampling())
+
+
+def test_a_seek_that_lands_late_is_retried_from_the_keyframe_before(videos: dict[str, Path]) -> None:
+    """As if the demuxer had landed on the next keyframe: its open GOP's leading frames are missed
+    there and found from the keyframe before; a pts no frame has gets the next frame instead."""
+    path = videos["h264_open_gop"]
+    index = index_stream(path)
+    reference, _ = _decode_everything(path)
+    late = index.keyframe_pts[1]
+    target = index.pts[index.position_of(late) - 2]
+    found = decode_segments(path, index, [Segment(late, (target,))])
+    assert found[target].pts == target
+    assert np.array_equal(found[target].array, reference[index.position_of(target)])
+
+    pipe = videos["mkv_to_pipe"]
+    pipe_index = index_stream(pipe)
+    absent = pipe_index.pts[3] + 1
+    found = decode_segments(pipe, pipe_index, [Segment(pipe_index.pts[0], (absent,))])
+    assert found[absent].pts == pipe_index.pts[4]

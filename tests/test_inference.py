@@ -85,3 +85,21 @@ def test_batched_greedy_answers_equal_unbatched_ones(loaded: LoadedModel) -> Non
         assert completion.prompt_tokens == len(loaded.processor.tokenizer(prompt.text)["input_ids"]) + 728 * len(prompt.images)
     # Different images must give different answers, or equality above would prove little.
     assert len({tuple(c.token_ids[:3]) for c in batched}) > 1
+
+
+def test_a_model_that_cannot_load_raises_one_clear_error(tmp_path: Path) -> None:
+    from worker.inference import ModelLoadError
+
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(ModelLoadError, match=f"cannot load {missing}: "):
+        load_model(load_settings({"VIDEOQA_MODEL": str(missing), "VIDEOQA_DEVICE": "cpu"}))
+    with pytest.raises(ModelLoadError, match="VIDEOQA_DEVICE=cuda but no CUDA device is visible"):
+        load_model(load_settings({"VIDEOQA_MODEL": str(missing), "VIDEOQA_DEVICE": "cuda"}))
+
+
+def test_warm_up_generates_on_a_blank_frame(loaded: LoadedModel) -> None:
+    from worker.inference import warm_up
+
+    (completion,) = warm_up(loaded)
+    assert 1 <= completion.completion_tokens <= 2
+    assert completion.prompt_tokens > 729

@@ -10,6 +10,7 @@ from celery.signals import worker_process_init
 from common.celery_config import make_celery
 from common.settings import load_settings
 from worker.logs import configure_logging
+from worker.reconciler import ReconcilerStep
 from worker.runtime import WorkerRuntime
 from worker.tasks import register_tasks
 
@@ -22,14 +23,20 @@ def build_worker_app(role: str) -> Celery:
     runtime = WorkerRuntime(settings, app)
     register_tasks(app, runtime)
 
-    def _prepare(**_: Any) -> None:
-        # Runs in the process that executes tasks (prefork child or solo main), never at import,
-        # so the first job does not pay for loading.
-        if role == "gpu":
-            runtime.load_model()
-        else:
+    if role == "gpu":
+        # One process per GPU holds the model and runs its batches itself (solo pool), after a
+        # blueprint step has loaded and warmed it up, before the consumer starts.
+        from worker.gpu_lifecycle import ModelSetup
+
+        app.conf.worker_pool = "solo"
+        app.steps["worker"].add(ModelSetup)
+    else:
+
+        def _prepare(**_: Any) -> None:
+            # Runs in each prefork child, never at import, so the first job does not pay for it.
             runtime.geometry
 
-    worker_process_init.connect(_prepare, weak=False)
+        worker_process_init.connect(_prepare, weak=False)
+        app.steps["worker"].add(ReconcilerStep)
     app.videoqa_runtime = runtime  # type: ignore[attr-defined]
     return app

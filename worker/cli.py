@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import time
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import click
 
 from worker.demo import DEMO_QUESTION, run_demo
-from worker.stack import Stack, api_command, cpu_worker_command, flower_command, gpu_worker_command
+from worker.stack import Stack, api_command, cpu_worker_command, flower_command, flower_env, gpu_worker_command
 
 
 @click.group()
@@ -26,6 +27,18 @@ def tiny_model(directory: Path, seed: int) -> None:
     from worker.tiny_model import build_tiny_model
 
     click.echo(str(build_tiny_model(directory, seed=seed)))
+
+
+@main.command("api-key")
+@click.argument("tenant")
+def api_key(tenant: str) -> None:
+    """Make a new API key for TENANT: prints the key (shown once) and its VIDEOQA_API_KEYS entry."""
+    from common.api_keys import hash_key, new_key
+
+    key = new_key()
+    click.echo(f"key:   {key}")
+    click.echo(f"entry: {tenant}:{hash_key(key)}")
+    click.echo("Add the entry to VIDEOQA_API_KEYS (comma-separated; append :s3://bucket/prefix/ to allow s3 inputs).")
 
 
 @main.command("sample-videos")
@@ -58,7 +71,13 @@ def up(host: str, port: int, api_workers: int, cpu_concurrency: int, gpu_workers
         pinned = {"CUDA_VISIBLE_DEVICES": str(gpu)} if gpu_workers > 1 else {}
         stack.start(f"gpu{gpu}", gpu_worker_command(f"gpu{gpu}"), extra_env=pinned)
     if flower:
-        stack.start("flower", flower_command())
+        # Flower can revoke tasks and shut workers down: never without a password.
+        auth = os.environ.get("FLOWER_BASIC_AUTH", "")
+        if ":" not in auth:
+            auth = f"admin:{secrets.token_urlsafe(12)}"
+            click.echo(f"Flower on http://127.0.0.1:5555 as {auth} (set FLOWER_BASIC_AUTH=user:password to choose)")
+        user, password = auth.split(":", 1)
+        stack.start("flower", flower_command(), extra_env=flower_env(user, password))
     click.echo(f"videoqa is up: http://{host}:{port}/v1/jobs (Ctrl-C stops it)")
     signal.signal(signal.SIGTERM, _interrupt)
     try:
@@ -69,6 +88,19 @@ def up(host: str, port: int, api_workers: int, cpu_concurrency: int, gpu_workers
         click.echo("stopping")
     finally:
         stack.stop()
+
+
+@main.command("gpu-workers")
+@click.option("--gpus", default=None, help="comma-separated GPU indices, e.g. 0,2 (default: every visible GPU)")
+def gpu_workers(gpus: str | None) -> None:
+    """One GPU worker per GPU, pinned and restarted when it dies, until Ctrl-C."""
+    from worker.gpu_workers import run_gpu_workers
+
+    try:
+        requested = [int(part) for part in gpus.split(",") if part.strip()] if gpus else None
+        raise SystemExit(run_gpu_workers(requested, say=click.echo))
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 @main.command()

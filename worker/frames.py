@@ -1,86 +1,139 @@
-"""Frame sampling with PyAV: exact indices and timestamps from the stream, seek-based decoding.
+"""Frame sampling with PyAV: exact indices and timestamps from the stream, decoding only what is needed.
 
 The frame count and every timestamp come from the demuxed packets (pts and time base), never
-from the container header. Only the frames the strategy asks for are converted to RGB; the
-decoder seeks to the keyframe before a target unless the target can be reached by decoding on.
+from the container header. Decoding seeks to the keyframe before a target, or keeps decoding when
+the next target comes before the next keyframe; non-reference frames that are not targets are
+skipped by the decoder, and only the frames kept are converted to RGB. These are plain functions
+that run in whatever process calls them; ``worker.decode_process`` runs them in sandboxed children.
 """
 
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
+import errno
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
 import av
+import numpy as np
 from PIL import Image
 
-from common.errors import InvalidMedia
+from common.errors import InvalidMedia, InvalidRequest
 from common.schemas import Sampling
 
-# Only plain files reach the demuxer: protocols that could follow a reference elsewhere are refused.
-_OPEN_OPTIONS = {"protocol_whitelist": "file"}
+# Demuxers of self-contained video files, by FFmpeg name. Those that follow references to other
+# files or URLs (hls, dash, concat, image2 patterns) and image readers are not among them.
+VIDEO_DEMUXERS = ("mov", "matroska", "avi", "flv", "mpegts", "mpeg", "ogg", "asf", "ivf", "nut", "mxf")
+# Only plain local files reach the demuxer, and only through those demuxers: FFmpeg refuses any
+# other format before it reads past the probe.
+OPEN_OPTIONS = {"protocol_whitelist": "file", "format_whitelist": ",".join(VIDEO_DEMUXERS)}
+# Decoders whose skip_frame is read per packet, so non-reference frames can be skipped between
+# targets and the targets themselves still decoded. (libdav1d, for one, reads it once at open.)
+_SKIPS_NONREF_PER_PACKET = {"h264", "hevc"}
+_ROTATIONS = {90: 1, 180: 2, -180: 2, -90: 3, 270: 3}
 
 
 @dataclass(frozen=True)
 class StreamIndex:
-    """Presentation-ordered pts of every frame of the first video stream, and its keyframes."""
+    """Presentation-ordered pts of every frame of the video stream, and its keyframes."""
 
     pts: list[int]
     keyframe_pts: list[int]
     time_base: Fraction
+    stream_index: int = 0
 
     @property
     def frame_count(self) -> int:
         return len(self.pts)
 
+    @property
+    def duration(self) -> float:
+        return self.seconds(len(self.pts) - 1)
+
     def seconds(self, position: int) -> float:
         return float((self.pts[position] - self.pts[0]) * self.time_base)
+
+    def position_of(self, pts: int) -> int:
+        """The presentation position of the frame at ``pts`` (or the first one after it)."""
+        return min(bisect.bisect_left(self.pts, pts), len(self.pts) - 1)
 
 
 @dataclass(frozen=True)
 class SampledFrame:
     index: int
     time: float
-    image: Image.Image
+    array: np.ndarray = field(repr=False)
+    # Fast mode only: seconds between this frame and the target it stands for.
+    offset: float | None = None
+
+    @property
+    def image(self) -> Image.Image:
+        return Image.fromarray(self.array)
 
 
-def _open(path: Path) -> av.container.InputContainer:
+@dataclass(frozen=True)
+class Decoded:
+    pts: int
+    array: np.ndarray = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Targets reached by one seek: decoding starts at the keyframe ``start`` (a pts)."""
+
+    start: int
+    targets: tuple[int, ...]
+
+
+def open_input(path: Path) -> av.container.InputContainer:
     try:
-        container = av.open(str(path), mode="r", options=_OPEN_OPTIONS)
+        return av.open(str(path), mode="r", options=dict(OPEN_OPTIONS))
     except (av.FFmpegError, UnicodeDecodeError, ValueError) as exc:
         raise InvalidMedia(f"not a readable media file: {exc}") from None
-    if not container.streams.video:
-        container.close()
-        raise InvalidMedia("the file has no video stream")
-    return container
+
+
+def video_stream(container: av.container.InputContainer) -> av.video.stream.VideoStream:
+    """The first real video stream; cover art attached to audio files does not count."""
+    for stream in container.streams.video:
+        if not stream.disposition & av.stream.Disposition.attached_pic:
+            return stream
+    raise InvalidMedia("the file has no video stream")
 
 
 def index_stream(path: Path) -> StreamIndex:
     """Demux (without decoding) to learn every frame's pts and where the keyframes are."""
-    container = _open(path)
+    with open_input(path) as container:
+        return index_container(container)
+
+
+def index_container(container: av.container.InputContainer) -> StreamIndex:
+    stream = video_stream(container)
+    if stream.time_base is None:
+        raise InvalidMedia("the video stream has no time base")
+    pts: list[int] = []
+    keyframes: list[int] = []
     try:
-        stream = container.streams.video[0]
-        pts: list[int] = []
-        keyframes: list[int] = []
-        try:
-            for packet in container.demux(stream):
-                stamp = packet.pts if packet.pts is not None else packet.dts
-                if packet.size == 0 or stamp is None:
-                    continue
-                pts.append(stamp)
-                if packet.is_keyframe:
-                    keyframes.append(stamp)
-        except av.FFmpegError as exc:
-            if not pts:
-                raise InvalidMedia(f"the video stream cannot be read: {exc}") from None
+        for packet in container.demux(stream):
+            stamp = packet.pts if packet.pts is not None else packet.dts
+            if packet.size == 0 or stamp is None:
+                continue
+            pts.append(stamp)
+            if packet.is_keyframe:
+                keyframes.append(stamp)
+    except av.FFmpegError as exc:
+        # A damaged tail still leaves the frames before it usable, as a player would show them.
         if not pts:
-            raise InvalidMedia("the video stream has no frames")
-        if stream.time_base is None:
-            raise InvalidMedia("the video stream has no time base")
-        return StreamIndex(sorted(pts), sorted(keyframes), Fraction(stream.time_base))
-    finally:
-        container.close()
+            raise InvalidMedia(f"the video stream cannot be read: {exc}") from None
+    if not pts:
+        raise InvalidMedia("the video stream has no frames")
+    pts.sort()
+    keyframes.sort()
+    if not keyframes or keyframes[0] > pts[0]:
+        # Decoding has to start somewhere: the first packet is where a player starts too.
+        keyframes.insert(0, pts[0])
+    return StreamIndex(pts, keyframes, Fraction(stream.time_base), stream.index)
 
 
 def choose_positions(index: StreamIndex, sampling: Sampling) -> list[int]:
@@ -90,76 +143,229 @@ def choose_positions(index: StreamIndex, sampling: Sampling) -> list[int]:
     ``T < N``), over the ``start``/``end`` window when one is given. With ``fps``: the first frame
     at or after each multiple of ``1/fps`` inside the window.
     """
-    times = [index.seconds(i) for i in range(index.frame_count)]
-    first = bisect.bisect_left(times, sampling.start) if sampling.start is not None else 0
-    last = bisect.bisect_left(times, sampling.end) if sampling.end is not None else len(times)
-    window = list(range(first, last))
-    if not window:
-        raise InvalidMedia(
-            f"the window {sampling.start}..{sampling.end} s holds no frames "
-            f"(the video lasts {times[-1]:.3f} s)"
+    frames = range(index.frame_count)
+
+    def first_at(seconds: float, lo: int = 0) -> int:
+        # Binary search on times computed on demand: a long video has hundreds of thousands.
+        return bisect.bisect_left(frames, seconds - 1e-9, lo=lo, key=index.seconds)
+
+    first = first_at(sampling.start) if sampling.start is not None else 0
+    last = first_at(sampling.end) if sampling.end is not None else index.frame_count
+    if last <= first:
+        raise InvalidRequest(
+            f"the window {_window(sampling)} holds no frames: the video's frames run from 0 to {index.duration:.3f} s"
         )
     if sampling.fps is not None:
-        step = 1.0 / sampling.fps
-        origin = times[window[0]]
+        origin = index.seconds(first)
         picked: list[int] = []
-        target = origin
-        while len(picked) < sampling.num_frames:
-            position = bisect.bisect_left(times, target - 1e-9, lo=window[0], hi=window[-1] + 1)
-            if position > window[-1]:
+        for j in range(sampling.num_frames):
+            position = first_at(origin + j / sampling.fps, lo=first)
+            if position >= last:
                 break
             if not picked or position != picked[-1]:
                 picked.append(position)
-            target += step
         return picked
-    total, wanted = len(window), sampling.num_frames
+    total, wanted = last - first, sampling.num_frames
     if total <= wanted:
-        return window
+        return list(range(first, last))
     stride = total // wanted
-    return [window[0] + i * stride for i in range(wanted)]
+    return [first + i * stride for i in range(wanted)]
 
 
-def decode_positions(path: Path, index: StreamIndex, positions: list[int]) -> list[SampledFrame]:
-    """Decode exactly the frames at ``positions`` (ascending), seeking where that is cheaper."""
-    targets = [index.pts[p] for p in positions]
-    found: dict[int, Image.Image] = {}
-    container = _open(path)
-    try:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        frames = None
-        last_pts: int | None = None
-        for target in targets:
-            if frames is None or last_pts is None or last_pts >= target or _keyframe_between(
-                index.keyframe_pts, last_pts, target
-            ):
-                # Lands on the keyframe at or before the target; the decoder is flushed by seek().
-                container.seek(target, stream=stream, backward=True, any_frame=False)
-                frames = container.decode(stream)
-            for frame in frames:
-                if frame.pts is None:
-                    continue
-                last_pts = frame.pts
-                if frame.pts >= target:
-                    found[target] = frame.to_image()
+def _window(sampling: Sampling) -> str:
+    if sampling.end is None:
+        return f"from {sampling.start:g} s"
+    if sampling.start is None:
+        return f"before {sampling.end:g} s"
+    return f"{sampling.start:g}..{sampling.end:g} s"
+
+
+def nearest_keyframes(index: StreamIndex, positions: Sequence[int]) -> list[tuple[int, int]]:
+    """Fast mode: ``(keyframe position, target position)`` for each target, each keyframe once."""
+    keyframe_positions = [index.position_of(pts) for pts in index.keyframe_pts]
+    chosen: list[tuple[int, int]] = []
+    for target in positions:
+        at = bisect.bisect_left(keyframe_positions, target)
+        candidates = keyframe_positions[max(0, at - 1) : at + 1]
+        best = min(candidates, key=lambda k: (abs(index.pts[k] - index.pts[target]), k))
+        if not chosen or chosen[-1][0] != best:
+            chosen.append((best, target))
+    return chosen
+
+
+def plan_segments(index: StreamIndex, target_pts: Sequence[int]) -> list[Segment]:
+    """Group ascending targets into seeks: the next target joins the current run when no keyframe
+    lies between them, because then decoding on costs no more than seeking."""
+    segments: list[list[int]] = []
+    starts: list[int] = []
+    for target in target_pts:
+        keyframe = index.keyframe_pts[max(0, bisect.bisect_right(index.keyframe_pts, target) - 1)]
+        if segments and keyframe <= segments[-1][-1]:
+            segments[-1].append(target)
+        else:
+            segments.append([target])
+            starts.append(keyframe)
+    return [Segment(start, tuple(targets)) for start, targets in zip(starts, segments, strict=True)]
+
+
+def split_segments(index: StreamIndex, segments: Sequence[Segment], parts: int) -> list[list[Segment]]:
+    """Contiguous groups of segments with about the same number of frames to decode each."""
+    def cost(segment: Segment) -> int:
+        return index.position_of(segment.targets[-1]) - index.position_of(segment.start) + 1
+
+    parts = max(1, min(parts, len(segments)))
+    total = sum(cost(s) for s in segments)
+    groups: list[list[Segment]] = [[]]
+    done = 0
+    for segment in segments:
+        # Start the next group once this one holds its share of the work.
+        if groups[-1] and len(groups) < parts and done >= total * len(groups) / parts:
+            groups.append([])
+        groups[-1].append(segment)
+        done += cost(segment)
+    return groups
+
+
+def decode_segments(
+    path: Path, index: StreamIndex, segments: Sequence[Segment], *, threads: int = 0, keyframes_only: bool = False
+) -> dict[int, Decoded]:
+    """Decode the target frames of ``segments``: target pts -> the frame decoded for it.
+
+    A target the decoder cannot produce from its segment's keyframe (a seek that landed late, a
+    leading frame of an open GOP, a damaged frame) is tried again from the keyframe before; failing
+    that, the first frame after it stands in, and the caller reports that frame's own index.
+    """
+    found: dict[int, Decoded] = {}
+    with open_input(path) as container:
+        stream = container.streams.video[index.stream_index]
+        context = stream.codec_context
+        # Frame threads hold frames back to fill their pipeline: no use when each seek decodes one.
+        context.thread_type = "SLICE" if keyframes_only else "AUTO"
+        context.thread_count = threads
+        if keyframes_only:
+            context.skip_frame = "NONKEY"
+        skip_nonref = not keyframes_only and context.name in _SKIPS_NONREF_PER_PACKET
+        try:
+            for segment in segments:
+                pending = list(segment.targets)
+                start = segment.start
+                while pending:
+                    missed = _decode_from(container, stream, index, start, pending, found, skip_nonref)
+                    if not missed:
+                        break
+                    earlier = bisect.bisect_left(index.keyframe_pts, start) - 1
+                    if earlier >= 0:
+                        start, pending = index.keyframe_pts[earlier], missed
+                        continue
+                    found.update(_substitutes(container, stream, index, missed))
                     break
-            else:
-                raise InvalidMedia(f"the video ended before its frame at pts {target}")
-    except av.FFmpegError as exc:
-        raise InvalidMedia(f"the video cannot be decoded: {exc}") from None
-    finally:
-        container.close()
-    return [
-        SampledFrame(index=p, time=round(index.seconds(p), 6), image=found[index.pts[p]]) for p in positions
-    ]
+        except av.FFmpegError as exc:
+            if exc.errno == errno.ENOMEM:
+                raise InvalidMedia("the video needs more memory to decode than the limit allows") from None
+            raise InvalidMedia(f"the video cannot be decoded: {exc}") from None
+        except MemoryError:
+            raise InvalidMedia("the video needs more memory to decode than the limit allows") from None
+    return found
 
 
-def _keyframe_between(keyframes: list[int], after: int, upto: int) -> bool:
-    """Whether a keyframe lies in (after, upto]: then seeking skips at least one whole GOP."""
-    position = bisect.bisect_right(keyframes, after)
-    return position < len(keyframes) and keyframes[position] <= upto
+def _decode_from(
+    container: av.container.InputContainer,
+    stream: av.video.stream.VideoStream,
+    index: StreamIndex,
+    start: int,
+    targets: list[int],
+    found: dict[int, Decoded],
+    skip_nonref: bool,
+) -> list[int]:
+    """Seek to the keyframe at ``start`` and decode on through ``targets``; return those missed."""
+    context = stream.codec_context
+    wanted = set(targets)
+    remaining = sorted(targets)
+    last = remaining[-1]
+    missed: list[int] = []
+    # Lands on a keyframe at or before ``start``; seek() also flushes the decoder.
+    container.seek(start, stream=stream, backward=True, any_frame=False)
+    for packet in container.demux(stream):
+        sent = packet.pts if packet.pts is not None else packet.dts
+        if skip_nonref:
+            context.skip_frame = "DEFAULT" if sent in wanted or sent is None else "NONREF"
+        frames = context.decode(packet)
+        if sent == last:
+            # All the last target depends on is in: drain the decoder rather than feed it frames
+            # it would hold back for reordering (or, skipping to keyframes, wait a whole GOP for).
+            frames += context.decode(None)
+        for frame in frames:
+            stamp = frame.pts if frame.pts is not None else frame.dts
+            if stamp is None:
+                continue
+            while remaining and remaining[0] < stamp:
+                missed.append(remaining.pop(0))
+            if remaining and remaining[0] == stamp:
+                found[remaining.pop(0)] = Decoded(stamp, to_rgb(frame))
+        if not remaining or sent == last:
+            break
+    if skip_nonref:
+        context.skip_frame = "DEFAULT"
+    return missed + remaining
 
 
-def sample_frames(path: Path, sampling: Sampling) -> list[SampledFrame]:
+def _substitutes(
+    container: av.container.InputContainer, stream: av.video.stream.VideoStream, index: StreamIndex, targets: list[int]
+) -> dict[int, Decoded]:
+    """From the very start, the first decodable frame at or after each target."""
+    result: dict[int, Decoded] = {}
+    remaining = sorted(targets)
+    stream.codec_context.skip_frame = "DEFAULT"
+    container.seek(index.keyframe_pts[0], stream=stream, backward=True, any_frame=False)
+    for frame in container.decode(stream):
+        stamp = frame.pts if frame.pts is not None else frame.dts
+        if stamp is None:
+            continue
+        if remaining and stamp >= remaining[0]:
+            decoded = Decoded(stamp, to_rgb(frame))
+            while remaining and stamp >= remaining[0]:
+                result[remaining.pop(0)] = decoded
+        if not remaining:
+            break
+    if remaining:
+        at = index.seconds(index.position_of(remaining[0]))
+        raise InvalidMedia(f"the video's frames from {at:.3f} s on cannot be decoded")
+    return result
+
+
+def to_rgb(frame: av.VideoFrame) -> np.ndarray:
+    """The frame as upright RGB: a phone's display rotation is applied, as players do."""
+    rgb = frame.to_ndarray(format="rgb24")
+    turns = _ROTATIONS.get(round(frame.rotation), 0)
+    if turns:
+        rgb = np.ascontiguousarray(np.rot90(rgb, k=turns))
+    return rgb
+
+
+def sample_frames(path: Path, sampling: Sampling, *, threads: int = 0) -> list[SampledFrame]:
+    """Index, choose and decode in this process (``worker.decode_process`` sandboxes the same steps)."""
     index = index_stream(path)
-    return decode_positions(path, index, choose_positions(index, sampling))
+    return decode_positions(path, index, choose_positions(index, sampling), fast=sampling.fast, threads=threads)
+
+
+def decode_positions(
+    path: Path, index: StreamIndex, positions: Iterable[int], *, fast: bool = False, threads: int = 0
+) -> list[SampledFrame]:
+    """Decode the frames at ``positions`` (ascending) and wrap them with index and time."""
+    positions = list(positions)
+    if fast:
+        pairs = nearest_keyframes(index, positions)
+        segments = [Segment(index.pts[k], (index.pts[k],)) for k, _ in pairs]
+        images = decode_segments(path, index, segments, threads=threads, keyframes_only=True)
+        return [sampled_frame(index, images[index.pts[k]], target=t) for k, t in pairs]
+    targets = [index.pts[p] for p in positions]
+    images = decode_segments(path, index, plan_segments(index, targets), threads=threads)
+    return [sampled_frame(index, images[pts]) for pts in targets]
+
+
+def sampled_frame(index: StreamIndex, decoded: Decoded, target: int | None = None) -> SampledFrame:
+    # The frame's own pts: a stand-in for an undecodable target reports where it really is.
+    position = index.position_of(decoded.pts)
+    time = round(index.seconds(position), 6)
+    offset = None if target is None else round(time - index.seconds(target), 6)
+    return SampledFrame(index=position, time=time, array=decoded.array, offset=offset)

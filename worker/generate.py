@@ -1,4 +1,5 @@
-"""The GPU stage of a job: load its stored frames, generate, write the result once."""
+"""The GPU stage of jobs: load their stored frames, generate them as one batch, write each result
+once, as soon as that job's answer is complete."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ from typing import Any
 
 from common.errors import TransientError, VideoQAError
 from common.jobs import Job, JobStatus, JobStore
+from common.logging_config import job_context
 from common.schemas import StoredRequest
 from common.storage import ObjectStore
+from worker.batching import BatchItem, Outcome, describe, run_batch
 from worker.geometry import decode_png
-from worker.inference import LoadedModel, Prompt, generate, render_prompt
+from worker.inference import Completion, LoadedModel, Prompt, render_prompt
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +25,17 @@ class GenerateContext:
     jobs: JobStore
     store: ObjectStore
     model: LoadedModel
+    # Generation of a batch stops (jobs fail with ``timeout``) this many seconds after it starts.
+    time_limit_s: float | None = None
+    max_attempts: int = 3
+
+
+@dataclass
+class _Prepared:
+    job: Job
+    prompt: Prompt
+    sampled: list[dict[str, Any]]
+    load_seconds: float
 
 
 def _load_prompt(job: Job, ctx: GenerateContext) -> tuple[Prompt, list[dict[str, Any]]]:
@@ -53,37 +67,102 @@ def _timings(job: Job, now: float, extra: dict[str, float]) -> dict[str, float]:
     return timings
 
 
-def generate_job(job_id: str, ctx: GenerateContext) -> None:
+def _prepare(job_id: str, ctx: GenerateContext) -> _Prepared | None:
+    """Move the job to ``generating`` and load its prompt; None when there is nothing to generate
+    (unknown, cancelled, ended, or failed here). Transient storage errors propagate."""
     jobs = ctx.jobs
     job = jobs.get(job_id)
     if job is None:
         log.warning("generate: job %s does not exist (expired?); dropped", job_id)
-        return
+        return None
     if not jobs.transition(job_id, JobStatus.GENERATING, allowed_from={JobStatus.QUEUED_GPU, JobStatus.GENERATING}):
         log.info("generate: job %s is %s; nothing to do", job_id, job.status)
-        return
-    jobs.add_attempt(job_id)
+        return None
+    if not jobs.begin_attempt(job_id, ctx.max_attempts):
+        log.warning("generate: job %s failed as poison", job_id)
+        return None
     if "end" not in job.stages.get("queue_gpu", {}):
         jobs.mark(job_id, "queue_gpu", "end")
+    started = time.perf_counter()
     try:
-        started = time.perf_counter()
         prompt, sampled = _load_prompt(job, ctx)
-        load_seconds = time.perf_counter() - started
-        jobs.mark(job_id, "generate", "start")
-        completion = generate(ctx.model, [prompt])[0]
-        jobs.mark(job_id, "generate", "end")
     except TransientError:
+        jobs.note_retry(job_id)
         raise
     except VideoQAError as exc:
         jobs.fail(job_id, exc.code, exc.message)
-        return
-    job = jobs.get(job_id) or job
+        return None
+    except Exception:
+        # One unreadable job must not take the rest of its batch down with it.
+        log.exception("generate: job %s could not be prepared", job_id)
+        jobs.fail(job_id, "internal", "internal error while preparing the job")
+        return None
+    return _Prepared(job=job, prompt=prompt, sampled=sampled, load_seconds=time.perf_counter() - started)
+
+
+def _publish(prepared: _Prepared, completion: Completion, ctx: GenerateContext, batch_size: int) -> None:
+    jobs = ctx.jobs
+    job_id = prepared.job.id
+    jobs.mark(job_id, "generate", "end")
+    job = jobs.get(job_id) or prepared.job
     result = {
         "answer": completion.text,
         "model": ctx.model.model_id,
-        "frames": sampled,
+        "frames": prepared.sampled,
         "usage": {"prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens},
-        "timings": _timings(job, time.time(), {"load_frames": load_seconds}),
+        "timings": _timings(job, time.time(), {"load_frames": prepared.load_seconds}),
+        "batch_size": batch_size,
     }
     if not jobs.succeed(job_id, result):
         log.info("generate: job %s ended otherwise while generating (cancelled?)", job_id)
+
+
+def _cancelled_among(jobs: JobStore, job_ids: list[str]) -> set[str]:
+    return {job_id for job_id in job_ids if jobs.is_cancelled(job_id)}
+
+
+def generate_jobs(job_ids: list[str], ctx: GenerateContext) -> dict[str, TransientError]:
+    """Run the GPU stage of several jobs as one batch.
+
+    Each job reaches one terminal state, written once, as soon as its own answer is complete; a
+    job cancelled meanwhile stops generating within about 100 ms plus one step. Returns the jobs
+    that met a transient error (storage unreachable) and should be tried again later; they stay
+    ``generating``, which a retry accepts.
+    """
+    jobs = ctx.jobs
+    retry: dict[str, TransientError] = {}
+    prepared: dict[str, _Prepared] = {}
+    for job_id in dict.fromkeys(job_ids):
+        try:
+            with job_context(job_id):  # lines about a batch's other jobs carry their own id
+                ready = _prepare(job_id, ctx)
+        except TransientError as exc:
+            retry[job_id] = exc
+            continue
+        if ready is not None:
+            prepared[job_id] = ready
+    if not prepared:
+        return retry
+    started = time.time()
+    for job_id in prepared:
+        jobs.mark(job_id, "generate", "start", at=started)
+    size = len(prepared)
+
+    def settle(outcome: Outcome) -> None:
+        with job_context(outcome.key):
+            if outcome.completion is not None:
+                _publish(prepared[outcome.key], outcome.completion, ctx, size)
+                return
+            jobs.mark(outcome.key, "generate", "end")
+            if outcome.error is not None:
+                jobs.fail(outcome.key, outcome.error.code, outcome.error.message)
+
+    outcomes = run_batch(
+        ctx.model,
+        [BatchItem(job_id, ready.prompt) for job_id, ready in prepared.items()],
+        on_outcome=settle,
+        cancelled=lambda job_ids: _cancelled_among(jobs, job_ids),
+        deadline=started + ctx.time_limit_s if ctx.time_limit_s else None,
+    )
+    log.info("generated a batch of %d in %.2f s: %s", size, time.time() - started, describe(outcomes.values()))
+    return retry

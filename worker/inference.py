@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from PIL import Image
 
@@ -30,6 +31,7 @@ class LoadedModel:
     device: str
     dtype: str
     attn_implementation: str
+    revision: str | None = None
 
     @property
     def eos_token_ids(self) -> set[int]:
@@ -80,8 +82,35 @@ def resolve_attention(setting: str, device: str) -> str:
     return "sdpa"
 
 
+class ModelLoadError(RuntimeError):
+    """The model cannot be loaded on this worker; retrying each job would fail the same way."""
+
+
 def load_model(settings: Settings) -> LoadedModel:
-    """Load model and processor from a hub id or a local folder (fp16 on CUDA, fp32 on CPU)."""
+    """Load model and processor from a hub id or a local folder (fp16 on CUDA, fp32 on CPU).
+
+    Raises ``ModelLoadError`` with a message for an operator: no such model, weights not cached
+    while offline, not enough memory, an attention implementation that is not installed.
+    """
+    import torch
+
+    try:
+        return _load_model(settings)
+    except torch.OutOfMemoryError as exc:
+        free, total = torch.cuda.mem_get_info() if torch.cuda.is_available() else (0, 0)
+        raise ModelLoadError(
+            f"cannot load {settings.model}: out of GPU memory ({free / 2**30:.1f} of {total / 2**30:.1f} GiB free"
+            " after the attempt); is another process using this GPU?"
+        ) from exc
+    except (OSError, ValueError, ImportError, RuntimeError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        hint = ""
+        if os.environ.get("HF_HUB_OFFLINE") and isinstance(exc, OSError):
+            hint = " (HF_HUB_OFFLINE is set: the weights must already be in the cache under HF_HOME)"
+        raise ModelLoadError(f"cannot load {settings.model}: {first_line}{hint}") from exc
+
+
+def _load_model(settings: Settings) -> LoadedModel:
     import torch
     from transformers import LlavaForConditionalGeneration, LlavaProcessor
     from transformers.utils import logging as hf_logging
@@ -103,6 +132,7 @@ def load_model(settings: Settings) -> LoadedModel:
         device=device,
         dtype=str(dtype).removeprefix("torch."),
         attn_implementation=attn,
+        revision=getattr(model.config, "_commit_hash", None),
     )
 
 
@@ -148,8 +178,17 @@ def render_prompt(
     return Prompt(text=text, images=ordered, generation=request.generation)
 
 
-def _sampling_key(generation: Generation) -> tuple[Any, ...]:
+def sampling_key(generation: Generation) -> tuple[Any, ...]:
+    """Prompts that share this key can be generated in one call."""
     return (generation.do_sample, generation.temperature, generation.top_p)
+
+
+class GenerationWatch(Protocol):
+    """A stopping criterion that follows one ``generate`` call row by row (see worker.batching)."""
+
+    def bind(self, prompt_length: int, prompt_tokens: list[int]) -> None: ...
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any: ...
 
 
 def generate(loaded: LoadedModel, prompts: list[Prompt]) -> list[Completion]:
@@ -159,15 +198,35 @@ def generate(loaded: LoadedModel, prompts: list[Prompt]) -> list[Completion]:
     """
     groups: dict[tuple[Any, ...], list[int]] = defaultdict(list)
     for position, prompt in enumerate(prompts):
-        groups[_sampling_key(prompt.generation)].append(position)
+        groups[sampling_key(prompt.generation)].append(position)
     results: list[Completion | None] = [None] * len(prompts)
     for positions in groups.values():
-        for position, completion in zip(positions, _generate_group(loaded, [prompts[p] for p in positions])):
+        for position, completion in zip(positions, generate_group(loaded, [prompts[p] for p in positions])):
             results[position] = completion
     return [completion for completion in results if completion is not None]
 
 
-def _generate_group(loaded: LoadedModel, prompts: list[Prompt]) -> list[Completion]:
+def completion_from_tokens(
+    loaded: LoadedModel, new_tokens: list[int], max_new_tokens: int, prompt_tokens: int
+) -> Completion:
+    """One row's answer: its new tokens cut at its own ``max_new_tokens`` and after its first eos
+    (later positions of a finished row hold padding)."""
+    tokens = new_tokens[:max_new_tokens]
+    eos = loaded.eos_token_ids
+    for cut, token in enumerate(tokens):
+        if token in eos:
+            tokens = tokens[: cut + 1]
+            break
+    return Completion(
+        token_ids=tokens,
+        text=loaded.processor.tokenizer.decode(tokens, skip_special_tokens=True),
+        prompt_tokens=prompt_tokens,
+    )
+
+
+def generate_group(loaded: LoadedModel, prompts: list[Prompt], *, watch: GenerationWatch | None = None) -> list[Completion]:
+    """One ``model.generate`` call for prompts that share their sampling settings (left padding,
+    the attention mask and the pad token keep each row's greedy tokens equal to its own)."""
     import torch
 
     processor = loaded.processor
@@ -187,22 +246,47 @@ def _generate_group(loaded: LoadedModel, prompts: list[Prompt]) -> list[Completi
     }
     if generation.do_sample:
         kwargs.update(temperature=generation.temperature or 1.0, top_p=generation.top_p or 1.0)
+    prompt_length = inputs["input_ids"].shape[1]
+    prompt_tokens = [int(count) for count in inputs["attention_mask"].sum(dim=1).tolist()]
+    if watch is not None:
+        from transformers import StoppingCriteriaList
+
+        watch.bind(prompt_length, prompt_tokens)
+        kwargs["stopping_criteria"] = StoppingCriteriaList([watch])
     with torch.inference_mode():
         output = loaded.model.generate(**inputs, **kwargs)
-    prompt_length = inputs["input_ids"].shape[1]
-    eos = loaded.eos_token_ids
-    completions = []
-    for row, prompt in enumerate(prompts):
-        new_tokens = output[row, prompt_length:].tolist()[: prompt.generation.max_new_tokens]
-        for cut, token in enumerate(new_tokens):
-            if token in eos:
-                new_tokens = new_tokens[: cut + 1]
-                break
-        completions.append(
-            Completion(
-                token_ids=new_tokens,
-                text=processor.tokenizer.decode(new_tokens, skip_special_tokens=True),
-                prompt_tokens=int(inputs["attention_mask"][row].sum()),
-            )
-        )
-    return completions
+    rows = output[:, prompt_length:].tolist()
+    return [
+        completion_from_tokens(loaded, rows[row], prompt.generation.max_new_tokens, prompt_tokens[row])
+        for row, prompt in enumerate(prompts)
+    ]
+
+
+def warm_up(loaded: LoadedModel) -> Completion:
+    """One short generation on a blank frame: the first call pays for kernel selection and
+    allocator growth, so the first job does not."""
+    size = loaded.processor.image_processor.size
+    height, width = (size["height"], size["width"]) if isinstance(size, dict) else (size.height, size.width)
+    frame = Image.new("RGB", (int(width), int(height)))
+    text = loaded.processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    return generate_group(loaded, [Prompt(text=text, images=[frame], generation=Generation(max_new_tokens=2))])
+
+
+def memory_info(loaded: LoadedModel) -> tuple[int, int]:
+    """Free and total bytes of the memory the model lives in (GPU memory, or RAM on CPU)."""
+    if loaded.device.startswith("cuda"):
+        import torch
+
+        free, total = torch.cuda.mem_get_info()
+        return int(free), int(total)
+    try:
+        with open("/proc/meminfo") as handle:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in handle}
+        return info["MemAvailable"], info["MemTotal"]
+    except (OSError, KeyError, ValueError, IndexError):
+        page = os.sysconf("SC_PAGE_SIZE")
+        return os.sysconf("SC_AVPHYS_PAGES") * page, os.sysconf("SC_PHYS_PAGES") * page

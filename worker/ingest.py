@@ -15,11 +15,11 @@ from typing import Any
 
 from common.errors import TransientError, VideoQAError
 from common.jobs import JobStatus, JobStore
-from common.schemas import Sampling, StoredRequest
+from common.schemas import MediaSource, Sampling, StoredRequest
 from common.settings import Settings
 from common.storage import ObjectStore
-from worker.fetch import fetch_media
-from worker.frames import sample_frames
+from worker.decode_process import DecodeLimits, sample_video
+from worker.fetch import fetch_if_changed, fetch_media, known_version, remember_version
 from worker.geometry import FrameGeometry, encode_png, open_still_image
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ class IngestContext:
     enqueue_generate: Callable[[str], None]
 
 
-class _Timer:
+class StageTimer:
     """Adds up seconds per stage over all the media of one job."""
 
     def __init__(self) -> None:
@@ -52,30 +52,69 @@ def frames_prefix(video_sha256: str, sampling: Sampling, geometry: FrameGeometry
     return f"frames/{video_sha256}/{hashlib.sha256(params.encode()).hexdigest()[:16]}"
 
 
-def _ingest_video(
-    path: Path, sha256: str, request: StoredRequest, geometry: FrameGeometry, store: ObjectStore, timer: _Timer
+def ingest_video(
+    source: MediaSource,
+    target: Path,
+    sampling: Sampling,
+    geometry: FrameGeometry,
+    settings: Settings,
+    store: ObjectStore,
+    timer: StageTimer,
 ) -> list[dict[str, Any]]:
-    prefix = frames_prefix(sha256, request.sampling, geometry)
-    manifest_key = f"{prefix}/manifest.json"
-    if store.exists(manifest_key):
-        return json.loads(store.get_bytes(manifest_key))
+    """Fetch, sample and store one video; its manifest entries ``{index, time, key}``.
+
+    Frames already stored for the same bytes and parameters are reused: the video is not decoded
+    again, and an http(s) URL whose ETag is unchanged is not even downloaded again.
+    """
     started = time.perf_counter()
-    frames = sample_frames(path, request.sampling)
-    resized = [geometry.resize(frame.image) for frame in frames]
-    timer.add("decode", started)
+    fetched = None
+    known = known_version(source, store)
+    if known is not None and store.exists(_manifest_key(known.sha256, sampling, geometry)):
+        fetched = fetch_if_changed(source, target, known, settings=settings, store=store)
+        if fetched is None:
+            timer.add("download", started)
+            return _stored_manifest(known.sha256, sampling, geometry, store)
+    if fetched is None:
+        fetched = fetch_media(source, target, settings=settings, store=store)
+    timer.add("download", started)
+    remember_version(source, fetched, store)
+    try:
+        if store.exists(_manifest_key(fetched.sha256, sampling, geometry)):
+            return _stored_manifest(fetched.sha256, sampling, geometry, store)
+        started = time.perf_counter()
+        sample = sample_video(fetched.path, sampling, DecodeLimits.from_settings(settings), geometry=geometry)
+        timer.add("decode", started)
+    finally:
+        fetched.path.unlink(missing_ok=True)
     started = time.perf_counter()
+    prefix = frames_prefix(fetched.sha256, sampling, geometry)
     entries = []
-    for position, (frame, image) in enumerate(zip(frames, resized, strict=True)):
+    for position, frame in enumerate(sample.frames):
         key = f"{prefix}/{position:04d}.png"
-        store.put_bytes(key, encode_png(image), content_type="image/png")
-        entries.append({"index": frame.index, "time": frame.time, "key": key})
+        store.put_bytes(key, encode_png(frame.image), content_type="image/png")
+        entry: dict[str, Any] = {"index": frame.index, "time": frame.time, "key": key}
+        if frame.offset is not None:
+            entry["offset"] = frame.offset
+        entries.append(entry)
     # Written last: its presence means every frame is stored.
-    store.put_bytes(manifest_key, json.dumps(entries).encode(), content_type="application/json")
+    store.put_bytes(
+        _manifest_key(fetched.sha256, sampling, geometry), json.dumps(entries).encode(), content_type="application/json"
+    )
     timer.add("store_frames", started)
     return entries
 
 
-def _ingest_image(path: Path, sha256: str, geometry: FrameGeometry, store: ObjectStore, timer: _Timer) -> str:
+def _manifest_key(sha256: str, sampling: Sampling, geometry: FrameGeometry) -> str:
+    return f"{frames_prefix(sha256, sampling, geometry)}/manifest.json"
+
+
+def _stored_manifest(
+    sha256: str, sampling: Sampling, geometry: FrameGeometry, store: ObjectStore
+) -> list[dict[str, Any]]:
+    return json.loads(store.get_bytes(_manifest_key(sha256, sampling, geometry)))
+
+
+def _ingest_image(path: Path, sha256: str, geometry: FrameGeometry, store: ObjectStore, timer: StageTimer) -> str:
     key = f"images/{sha256}/{geometry.key()}.png"
     if not store.exists(key):
         started = time.perf_counter()
@@ -96,10 +135,12 @@ def ingest_job(job_id: str, ctx: IngestContext) -> None:
     if not jobs.transition(job_id, JobStatus.INGESTING, allowed_from={JobStatus.QUEUED, JobStatus.INGESTING}):
         log.info("ingest: job %s is %s; nothing to do", job_id, job.status)
         return
-    jobs.add_attempt(job_id)
+    if not jobs.begin_attempt(job_id, ctx.settings.max_attempts):
+        log.warning("ingest: job %s failed as poison", job_id)
+        return
     jobs.mark(job_id, "ingest", "start")
     request = StoredRequest.model_validate(job.request)
-    timer = _Timer()
+    timer = StageTimer()
     try:
         geometry = ctx.geometry()
         media: list[dict[str, Any]] = []
@@ -108,17 +149,21 @@ def ingest_job(job_id: str, ctx: IngestContext) -> None:
                 for position, source in enumerate(sources):
                     if jobs.is_cancelled(job_id):
                         return
-                    started = time.perf_counter()
-                    fetched = fetch_media(source, Path(tmp) / f"{kind}-{position}", settings=ctx.settings, store=ctx.store)
-                    timer.add("download", started)
+                    target = Path(tmp) / f"{kind}-{position}"
                     if kind == "video":
-                        frames = _ingest_video(fetched.path, fetched.sha256, request, geometry, ctx.store, timer)
+                        frames = ingest_video(
+                            source, target, request.sampling, geometry, ctx.settings, ctx.store, timer
+                        )
                         media.append({"kind": kind, "position": position, "frames": frames})
-                    else:
-                        key = _ingest_image(fetched.path, fetched.sha256, geometry, ctx.store, timer)
-                        media.append({"kind": kind, "position": position, "key": key})
+                        continue
+                    started = time.perf_counter()
+                    fetched = fetch_media(source, target, settings=ctx.settings, store=ctx.store)
+                    timer.add("download", started)
+                    key = _ingest_image(fetched.path, fetched.sha256, geometry, ctx.store, timer)
+                    media.append({"kind": kind, "position": position, "key": key})
                     fetched.path.unlink(missing_ok=True)
     except TransientError:
+        jobs.note_retry(job_id)
         raise
     except VideoQAError as exc:
         log.info("ingest: job %s failed: %s %s", job_id, exc.code, exc.message)
@@ -133,6 +178,7 @@ def ingest_job(job_id: str, ctx: IngestContext) -> None:
         media=media,
         ingest_timings=timer.seconds,
         attempts="0",
+        retries="0",
     )
     if moved:
         jobs.mark(job_id, "queue_gpu", "start")

@@ -1,4 +1,5 @@
-"""What a worker process holds: settings, clients, and on GPU workers the loaded model.
+"""What a worker process holds: settings, clients, and on GPU workers the loaded model, its batch
+size and the queue it claims batches from.
 
 Clients are created lazily, in the process that uses them: prefork children must not inherit
 sockets opened by their parent.
@@ -7,15 +8,19 @@ sockets opened by their parent.
 from __future__ import annotations
 
 import logging
+import time
 from functools import cached_property
 
+import redis
 from celery import Celery
 
 from common.celery_config import GENERATE_TASK
 from common.connections import redis_client
 from common.jobs import JobStore
+from common.readiness import WorkerReadiness
 from common.settings import Settings
 from common.storage import ObjectStore, open_store
+from worker.batch_queue import GpuQueue
 from worker.generate import GenerateContext
 from worker.geometry import FrameGeometry, load_geometry
 from worker.inference import LoadedModel, load_model
@@ -29,6 +34,9 @@ class WorkerRuntime:
         self.settings = settings
         self.celery = celery
         self.model: LoadedModel | None = None
+        self.hostname = ""
+        self.batch_size = 1
+        self.ready_since = 0.0
 
     @cached_property
     def jobs(self) -> JobStore:
@@ -42,10 +50,45 @@ class WorkerRuntime:
     def geometry(self) -> FrameGeometry:
         return load_geometry(self.settings.model)
 
+    @cached_property
+    def readiness_client(self) -> redis.Redis:
+        return redis_client(self.settings)
+
+    @cached_property
+    def gpu_queue(self) -> GpuQueue:
+        return GpuQueue(
+            self.celery,
+            hostname=self.hostname,
+            max_retries=self.settings.ingest_max_retries,
+            backoff_s=self.settings.retry_backoff_s,
+        )
+
     def load_model(self) -> LoadedModel:
         if self.model is None:
             self.model = load_model(self.settings)
         return self.model
+
+    def prepare_gpu(self, hostname: str) -> None:
+        """Load the model, run one warm-up generation and size the batch (before any job).
+        Raises ``worker.inference.ModelLoadError``."""
+        from worker.batching import default_batch_size
+        from worker.inference import ModelLoadError, warm_up
+
+        self.hostname = hostname
+        loaded = self.load_model()
+        started = time.perf_counter()
+        try:
+            warm_up(loaded)
+        except Exception as exc:  # a model that loads but cannot generate is no more usable
+            raise ModelLoadError(f"warm-up generation with {loaded.model_id} failed: {exc}") from exc
+        log.info("warm-up generation took %.2f s", time.perf_counter() - started)
+        self.batch_size = self.settings.batch_size or default_batch_size(loaded)
+        self.ready_since = time.time()
+
+    def describe_readiness(self) -> WorkerReadiness:
+        from worker.gpu_lifecycle import describe
+
+        return describe(self, self.hostname, self.ready_since)
 
     def ingest_context(self) -> IngestContext:
         return IngestContext(
@@ -57,4 +100,11 @@ class WorkerRuntime:
         )
 
     def generate_context(self) -> GenerateContext:
-        return GenerateContext(jobs=self.jobs, store=self.store, model=self.load_model())
+        # The solo pool enforces no task time limit: generation ends itself at the same limit.
+        return GenerateContext(
+            jobs=self.jobs,
+            store=self.store,
+            model=self.load_model(),
+            time_limit_s=self.settings.task_time_limit_s,
+            max_attempts=self.settings.max_attempts,
+        )

@@ -22,7 +22,7 @@ _CHUNK = 1 << 20
 _REDIRECTS = {301, 302, 303, 307, 308}
 
 
-def _open(target: Target, connect_s: float, read_s: float) -> urllib3.BaseHTTPResponse:
+def _open(target: Target, connect_s: float, read_s: float, extra_headers: dict[str, str]) -> urllib3.BaseHTTPResponse:
     timeout = urllib3.Timeout(connect=connect_s, read=read_s)
     address = str(target.address)
     pool: urllib3.HTTPConnectionPool
@@ -41,7 +41,7 @@ def _open(target: Target, connect_s: float, read_s: float) -> urllib3.BaseHTTPRe
     host_header = target.host if target.port == default_port else f"{target.host}:{target.port}"
     return pool.urlopen(
         "GET", path,
-        headers={"Host": host_header, "User-Agent": "videoqa", "Accept-Encoding": "identity"},
+        headers={"Host": host_header, "User-Agent": "videoqa", "Accept-Encoding": "identity", **extra_headers},
         redirect=False, retries=False, preload_content=False,
     )  # fmt: skip
 
@@ -56,13 +56,19 @@ def download(
     read_timeout_s: float,
     deadline_s: float,
     max_redirects: int = 3,
-) -> dict[str, str]:
-    """Stream ``url`` into ``target_path``; returns the final response's headers."""
+    if_none_match: str | None = None,
+) -> dict[str, str] | None:
+    """Stream ``url`` into ``target_path``; returns the final response's headers.
+
+    With ``if_none_match`` (an ETag seen before), a ``304 Not Modified`` answer writes nothing and
+    returns None: the caller still has what that ETag names.
+    """
     deadline = time.monotonic() + deadline_s
+    extra_headers = {"If-None-Match": if_none_match} if if_none_match else {}
     for _hop in range(max_redirects + 1):
         target = policy.check(url)
         try:
-            response = _open(target, connect_timeout_s, read_timeout_s)
+            response = _open(target, connect_timeout_s, read_timeout_s, extra_headers)
         except urllib3.exceptions.HTTPError as exc:
             raise TransientError(f"could not connect to {target.host}: {exc.__class__.__name__}") from None
         try:
@@ -72,6 +78,8 @@ def download(
                     raise FetchFailed(f"{url} redirects without a Location")
                 url = urljoin(url, location)
                 continue
+            if response.status == 304 and if_none_match:
+                return None
             if response.status >= 500 or response.status == 429:
                 raise TransientError(f"{url} answered HTTP {response.status}")
             if response.status >= 400:

@@ -11,6 +11,7 @@ two consecutive frames differ and tests can recover the index from pixels with
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from fractions import Fraction
 from os import PathLike
 from pathlib import Path
@@ -23,6 +24,10 @@ __all__ = ["INDEX_BITS", "read_frame_index", "write_cat_video", "write_sample_vi
 
 # Enough for ~18 minutes at 60 fps; each block stays >= 4 px wide down to 64 px.
 INDEX_BITS = 16
+
+_AUDIO_RATE = 16000
+_MOV_FORMATS = ("mp4", "mov", "m4v")
+_MUXERS = {"mkv": "matroska", "m4v": "mp4"}
 
 # (sky, ground, body, ear-inside, eye) per variant; variant 1 is deliberately
 # a different palette so the two sample files are easy to tell apart.
@@ -104,10 +109,11 @@ def read_frame_index(rgb: np.ndarray) -> int:
                if luma[int((bit + 0.5) * cell)] > 127)
 
 
-def _encoder_options(codec: str, gop: int | None, bframes: int | None) -> dict[str, str]:
+def _encoder_options(codec: str, gop: int | None, bframes: int | None, *, open_gop: bool = False,
+                     preset: str | None = None, threads: int = 1) -> dict[str, str]:
     # A fixed thread count keeps the bitstream identical across machines with
     # different core counts; these clips are tiny so parallelism buys little.
-    opts = {"threads": "1"}
+    opts = {"threads": str(threads)}
     if gop is not None:
         opts["g"] = str(gop)
         # Without these, scene-cut detection and a shorter minimum interval
@@ -120,21 +126,63 @@ def _encoder_options(codec: str, gop: int | None, bframes: int | None) -> dict[s
         # MB-tree + B-frames made x264's output differ run to run (~5% of
         # encodes, apparently an uninitialised read in its asm); it only saves bits.
         params = ["mbtree=0"] + (["scenecut=0"] if gop is not None else [])
-        opts.update({"preset": "veryfast", "x264-params": ":".join(params)})
+        if bframes:
+            # Exactly ``bframes`` B-frames between references: left to itself x264
+            # drops them on some content (all of it at 1080p here).
+            params.append("b-adapt=0")
+        if open_gop:
+            # Keyframes after the first are recovery-point I-frames whose leading
+            # B-frames reference the previous GOP.
+            params.append("open-gop=1")
+        opts.update({"preset": preset or "veryfast", "x264-params": ":".join(params)})
     elif codec == "libx265":
         params = ["log-level=error"]
         if gop is not None:
-            params += [f"keyint={gop}", f"min-keyint={gop}", "scenecut=0", "open-gop=0"]
+            params += [f"keyint={gop}", f"min-keyint={gop}", "scenecut=0", f"open-gop={int(open_gop)}"]
         if bframes is not None:
             params.append(f"bframes={bframes}")
-        opts.update({"preset": "ultrafast", "x265-params": ":".join(params)})
+        opts.update({"preset": preset or "ultrafast", "x265-params": ":".join(params)})
     elif codec == "libvpx-vp9":
         # Not "realtime": that deadline adapts speed to wall-clock time, so the
         # output would depend on machine load.
         opts.update({"deadline": "good", "cpu-used": "5", "lag-in-frames": "0"})
         if gop is not None:
             opts["keyint_min"] = str(gop)  # maps to kf_min_dist
+    elif codec == "libsvtav1":
+        opts.update({"preset": preset or "12"})
+        if gop is not None:
+            opts["svtav1-params"] = f"keyint={gop}"
     return opts
+
+
+class _PipeSink:
+    """A write-only stream: muxers cannot seek back, as when writing to a pipe or socket."""
+
+    def __init__(self, path: Path) -> None:
+        self._handle = open(path, "wb")
+
+    def write(self, data: bytes) -> int:
+        return self._handle.write(data)
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+def _add_audio(container: av.container.OutputContainer, codec: str) -> av.AudioStream:
+    stream = container.add_stream(codec, rate=_AUDIO_RATE)
+    stream.layout = "mono"
+    return stream
+
+
+def _audio_frame(start: int, count: int) -> av.AudioFrame:
+    # A quiet 440 Hz tone; a real signal, so encoders emit real packets.
+    t = (np.arange(start, start + count) / _AUDIO_RATE).astype(np.float32)
+    samples = (0.1 * np.sin(2 * np.pi * 440 * t)).reshape(1, -1).astype(np.float32)
+    frame = av.AudioFrame.from_ndarray(samples, format="fltp", layout="mono")
+    frame.sample_rate = _AUDIO_RATE
+    frame.pts = start
+    frame.time_base = Fraction(1, _AUDIO_RATE)
+    return frame
 
 
 def write_cat_video(
@@ -149,48 +197,101 @@ def write_cat_video(
     gop: int | None = None,
     bframes: int | None = None,
     container_format: str | None = None,
+    frame_times: Sequence[float] | None = None,
+    rotation: int = 0,
+    open_gop: bool = False,
+    audio: bool = False,
+    fragmented: bool = False,
+    to_pipe: bool = False,
+    preset: str | None = None,
+    threads: int = 1,
 ) -> Path:
-    """Write a constant-frame-rate cartoon-cat clip and return its path.
+    """Write a cartoon-cat clip and return its path.
 
     Frame ``i`` has pts ``i`` in a ``1/fps`` time base.  ``gop`` fixes the
     keyframe interval exactly; ``bframes`` sets the maximum consecutive
     B-frames (``0`` disables them; VP9 has none).  ``None`` leaves the
     encoder's default, which for x264/x265 includes B-frames.
+
+    Real-world shapes: ``frame_times`` (seconds, increasing) makes a variable
+    frame rate clip in a millisecond time base; ``rotation`` stores each
+    upright ``width`` x ``height`` picture turned by ``-rotation`` degrees with a
+    display matrix that turns it back (``-90`` is a phone held upright);
+    ``open_gop`` lets leading B-frames reference the previous GOP; ``audio`` adds
+    a tone track; ``fragmented`` writes fragmented MP4; ``to_pipe`` writes
+    through a stream that cannot seek, so the container has no duration, frame
+    count or index.  ``preset`` and ``threads`` trade determinism for speed.
     """
     if variant not in (0, 1):
         raise ValueError(f"variant must be 0 or 1, got {variant}")
     if width % 2 or height % 2 or width < 64 or height < 64:
         raise ValueError("width and height must be even and >= 64 for yuv420p")
-    n_frames = round(seconds * fps)
+    if rotation % 90:
+        raise ValueError(f"rotation must be a multiple of 90, got {rotation}")
+    if frame_times is not None:
+        n_frames = len(frame_times)
+        time_base = Fraction(1, 1000)
+        stamps = [round(t * 1000) for t in frame_times]
+        if n_frames and (stamps[0] < 0 or any(b <= a for a, b in zip(stamps, stamps[1:]))):
+            raise ValueError("frame_times must be increasing, non-negative and at least 1 ms apart")
+    else:
+        n_frames = round(seconds * fps)
+        time_base = Fraction(1, fps)
+        stamps = list(range(n_frames))
     if n_frames < 1:
         raise ValueError("clip must contain at least one frame")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    time_base = Fraction(1, fps)
+    turns = (-rotation // 90) % 4
+    stored_width, stored_height = (height, width) if turns % 2 else (width, height)
+    format_name = (container_format or path.suffix.lstrip(".")).lower()
 
     # bitexact drops the random Matroska segment UID and the muxer version tag.
     container_options = {"fflags": "+bitexact"}
-    if (container_format or path.suffix.lstrip(".")).lower() in ("mp4", "mov", "m4v"):
+    if format_name in _MOV_FORMATS:
         # The mov muxer otherwise rescales to its own timescale (e.g. 1/15360);
-        # pinning it to fps keeps stored pts equal to frame indices.
+        # pinning it keeps stored pts equal to frame indices (or milliseconds).
         # (WebM/Matroska always stores milliseconds; pts there is round(i*1000/fps).)
-        container_options["video_track_timescale"] = str(fps)
-    with av.open(str(path), mode="w", format=container_format,
-                 container_options=container_options) as container:
-        stream = container.add_stream(codec, rate=fps,
-                                      options=_encoder_options(codec, gop, bframes))
-        stream.width, stream.height = width, height
-        stream.pix_fmt = "yuv420p"
-        stream.time_base = time_base
-        stream.codec_context.time_base = time_base
-        stream.codec_context.framerate = Fraction(fps, 1)
-        for index in range(n_frames):
-            rgb = _render_frame(index, n_frames, fps, width, height, variant)
-            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p")
-            frame.pts = index
-            frame.time_base = time_base
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))  # drain delayed (e.g. B-) frames
+        container_options["video_track_timescale"] = str(time_base.denominator)
+        if fragmented:
+            container_options["movflags"] = "frag_keyframe+empty_moov+default_base_moof"
+    sink = _PipeSink(path) if to_pipe else None
+    try:
+        # A stream has no file name to guess the format from.
+        muxer = container_format or (_MUXERS.get(format_name, format_name) if sink is not None else None)
+        with av.open(sink if sink is not None else str(path), mode="w", format=muxer,
+                     container_options=container_options) as container:
+            stream = container.add_stream(codec, rate=fps, options=_encoder_options(
+                codec, gop, bframes, open_gop=open_gop, preset=preset, threads=threads))
+            stream.width, stream.height = stored_width, stored_height
+            stream.pix_fmt = "yuv420p"
+            stream.time_base = time_base
+            stream.codec_context.time_base = time_base
+            stream.codec_context.framerate = Fraction(fps, 1)
+            if rotation:
+                stream.set_display_rotation(rotation)
+            sound = _add_audio(container, "aac" if format_name in _MOV_FORMATS else "libopus") if audio else None
+            sent = 0
+            for index, stamp in enumerate(stamps):
+                rgb = _render_frame(index, n_frames, fps, width, height, variant)
+                if turns:
+                    rgb = np.ascontiguousarray(np.rot90(rgb, k=turns))
+                frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p")
+                frame.pts = stamp
+                frame.time_base = time_base
+                container.mux(stream.encode(frame))
+                if sound is not None:
+                    # Keep the tone as long as the pictures, interleaved with them.
+                    until = round((stamp * time_base + Fraction(1, fps)) * _AUDIO_RATE)
+                    while sent + 960 <= until:
+                        container.mux(sound.encode(_audio_frame(sent, 960)))
+                        sent += 960
+            container.mux(stream.encode(None))  # drain delayed (e.g. B-) frames
+            if sound is not None:
+                container.mux(sound.encode(None))
+    finally:
+        if sink is not None:
+            sink.close()
     return path
 
 

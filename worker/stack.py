@@ -27,13 +27,14 @@ def api_command(host: str = "127.0.0.1", port: int = 8000, workers: int = 2) -> 
         "--bind", f"{host}:{port}",
         "--workers", str(workers),
         "--access-logfile", "-",
+        "--logger-class", "api.logs.JsonLogger",
         "api.app:create_app()",
     ]  # fmt: skip
 
 
 def cpu_worker_command(concurrency: int = 2, name: str = "cpu") -> list[str]:
     return [
-        sys.executable, "-m", "celery", "-A", "worker.cpu_app", "worker",
+        sys.executable, "-m", "celery", "--quiet", "-A", "worker.cpu_app", "worker",
         "--queues", "cpu",
         "--concurrency", str(concurrency),
         "--hostname", f"{name}@%h",
@@ -44,7 +45,7 @@ def cpu_worker_command(concurrency: int = 2, name: str = "cpu") -> list[str]:
 def gpu_worker_command(name: str = "gpu0") -> list[str]:
     # One process per GPU: a single task slot, the model loaded once in it.
     return [
-        sys.executable, "-m", "celery", "-A", "worker.gpu_app", "worker",
+        sys.executable, "-m", "celery", "--quiet", "-A", "worker.gpu_app", "worker",
         "--queues", "gpu",
         "--concurrency", "1",
         "--hostname", f"{name}@%h",
@@ -53,10 +54,18 @@ def gpu_worker_command(name: str = "gpu0") -> list[str]:
 
 
 def flower_command(port: int = 5555, address: str = "127.0.0.1") -> list[str]:
+    # Credentials travel in FLOWER_BASIC_AUTH (flower_env), never in argv where `ps` shows them.
     return [
         sys.executable, "-m", "celery", "-A", "worker.cpu_app", "flower",
         f"--port={port}", f"--address={address}",
     ]  # fmt: skip
+
+
+def flower_env(user: str, password: str) -> dict[str, str]:
+    """Flower reads any option from a ``FLOWER_``-prefixed variable; this one turns on basic auth."""
+    if not user or not password or ":" in user:
+        raise ValueError("Flower needs a user (without ':') and a password")
+    return {"FLOWER_BASIC_AUTH": f"{user}:{password}"}
 
 
 def free_port() -> int:

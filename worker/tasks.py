@@ -10,7 +10,7 @@ from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 
 from common.celery_config import GENERATE_TASK, INGEST_TASK
 from common.errors import TransientError, VideoQAError
-from worker.generate import generate_job
+from worker.batch_queue import generate_batch
 from worker.ingest import ingest_job
 from worker.runtime import WorkerRuntime
 
@@ -38,7 +38,7 @@ def register_tasks(app: Celery, runtime: WorkerRuntime) -> None:
 
     retry_policy = {
         "autoretry_for": (TransientError,),
-        "retry_backoff": 2,
+        "retry_backoff": runtime.settings.retry_backoff_s,
         "retry_backoff_max": 60,
         "retry_jitter": True,
         "max_retries": runtime.settings.ingest_max_retries,
@@ -48,6 +48,17 @@ def register_tasks(app: Celery, runtime: WorkerRuntime) -> None:
     def ingest(job_id: str) -> None:
         ingest_job(job_id, runtime.ingest_context())
 
+    def fail_job(job_id: str, exc: BaseException) -> None:
+        runtime.jobs.fail(job_id, *failure_of(exc))
+
     @app.task(name=GENERATE_TASK, base=JobTask, **retry_policy)
     def generate(job_id: str) -> None:
-        generate_job(job_id, runtime.generate_context())
+        # The delivered job leads a batch of up to batch_size queued jobs (worker.batch_queue).
+        generate_batch(
+            job_id,
+            gpu_queue=runtime.gpu_queue,
+            ctx=runtime.generate_context(),
+            batch_size=runtime.batch_size,
+            wait_s=runtime.settings.batch_wait_ms / 1000,
+            fail_job=fail_job,
+        )

@@ -1,0 +1,262 @@
+"""The OpenAPI 3.1 description of the API, built from the pydantic models that validate requests.
+
+Request bodies come from ``common.schemas`` (the JSON body is ``JobRequest`` itself; the multipart
+form is its fields flattened, as ``api.submission`` parses it). Responses are described by the view
+models below; the tests validate real responses against them, so they cannot drift from the routes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import models_json_schema
+
+from api.submission import GENERATION_FIELDS, SAMPLING_FIELDS
+from common.jobs import JobStatus
+from common.schemas import Generation, JobRequest, Sampling, StoredRequest
+
+REF = "#/components/schemas/{model}"
+
+
+class _View(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorDetail(_View):
+    field: str
+    message: str
+
+
+class ErrorInfo(_View):
+    code: str = Field(description="stable, documented error code")
+    message: str
+    details: list[ErrorDetail] | None = None
+
+
+class ErrorResponse(_View):
+    error: ErrorInfo
+
+
+class SampledFrame(_View):
+    video: int = Field(description="position of the video in the request")
+    index: int = Field(description="frame index in presentation order")
+    time: float = Field(description="timestamp in seconds")
+
+
+class Usage(_View):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class JobResult(_View):
+    answer: str
+    model: str
+    frames: list[SampledFrame]
+    usage: Usage
+    timings: dict[str, float] = Field(description="seconds per stage, in pipeline order, and the total")
+    batch_size: int | None = Field(default=None, description="jobs generated together with this one, itself included")
+
+
+class StageTimes(_View):
+    start: float | None = None
+    end: float | None = None
+    seconds: float | None = None
+
+
+class JobView(_View):
+    id: str
+    tenant: str
+    status: JobStatus
+    created_at: float
+    updated_at: float
+    attempts: int
+    request: StoredRequest
+    result: JobResult | None
+    error: ErrorInfo | None
+    stages: dict[str, StageTimes]
+    links: dict[str, str]
+
+
+class JobPage(_View):
+    jobs: list[JobView]
+    next_before: float | None = Field(description="pass as `before` for the next page; null on the last")
+
+
+class Health(_View):
+    status: Literal["ok"]
+
+
+class Readiness(_View):
+    status: Literal["ready", "not_ready"]
+    reasons: list[str] = Field(description="why the service is not ready; empty when it is")
+    checks: dict[str, Any] = Field(description="redis, storage and gpu_workers")
+
+
+def _multipart_schema() -> dict[str, Any]:
+    """The multipart form: files in ``videos``/``images``, the JSON body's options as flat fields."""
+    body = JobRequest.model_json_schema(ref_template=REF)["properties"]
+    sampling = Sampling.model_json_schema(ref_template=REF)["properties"]
+    generation = Generation.model_json_schema(ref_template=REF)["properties"]
+    files = {"type": "array", "items": {"type": "string", "contentMediaType": "application/octet-stream"}}
+    properties: dict[str, Any] = {
+        "question": body["question"],
+        "prompt": body["prompt"],
+        "videos": {**files, "description": "video files, repeatable"},
+        "images": {**files, "description": "image files, repeatable"},
+    }
+    properties.update({name: sampling[name] for name in SAMPLING_FIELDS})
+    properties.update({name: generation[name] for name in GENERATION_FIELDS})
+    return {"type": "object", "required": ["question"], "properties": properties, "additionalProperties": False}
+
+
+def _json(ref: str) -> dict[str, Any]:
+    return {"application/json": {"schema": {"$ref": REF.format(model=ref)}}}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"description": description, "content": _json("ErrorResponse")}
+
+
+JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
+# Either no credentials (authentication off) or a bearer API key.
+BEARER: list[dict[str, list[str]]] = [{}, {"bearerAuth": []}]
+
+
+def _operations() -> dict[str, dict[str, Any]]:
+    job = {"description": "the job", "content": _json("JobView")}
+    common_errors = {
+        "401": _error("missing or unknown API key (when keys are configured)"),
+        "503": _error("Redis or storage unavailable"),
+    }
+    return {
+        "/v1/jobs": {
+            "post": {
+                "operationId": "createJob",
+                "summary": "Submit a question about videos (JSON with URLs, or multipart with files)",
+                "security": BEARER,
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        **_json("JobRequest"),
+                        "multipart/form-data": {"schema": _multipart_schema()},
+                    },
+                },
+                "responses": {
+                    "202": {
+                        **job,
+                        "description": "accepted; poll the Location",
+                        "headers": {"Location": {"schema": {"type": "string"}, "description": "the job's URL"}},
+                    },
+                    "400": _error("invalid request; `details` names each bad field"),
+                    "413": _error("body over VIDEOQA_MAX_UPLOAD_BYTES"),
+                    "429": _error("rate limit, or too many active jobs for this key"),
+                    **common_errors,
+                },
+            },
+            "get": {
+                "operationId": "listJobs",
+                "summary": "Recent jobs, newest first",
+                "security": BEARER,
+                "parameters": [
+                    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}},
+                    {"name": "before", "in": "query", "schema": {"type": "number"}, "description": "`next_before` of the previous page"},
+                ],
+                "responses": {
+                    "200": {"description": "one page", "content": _json("JobPage")},
+                    "400": _error("bad limit or before"),
+                    **common_errors,
+                },
+            },
+        },
+        "/v1/jobs/{job_id}": {
+            "get": {
+                "operationId": "getJob",
+                "summary": "A job: status, stage times, result or error",
+                "security": BEARER,
+                "parameters": [JOB_ID],
+                "responses": {"200": job, "404": _error("unknown, expired, or another tenant's"), **common_errors},
+            },
+            "delete": {
+                "operationId": "cancelJob",
+                "summary": "Cancel: a queued job never runs; a running generation stops within a second",
+                "security": BEARER,
+                "parameters": [JOB_ID],
+                "responses": {
+                    "200": job,
+                    "404": _error("unknown, expired, or another tenant's"),
+                    "409": _error("the job already ended"),
+                    **common_errors,
+                },
+            },
+        },
+        "/healthz": {
+            "get": {
+                "operationId": "health",
+                "summary": "The process is up",
+                "responses": {"200": {"description": "up", "content": _json("Health")}},
+            }
+        },
+        "/readyz": {
+            "get": {
+                "operationId": "readiness",
+                "summary": "Redis and storage reachable and at least one GPU worker ready",
+                "responses": {
+                    "200": {"description": "ready", "content": _json("Readiness")},
+                    "503": {"description": "not ready; `reasons` says why", "content": _json("Readiness")},
+                },
+            }
+        },
+        "/metrics": {
+            "get": {
+                "operationId": "metrics",
+                "summary": "Prometheus metrics, the same from every API process",
+                "responses": {"200": {"description": "text exposition format", "content": {"text/plain": {"schema": {"type": "string"}}}}},
+            }
+        },
+        "/openapi.json": {
+            "get": {
+                "operationId": "openapi",
+                "summary": "This document",
+                "responses": {"200": {"description": "OpenAPI 3.1", "content": {"application/json": {"schema": {"type": "object"}}}}},
+            }
+        },
+        "/docs": {
+            "get": {
+                "operationId": "docs",
+                "summary": "This document as a page",
+                "responses": {"200": {"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}}},
+            }
+        },
+    }
+
+
+def build_spec(version: str) -> dict[str, Any]:
+    models: list[tuple[type[BaseModel], Literal["validation", "serialization"]]] = [
+        (JobRequest, "validation"),
+        (JobView, "serialization"),
+        (JobPage, "serialization"),
+        (ErrorResponse, "serialization"),
+        (Health, "serialization"),
+        (Readiness, "serialization"),
+    ]
+    _, definitions = models_json_schema(models, ref_template=REF)
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "videoqa",
+            "version": version,
+            "description": "Ask questions about videos: submit a job, poll it for the answer.",
+        },
+        "paths": _operations(),
+        "components": {
+            "schemas": definitions.get("$defs", {}),
+            "securitySchemes": {
+                "bearerAuth": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "an API key; required only when VIDEOQA_API_KEYS is set",
+                }
+            },
+        },
+    }

@@ -1,0 +1,129 @@
+"""What the service benchmarks share: a Redis database of their own, the tiny model, a sample
+video, the service's processes started with the commands of ``worker/stack.py``, and percentiles.
+
+The benchmarks flush their Redis database (``VIDEOQA_BENCH_REDIS_URL``, default database 14 of the
+local Redis) before and after each run: never point it at a database that holds anything else.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+import requests
+
+from common.settings import load_settings
+from worker.demo import CACHE_DIR, ensure_tiny_model
+from worker.stack import Stack, wait_for_http, wait_for_workers
+
+REDIS_URL = os.environ.get("VIDEOQA_BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100)."""
+    ordered = sorted(values)
+    if not ordered:
+        return math.nan
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
+def flush(url: str = REDIS_URL) -> redis.Redis:
+    client = redis.Redis.from_url(url, decode_responses=True)
+    client.flushdb()
+    return client
+
+
+def sample_video(workdir: Path) -> Path:
+    from worker.sample_media import write_sample_videos
+
+    return write_sample_videos(workdir / "videos")[0]
+
+
+def service_env(workdir: Path, **extra: str) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("VIDEOQA_", "CUDA_VISIBLE_DEVICES"))}
+    env.update(
+        {
+            "VIDEOQA_REDIS_URL": REDIS_URL,
+            "VIDEOQA_STORAGE_URL": str(workdir / "store"),
+            "VIDEOQA_MODEL": str(ensure_tiny_model(CACHE_DIR / "tiny-model")),
+            "VIDEOQA_DEVICE": "cpu",
+            # The benchmarks submit faster than a client is allowed to by default.
+            "VIDEOQA_RATE_LIMIT": "1000000/second",
+            "VIDEOQA_MAX_ACTIVE_JOBS_PER_TENANT": "100000000",
+            "HF_HUB_OFFLINE": "1",
+            "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+    )
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Running:
+    base_url: str
+    env: dict[str, str]
+    logs: Path
+
+    def submit(self, video: Path, **fields: str) -> tuple[str, float]:
+        """Posts one multipart job; returns its id and the wall-clock time just before sending."""
+        with open(video, "rb") as handle:
+            sent = time.time()
+            response = requests.post(
+                f"{self.base_url}/v1/jobs",
+                files=[("videos", (video.name, handle, "video/mp4"))],
+                data={"question": "What is the cat doing?", **fields},
+                timeout=30,
+            )
+        response.raise_for_status()
+        return str(response.json()["id"]), sent
+
+    def wait(self, job_ids: Sequence[str], timeout_s: float = 600.0) -> dict[str, dict]:  # type: ignore[type-arg]
+        done: dict[str, dict] = {}  # type: ignore[type-arg]
+        deadline = time.monotonic() + timeout_s
+        while len(done) < len(job_ids):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(job_ids) - len(done)} jobs unfinished; logs in {self.logs}")
+            for job_id in job_ids:
+                if job_id not in done:
+                    job = requests.get(f"{self.base_url}/v1/jobs/{job_id}", timeout=10).json()
+                    if job["status"] in TERMINAL:
+                        if job["status"] != "succeeded":
+                            raise RuntimeError(f"job {job_id} {job['status']}: {job['error']}")
+                        done[job_id] = job
+            time.sleep(0.02)
+        return done
+
+
+@contextmanager
+def running(processes: dict[str, list[str]], env: dict[str, str], *, workers: Sequence[str] = ()) -> Iterator[Running]:
+    """Starts ``processes`` (name -> argv; ``api`` gets a free port appended by the caller), waits
+    for the API and the named workers, and stops everything on the way out."""
+    logs = Path(tempfile.mkdtemp(prefix="videoqa-bench-logs-"))
+    stack = Stack(env=env)
+    base_url = ""
+    try:
+        for name, argv in processes.items():
+            handle = open(logs / f"{name}.log", "ab")
+            stack.start(name, argv, stdout=handle, stderr=subprocess.STDOUT)
+            if name == "api":
+                bind = argv[argv.index("--bind") + 1]
+                base_url = f"http://{bind}"
+        if base_url:
+            wait_for_http(f"{base_url}/healthz")
+        if workers:
+            wait_for_workers(load_settings(env), list(workers), timeout_s=300)
+        yield Running(base_url, env, logs)
+    finally:
+        stack.stop()
+

@@ -1,0 +1,38 @@
+"""A generate message delivered again after its job ended (the worker died after writing the
+answer, before acknowledging) does not run the model again and leaves the answer alone."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import redis
+import requests
+
+from common.celery_config import GENERATE_TASK, make_celery
+from tests.conftest import RunningService
+
+
+def test_redelivered_message_of_a_finished_job_is_a_no_op(service: RunningService, sample_videos: list[Path]) -> None:
+    with open(sample_videos[0], "rb") as handle:
+        response = requests.post(
+            service.url("/v1/jobs"),
+            files=[("videos", ("cats_1.mp4", handle, "video/mp4"))],
+            data={"question": "once?", "num_frames": "2", "max_new_tokens": "4"},
+            timeout=30,
+        )
+    job_id = response.json()["id"]
+    first = service.wait(job_id)
+    assert first["status"] == "succeeded"
+
+    make_celery(service.settings).send_task(GENERATE_TASK, args=[job_id])
+    broker = redis.Redis.from_url(service.settings.redis_url)
+    deadline = time.monotonic() + 60
+    while (broker.llen("gpu") or broker.hlen("unacked")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert broker.llen("gpu") == 0 and broker.hlen("unacked") == 0
+    again = requests.get(service.url(f"/v1/jobs/{job_id}"), timeout=10).json()
+    assert again["result"] == first["result"]
+    assert again["attempts"] == first["attempts"]
+    assert again["stages"]["generate"] == first["stages"]["generate"]
+    assert again["updated_at"] == first["updated_at"]

@@ -1,0 +1,131 @@
+"""Sampling in sandboxed child processes: the same frames as in-process, spread over processes,
+and a decoder that runs out of memory, crashes or hangs ends the sampling, not the process."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from common.errors import InvalidMedia, InvalidRequest, MediaTooLarge
+from common.schemas import Sampling
+from common.settings import load_settings
+from worker.decode_process import DecodeLimits, VideoSample, sample_video
+from worker.frames import sample_frames
+from worker.geometry import FrameGeometry
+from worker.sample_media import read_frame_index, write_cat_video
+from worker.sandbox import run_isolated
+
+LIMITS = DecodeLimits.from_settings(load_settings({}))
+
+
+@pytest.fixture(scope="module")
+def long_video(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # Long enough (in frames to decode) to be split between two processes.
+    return write_cat_video(tmp_path_factory.mktemp("sandbox") / "long.mp4", seconds=10, fps=30, width=160,
+                           height=120, gop=45, bframes=2)  # fmt: skip
+
+
+def _limits(**changes: object) -> DecodeLimits:
+    return dataclasses.replace(LIMITS, **changes)  # type: ignore[arg-type]
+
+
+def _sample(path: Path, sampling: Sampling, limits: DecodeLimits = LIMITS, **kwargs: object) -> VideoSample:
+    return sample_video(path, sampling, limits, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+@pytest.mark.parametrize("sampling", [Sampling(num_frames=16), Sampling(num_frames=5, fps=2, start=1.5)])
+def test_children_give_the_frames_of_in_process_decoding(long_video: Path, processes: int, sampling: Sampling) -> None:
+    expected = sample_frames(long_video, sampling)
+    sample = _sample(long_video, sampling, _limits(processes=processes))
+    assert sample.frame_count == 300
+    assert [(f.index, f.time) for f in sample.frames] == [(f.index, f.time) for f in expected]
+    for got, want in zip(sample.frames, expected, strict=True):
+        assert np.array_equal(got.array, want.array)
+    if sampling.fps is None:
+        assert sample.processes == processes
+
+
+def test_children_resize_as_the_model_would(long_video: Path) -> None:
+    geometry = FrameGeometry(64, 48, Image.Resampling.BICUBIC)
+    expected = sample_frames(long_video, Sampling(num_frames=4))
+    sample = _sample(long_video, Sampling(num_frames=4), geometry=geometry)
+    for got, want in zip(sample.frames, expected, strict=True):
+        assert got.array.shape == (48, 64, 3)
+        assert np.array_equal(got.array, np.asarray(geometry.resize(want.image)))
+
+
+def test_fast_mode_in_children_reports_offsets(long_video: Path) -> None:
+    sample = _sample(long_video, Sampling(num_frames=8, fast=True))
+    assert all(f.index % 45 == 0 for f in sample.frames)
+    assert all(f.offset is not None and abs(f.offset) <= 22.5 / 30 + 1e-6 for f in sample.frames)
+    assert [read_frame_index(f.array) for f in sample.frames] == [f.index for f in sample.frames]
+
+
+def test_a_window_outside_the_video_is_a_bad_request(long_video: Path) -> None:
+    with pytest.raises(InvalidRequest, match="holds no frames"):
+        _sample(long_video, Sampling(num_frames=4, start=30.0, end=40.0))
+
+
+def test_limits_hold_when_the_header_declares_nothing(tmp_path: Path) -> None:
+    # Written to a pipe: no duration and no frame count in the file; the stream still counts.
+    path = write_cat_video(tmp_path / "pipe.mkv", seconds=3, fps=20, width=96, height=64, to_pipe=True)
+    with pytest.raises(MediaTooLarge, match="60 frames; the limit is 50 .VIDEOQA_MAX_VIDEO_FRAMES"):
+        _sample(path, Sampling(), _limits(media=dataclasses.replace(LIMITS.media, max_frames=50)))
+    with pytest.raises(MediaTooLarge, match="VIDEOQA_MAX_VIDEO_SECONDS"):
+        _sample(path, Sampling(), _limits(media=dataclasses.replace(LIMITS.media, max_seconds=2.5)))
+
+
+def test_a_decoder_out_of_memory_fails_the_video_and_the_next_one_decodes(tmp_path: Path, long_video: Path) -> None:
+    big = write_cat_video(tmp_path / "uhd.mp4", seconds=0.2, fps=30, width=3840, height=2160)
+    # Enough for small frames, not for a 4K decoder's buffers.
+    tight = _limits(memory_bytes=220 * 1024 * 1024)
+    with pytest.raises(InvalidMedia):
+        _sample(big, Sampling(num_frames=4), tight)
+    assert [f.index for f in _sample(long_video, Sampling(num_frames=4), tight).frames] == [0, 75, 150, 225]
+
+
+def test_a_decode_past_the_deadline_is_stopped(tmp_path: Path) -> None:
+    path = write_cat_video(tmp_path / "hd.mp4", seconds=2, fps=30, width=1280, height=720, gop=60)
+    with pytest.raises(InvalidMedia, match="longer than 0.05 s .VIDEOQA_DECODE_TIMEOUT_S"):
+        _sample(path, Sampling(num_frames=16), _limits(deadline_s=0.05))
+
+
+def _crash() -> None:
+    # Stands in for a decoder bug: the child dies by a signal, as a segfaulting library would.
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def _hang(pid_file: str) -> None:
+    Path(pid_file).write_text(str(os.getpid()))
+    time.sleep(600)
+
+
+def test_a_crashing_child_fails_the_video_not_the_caller(long_video: Path) -> None:
+    with pytest.raises(InvalidMedia, match="crashed .SIGSEGV"):
+        run_isolated([(_crash, ())], LIMITS.memory_bytes, LIMITS.deadline_s)
+    assert len(_sample(long_video, Sampling(num_frames=2)).frames) == 2
+
+
+def test_a_hanging_child_is_killed_at_the_deadline(tmp_path: Path, long_video: Path) -> None:
+    pid_file = tmp_path / "pid"
+    with pytest.raises(InvalidMedia, match="longer than"):
+        run_isolated([(_hang, (str(pid_file),))], LIMITS.memory_bytes, 3.0)
+    pid = int(pid_file.read_text())
+    # The kill is asynchronous: give the fork server a moment to deliver it and reap the child.
+    for _ in range(100):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError(f"child {pid} still runs after its deadline")
+    assert len(_sample(long_video, Sampling(num_frames=2)).frames) == 2

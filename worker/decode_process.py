@@ -1,0 +1,160 @@
+"""Sampling a video in sandboxed child processes (``worker.sandbox``), so a decoder that crashes,
+hangs or eats memory ends one job ``invalid_media`` and never the worker.
+
+A first child probes the file, indexes its packets, chooses the frames and plans the seeks; when
+one process is enough it decodes them at once. Otherwise the seeks of a long video are split into
+groups of about equal work, one child each, when the worker has cores to spare. Children resize
+the frames to the model's geometry when asked, so only small frames travel back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from common.schemas import Sampling
+from common.settings import Settings
+from worker.frames import (
+    Decoded,
+    SampledFrame,
+    Segment,
+    StreamIndex,
+    choose_positions,
+    decode_segments,
+    index_container,
+    nearest_keyframes,
+    plan_segments,
+    sampled_frame,
+    split_segments,
+)
+from worker.geometry import FrameGeometry
+from worker.probe import MediaInfo, MediaLimits, check_index, open_checked
+from worker.sandbox import available_cores, run_until
+
+# Below this many frames to decode, a second process costs more than it saves.
+_SPLIT_MIN_FRAMES = 120
+_MAX_THREADS = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeLimits:
+    media: MediaLimits
+    memory_bytes: int
+    deadline_s: float
+    processes: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> DecodeLimits:
+        return cls(
+            media=MediaLimits.from_settings(settings),
+            memory_bytes=settings.decode_memory_mb * 1024 * 1024,
+            deadline_s=settings.decode_timeout_s,
+            processes=settings.decode_processes,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoSample:
+    info: MediaInfo
+    frame_count: int
+    frames: list[SampledFrame]
+    processes: int
+    # Resident set of the children at their peaks, those running at once added up (bytes). An upper
+    # bound: pages the children share with the fork server count once per child.
+    peak_rss_sum: int
+
+
+def sample_video(
+    path: Path, sampling: Sampling, limits: DecodeLimits, *, geometry: FrameGeometry | None = None
+) -> VideoSample:
+    """Probe, index, choose and decode ``path`` in child processes; frames resized to ``geometry``
+    when given (in the children, so only small frames travel back).
+
+    One child probes, indexes and plans; when the plan needs one process it decodes at once, else
+    the parent starts one child per group of seeks.
+    """
+    deadline = time.monotonic() + limits.deadline_s
+    cores = available_cores()
+    first_call = (_probe_and_sample, (path, sampling, limits.media, limits.processes or cores, cores, geometry))
+    [(planned, arrays)], [first_peak] = run_until([first_call], limits.memory_bytes, deadline, limits.deadline_s)
+    info, index, plan = planned
+    peak = first_peak
+    if plan.stamps is not None:
+        results = [(plan.stamps, arrays)]
+    else:
+        threads = _threads(cores, len(plan.groups))
+        calls = [(_decode, (path, index, group, threads, sampling.fast, geometry)) for group in plan.groups]
+        results, peaks = run_until(calls, limits.memory_bytes, deadline, limits.deadline_s)
+        peak = max(peak, sum(peaks))
+    decoded: dict[int, Decoded] = {}
+    for stamps, found in results:
+        decoded.update({target: Decoded(pts, array) for (target, pts), array in zip(stamps, found, strict=True)})
+    if sampling.fast:
+        frames = [sampled_frame(index, decoded[index.pts[k]], target=t) for k, t in plan.pairs]
+    else:
+        frames = [sampled_frame(index, decoded[index.pts[p]]) for p in plan.positions]
+    return VideoSample(
+        info=info, frame_count=index.frame_count, frames=frames, processes=len(plan.groups), peak_rss_sum=peak
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    positions: list[int]
+    # Fast mode: (keyframe position, target position) pairs.
+    pairs: list[tuple[int, int]]
+    groups: list[list[Segment]]
+    # Set when the planning child decoded the one group itself.
+    stamps: list[tuple[int, int]] | None = None
+
+
+def _plan(index: StreamIndex, sampling: Sampling, processes: int) -> _Plan:
+    positions = choose_positions(index, sampling)
+    if sampling.fast:
+        pairs = nearest_keyframes(index, positions)
+        return _Plan(positions, pairs, [[Segment(index.pts[k], (index.pts[k],)) for k, _ in pairs]])
+    segments = plan_segments(index, [index.pts[p] for p in positions])
+    work = sum(index.position_of(s.targets[-1]) - index.position_of(s.start) + 1 for s in segments)
+    return _Plan(positions, [], split_segments(index, segments, processes if work >= _SPLIT_MIN_FRAMES else 1))
+
+
+def _threads(cores: int, processes: int) -> int:
+    # The cores left to each process go to its decoder's threads (FFmpeg gains little past 8).
+    return min(_MAX_THREADS, max(1, cores // processes))
+
+
+# --- what runs in the children ---------------------------------------------------------------
+
+
+def _probe_and_sample(
+    path: Path, sampling: Sampling, limits: MediaLimits, processes: int, cores: int, geometry: FrameGeometry | None
+) -> tuple[tuple[MediaInfo, StreamIndex, _Plan], list[np.ndarray]]:
+    container, info = open_checked(path, limits)
+    with container:
+        index = index_container(container)
+    check_index(index, limits)
+    plan = _plan(index, sampling, processes)
+    if len(plan.groups) > 1:
+        return (info, index, plan), []
+    stamps, arrays = _decode(path, index, plan.groups[0], _threads(cores, 1), sampling.fast, geometry)
+    return (info, index, dataclasses.replace(plan, stamps=stamps)), arrays
+
+
+def _decode(
+    path: Path,
+    index: StreamIndex,
+    segments: list[Segment],
+    threads: int,
+    keyframes_only: bool,
+    geometry: FrameGeometry | None,
+) -> tuple[list[tuple[int, int]], list[np.ndarray]]:
+    found = decode_segments(path, index, segments, threads=threads, keyframes_only=keyframes_only)
+    targets = sorted(found)
+    arrays = [found[t].array for t in targets]
+    if geometry is not None:
+        arrays = [np.asarray(geometry.resize(Image.fromarray(a))) for a in arrays]
+    return [(t, found[t].pts) for t in targets], arrays

@@ -1,0 +1,354 @@
+"""Running untrusted work (demuxers, decoders) in forked children with a memory limit and a
+deadline, so a crash, a hang or a memory blow-up ends that work and never the calling process.
+
+A small fork server, started once per calling process, imports the decoding stack and forks one
+child per call. Each child gets limits on memory (data: heap, buffers, stacks), CPU time (a
+backstop to the caller's deadline) and core dumps, and dies with the server, which exits with the
+caller. Children answer over their own socket: a pickled header, then NumPy arrays as raw bytes.
+Plain ``os.fork`` from the server, not ``multiprocessing``: callers can be Celery prefork workers
+(daemonic billiard processes) and scripts alike, and no caller module is re-imported per child.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import pickle
+import resource
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from multiprocessing.connection import wait
+from typing import Any
+
+import numpy as np
+
+from common.errors import InvalidMedia, TransientError, VideoQAError
+
+Call = tuple[Callable[..., Any], tuple[Any, ...]]
+# What a call returns: a picklable payload and arrays (sent as raw bytes, not pickled).
+Answer = tuple[Any, list[np.ndarray]]
+
+_PR_SET_PDEATHSIG = 1
+# Server <-> caller control messages: kind, child pid, length or wait status.
+_MESSAGE = struct.Struct("!BiQ")
+_LENGTH = struct.Struct("!Q")
+_START, _KILL, _STARTED, _EXITED = 1, 2, 3, 4
+_SOCKET_BUFFER = 1 << 20
+
+
+def run_isolated(calls: Sequence[Call], memory_bytes: int, deadline_s: float) -> list[Answer]:
+    """Run each ``fn(*args) -> (payload, arrays)`` in its own child, all at once; their answers."""
+    return run_until(calls, memory_bytes, time.monotonic() + deadline_s, deadline_s)[0]
+
+
+def run_until(
+    calls: Sequence[Call], memory_bytes: int, deadline: float, deadline_s: float
+) -> tuple[list[Answer], list[int]]:
+    """``run_isolated`` against an absolute ``deadline`` (monotonic clock); also each child's peak
+    resident set in bytes. Any child's failure fails them all (the others are killed)."""
+    server = _server()
+    cpu_s = int(max(1.0, deadline - time.monotonic()) * available_cores()) + 1
+    children: list[_Child] = []
+    try:
+        for fn, args in calls:
+            try:
+                children.append(_Child(server, fn, args, memory_bytes, cpu_s))
+            except (OSError, EOFError):
+                # The server itself died (killed from outside): the next call starts a new one.
+                raise TransientError("the decode server stopped; the job will be retried") from None
+        pending = list(children)
+        while pending:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise InvalidMedia(f"decoding took longer than {deadline_s:g} s (VIDEOQA_DECODE_TIMEOUT_S)")
+            for child in wait(pending, timeout=remaining):  # type: ignore[assignment]
+                try:
+                    finished = child.receive()
+                except (EOFError, OSError):
+                    raise InvalidMedia(child.failure()) from None
+                if finished:
+                    pending.remove(child)
+                    if child.header[0] == "error":
+                        _, kind, message = child.header
+                        raise kind(message)
+    finally:
+        for child in children:
+            child.close()
+    return [(child.header[1], child.arrays) for child in children], [child.header[3] for child in children]
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity, where the system has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def warm_up() -> None:
+    """Start the fork server now rather than on the first call."""
+    run_isolated([(_noop, ())], 256 * 1024 * 1024, 60)
+
+
+def _noop() -> Answer:
+    return None, []
+
+
+# --- the caller's side --------------------------------------------------------------------------
+
+
+class _Server:
+    """The caller's handle on its fork server."""
+
+    def __init__(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        bootstrap = (
+            "import sys; sys.path[:0] = __import__('json').loads(sys.argv[1]); "
+            "from worker.sandbox import serve; serve(int(sys.argv[2]))"
+        )
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", bootstrap, json.dumps(sys.path), str(theirs.fileno())],
+            pass_fds=[theirs.fileno()],
+            stdin=subprocess.DEVNULL,
+        )
+        theirs.close()
+        self.sock = ours
+        self.lock = threading.Lock()
+        # Children whose exit may still matter to a caller, and the exits seen of those.
+        self.watching: set[int] = set()
+        self.exits: dict[int, int] = {}
+        self.pid = os.getpid()
+
+    def start(self, payload: bytes, channel: socket.socket) -> int:
+        with self.lock:
+            socket.send_fds(self.sock, [_MESSAGE.pack(_START, 0, len(payload))], [channel.fileno()])
+            self.sock.sendall(payload)
+            while True:
+                kind, pid, value = self._read()
+                if kind == _STARTED:
+                    self.watching.add(pid)
+                    return pid
+                self._exited(pid, value)
+
+    def kill(self, pid: int) -> None:
+        with self.lock:
+            # The server kills only a child it has not reaped yet: never a recycled pid.
+            self.sock.sendall(_MESSAGE.pack(_KILL, pid, 0))
+
+    def exit_status(self, pid: int, timeout_s: float = 5.0) -> int | None:
+        deadline = time.monotonic() + timeout_s
+        with self.lock:
+            while pid not in self.exits:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not select.select([self.sock], [], [], remaining)[0]:
+                    return None
+                kind, other, value = self._read()
+                if kind == _EXITED:
+                    self._exited(other, value)
+            return self.exits.pop(pid)
+
+    def forget(self, pid: int) -> None:
+        with self.lock:
+            self.watching.discard(pid)
+            self.exits.pop(pid, None)
+
+    def _exited(self, pid: int, status: int) -> None:
+        if pid in self.watching:
+            self.exits[pid] = status
+
+    def _read(self) -> tuple[int, int, int]:
+        data = _recv_exactly(self.sock, _MESSAGE.size)
+        return _MESSAGE.unpack(data)  # type: ignore[return-value]
+
+    def alive(self) -> bool:
+        return self.pid == os.getpid() and self.process.poll() is None
+
+
+_SERVER: _Server | None = None
+_SERVER_LOCK = threading.Lock()
+
+
+def _server() -> _Server:
+    global _SERVER
+    with _SERVER_LOCK:
+        if _SERVER is None or not _SERVER.alive():
+            _SERVER = _Server()
+        return _SERVER
+
+
+class _Child:
+    def __init__(
+        self, server: _Server, fn: Callable[..., Any], args: tuple[Any, ...], memory_bytes: int, cpu_s: int
+    ) -> None:
+        self.server = server
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Frames are megabytes: large buffers mean far fewer switches between the processes.
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
+        theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
+        payload = pickle.dumps((fn, args, memory_bytes, cpu_s), protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            self.pid = server.start(payload, theirs)
+        finally:
+            theirs.close()
+        self.sock = ours
+        self.header: tuple[Any, ...] = ()
+        self.arrays: list[np.ndarray] = []
+        self.done = False
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def receive(self) -> bool:
+        """Read the next message; True once the child's whole answer is in."""
+        if not self.header:
+            (size,) = _LENGTH.unpack(_recv_exactly(self.sock, _LENGTH.size))
+            self.header = pickle.loads(_recv_exactly(self.sock, size))
+            self.done = self.header[0] == "error" or not self.header[2]
+            return self.done
+        shape, dtype = self.header[2][len(self.arrays)]
+        # Straight into the array: one copy out of the socket, none after.
+        array = np.empty(shape, dtype=np.dtype(dtype))
+        _recv_into(self.sock, memoryview(array.reshape(-1).view(np.uint8)))
+        self.arrays.append(array)
+        self.done = len(self.arrays) == len(self.header[2])
+        return self.done
+
+    def failure(self) -> str:
+        status = self.server.exit_status(self.pid)
+        if status is None:
+            return "the decoder stopped answering"
+        code = os.waitstatus_to_exitcode(status)
+        if code < 0:
+            name = signal.Signals(-code).name
+            if name in ("SIGKILL", "SIGXCPU"):
+                return f"the decoder was killed ({name}: out of memory or CPU time)"
+            return f"the decoder crashed ({name})"
+        return f"the decoder exited unexpectedly (status {code})"
+
+    def close(self) -> None:
+        if not self.done:
+            with contextlib.suppress(OSError):
+                self.server.kill(self.pid)
+        self.sock.close()
+        self.server.forget(self.pid)
+
+
+def _recv_exactly(sock: socket.socket, size: int) -> bytes:
+    data = bytearray(size)
+    _recv_into(sock, memoryview(data))
+    return bytes(data)
+
+
+def _recv_into(sock: socket.socket, view: memoryview) -> None:
+    received = 0
+    while received < len(view):
+        count = sock.recv_into(view[received:], len(view) - received)
+        if not count:
+            raise EOFError("the other side hung up")
+        received += count
+
+
+# --- the fork server ----------------------------------------------------------------------------
+
+
+def serve(fd: int) -> None:
+    """The fork server's loop: fork a child per request, report exits, stop with the caller."""
+    # What every child needs, imported once here.
+    import worker.decode_process  # noqa: F401
+
+    sock = socket.socket(fileno=fd)
+    wake_read, wake_write = os.pipe()
+    os.set_blocking(wake_write, False)
+    signal.set_wakeup_fd(wake_write)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the caller; we follow it out
+    live: set[int] = set()
+    while True:
+        readable, _, _ = select.select([sock, wake_read], [], [])
+        if wake_read in readable:
+            os.read(wake_read, 4096)
+        while live:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                break
+            live.discard(pid)
+            sock.sendall(_MESSAGE.pack(_EXITED, pid, status))
+        if sock not in readable:
+            continue
+        try:
+            data, fds, _, _ = socket.recv_fds(sock, _MESSAGE.size, 1)
+            if len(data) < _MESSAGE.size:
+                data += _recv_exactly(sock, _MESSAGE.size - len(data))
+        except (EOFError, OSError):
+            data, fds = b"", []
+        if not data:
+            # The caller is gone: so are we, and the children with us.
+            return
+        kind, pid, value = _MESSAGE.unpack(data)
+        if kind == _KILL:
+            if pid in live:
+                os.kill(pid, signal.SIGKILL)
+            continue
+        payload = _recv_exactly(sock, value)
+        child = os.fork()
+        if child == 0:
+            _child(fds[0], payload, closing=[sock.fileno(), wake_read, wake_write])
+        os.close(fds[0])
+        live.add(child)
+        sock.sendall(_MESSAGE.pack(_STARTED, child, 0))
+
+
+def _child(fd: int, payload: bytes, closing: list[int]) -> None:
+    try:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for other in closing:
+            os.close(other)
+        if sys.platform == "linux":
+            # Die with the fork server (and so with the caller).
+            ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        conn = socket.socket(fileno=fd)
+        try:
+            fn, args, memory_bytes, cpu_s = pickle.loads(payload)
+        except Exception as exc:  # noqa: BLE001 - reported to the caller as its bug, not the media's
+            _send(conn, ("error", VideoQAError, f"the sandboxed call cannot be loaded: {exc!r}"))
+            return
+        # Data, not address space: threads reserve large unused ranges (malloc arenas), while
+        # heap, frame buffers and stacks all count here.
+        resource.setrlimit(resource.RLIMIT_DATA, (memory_bytes, memory_bytes))
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 5))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        _answer(conn, fn, args)
+    finally:
+        os._exit(0)
+
+
+def _answer(conn: socket.socket, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    try:
+        payload, arrays = fn(*args)
+    except VideoQAError as exc:
+        _send(conn, ("error", type(exc), exc.message))
+        return
+    except MemoryError:
+        _send(conn, ("error", InvalidMedia, "the video needs more memory to decode than the limit allows"))
+        return
+    except Exception as exc:  # noqa: BLE001 - a decoder bug must end the job, not the worker
+        _send(conn, ("error", InvalidMedia, f"the video cannot be decoded: {type(exc).__name__}: {exc}"))
+        return
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    _send(conn, ("ok", payload, [(a.shape, a.dtype.str) for a in arrays], peak))
+    for array in arrays:
+        conn.sendall(np.ascontiguousarray(array).reshape(-1).data)
+
+
+def _send(conn: socket.socket, message: tuple[Any, ...]) -> None:
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    conn.sendall(_LENGTH.pack(len(data)) + data)
