@@ -35,7 +35,13 @@ def make_celery(settings: Settings, *, main: str = "videoqa") -> Celery:
         worker_prefetch_multiplier=1,
         worker_send_task_events=True,
         task_send_sent_event=True,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout_s,
+            # A dead worker's unacknowledged messages come back once the visibility timeout has
+            # passed; scan for them every few seconds rather than kombu's default of every 100 s.
+            "unacked_restore_interval": max(1.0, min(10.0, settings.visibility_timeout_s / 4)),
+            "unacked_restore_throttle": 1,
+        },
         task_time_limit=settings.task_time_limit_s,
         task_soft_time_limit=soft_limit,
         broker_connection_retry_on_startup=True,

@@ -178,3 +178,18 @@ def test_the_api_process_loads_no_worker_code(local_settings: Settings) -> None:
     )
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert output.strip() == "[]"
+
+
+def test_a_job_past_retention_is_404_not_pending(client: FlaskClient, local_settings: Settings) -> None:
+    import time
+
+    from common.connections import redis_client
+    from common.jobs import JobStore
+
+    short_lived = JobStore(redis_client(local_settings), ttl_s=1).create({"question": "q"})
+    assert client.get(f"/v1/jobs/{short_lived.id}").status_code == 200
+    time.sleep(1.5)
+    response = client.get(f"/v1/jobs/{short_lived.id}")
+    assert response.status_code == 404
+    assert "past retention" in response.get_json()["error"]["message"]
+    assert short_lived.id not in [job["id"] for job in client.get("/v1/jobs").get_json()["jobs"]]

@@ -151,3 +151,20 @@ def test_sigterm_finishes_the_running_job_and_loses_none(cluster: Cluster, sampl
     cluster.start_gpu()
     done = cluster.wait_for(waiting, ENDED)
     assert done.status is JobStatus.SUCCEEDED and done.attempts == 1
+
+
+def test_a_job_past_its_time_limit_fails_with_timeout(cluster: Cluster) -> None:
+    """The hard limit (10 s here) sits below the visibility timeout (12 s), so a job can never run
+    long enough to be handed to a second worker; at the limit it fails with ``timeout``."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Drip)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/slow.mp4"
+        job_id = cluster.client.post("/v1/jobs", json={"question": "q", "videos": [{"url": url}]}).get_json()["id"]
+        job = cluster.wait_for(job_id, ENDED, timeout_s=120)
+        assert job.status is JobStatus.FAILED
+        assert job.error == {"code": "timeout", "message": "the job ran past its time limit"}
+        assert job.attempts == 1
+    finally:
+        server.shutdown()
