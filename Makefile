@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test up lint
+.PHONY: install demo test up
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)

@@ -3,10 +3,14 @@ so that every API process sees the same totals."""
 
 from __future__ import annotations
 
-from flask import Blueprint, Flask, request
-from flask_limiter import Limiter
+import math
+import time
+
+from flask import Blueprint, Flask, Response, request
+from flask_limiter import Limiter, RateLimitExceeded
 
 from api.auth import current_tenant
+from api.errors import error_response
 from common.settings import Settings
 
 
@@ -23,11 +27,24 @@ def init_limits(app: Flask, blueprint: Blueprint, settings: Settings) -> Limiter
         app=app,
         storage_uri=settings.redis_url,
         strategy="fixed-window",
-        headers_enabled=True,
+        # X-RateLimit-* on every answer would cost two more Redis reads per request; only the
+        # refusal carries Retry-After (below).
+        headers_enabled=False,
         key_prefix="videoqa:limits",
         # When Redis is down the submission fails on its own with a clear 503; the limiter should
         # not turn that into a 500.
         swallow_errors=True,
     )
     limiter.limit(settings.rate_limit, methods=["POST"])(blueprint)
+
+    @app.errorhandler(RateLimitExceeded)
+    def _refused(exc: RateLimitExceeded) -> tuple[Response, int]:
+        breached = limiter.current_limit
+        wait_s = math.ceil(breached.reset_at - time.time()) if breached is not None else 1
+        response, status = error_response(
+            429, "too_many_requests", f"rate limit {exc.description} exceeded; retry after {max(1, wait_s)} s"
+        )
+        response.headers["Retry-After"] = str(max(1, wait_s))
+        return response, status
+
     return limiter

@@ -42,6 +42,9 @@ class SampledFrame(_View):
     video: int = Field(description="position of the video in the request")
     index: int = Field(description="frame index in presentation order")
     time: float = Field(description="timestamp in seconds")
+    offset: float | None = Field(
+        default=None, description="fast mode: seconds between the keyframe taken and the target time"
+    )
 
 
 class Usage(_View):

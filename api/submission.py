@@ -23,7 +23,7 @@ from common.settings import Settings
 from common.storage import ObjectStore
 from common.url_policy import BlockedUrl, UrlPolicy
 
-SAMPLING_FIELDS = ("num_frames", "fps", "start", "end")
+SAMPLING_FIELDS = ("num_frames", "fps", "start", "end", "fast")
 GENERATION_FIELDS = ("max_new_tokens", "do_sample", "temperature", "top_p")
 FILE_FIELDS = ("videos", "images")
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")

@@ -194,3 +194,19 @@ def test_a_cancelled_queued_job_never_runs(
     assert job.status is JobStatus.CANCELLED
     assert job.attempts == 0 and job.stages == {} and job.media is None
     assert broker.llen("gpu") == 0
+
+
+def test_fast_mode_reports_each_frames_distance_from_its_target(service: RunningService, tmp_path: Path) -> None:
+    video = write_cat_video(tmp_path / "gop.mp4", seconds=4, fps=30, gop=30, bframes=2)
+    with open(video, "rb") as handle:
+        job_id = _submit(
+            service,
+            files=[("videos", ("gop.mp4", handle, "video/mp4"))],
+            data={"question": "Fast?", "num_frames": "4", "fast": "true", "max_new_tokens": "3"},
+        )
+    job = service.wait(job_id)
+    assert job["status"] == "succeeded", job["error"]
+    frames = job["result"]["frames"]
+    # Only keyframes (every 30th frame) are taken; each says how far it is from its target.
+    assert all(frame["index"] % 30 == 0 for frame in frames)
+    assert all("offset" in frame and abs(frame["offset"]) <= 0.5 for frame in frames)

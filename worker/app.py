@@ -9,6 +9,7 @@ from celery.signals import worker_process_init
 
 from common.celery_config import make_celery
 from common.settings import load_settings
+from worker import sandbox
 from worker.logs import configure_logging
 from worker.reconciler import ReconcilerStep
 from worker.runtime import WorkerRuntime
@@ -33,8 +34,10 @@ def build_worker_app(role: str) -> Celery:
     else:
 
         def _prepare(**_: Any) -> None:
-            # Runs in each prefork child, never at import, so the first job does not pay for it.
+            # Runs in each prefork child, never at import, so the first job does not pay for the
+            # model's image geometry or for starting the decode sandbox.
             runtime.geometry
+            sandbox.warm_up()
 
         worker_process_init.connect(_prepare, weak=False)
         app.steps["worker"].add(ReconcilerStep)

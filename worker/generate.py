@@ -48,7 +48,11 @@ def _load_prompt(job: Job, ctx: GenerateContext) -> tuple[Prompt, list[dict[str,
         if item["kind"] == "video":
             frames = item["frames"]
             video_frames.append([decode_png(ctx.store.get_bytes(frame["key"])) for frame in frames])
-            sampled += [{"video": item["position"], "index": f["index"], "time": f["time"]} for f in frames]
+            sampled += [
+                {"video": item["position"], "index": f["index"], "time": f["time"]}
+                | ({"offset": f["offset"]} if f.get("offset") is not None else {})
+                for f in frames
+            ]
         else:
             images.append(decode_png(ctx.store.get_bytes(item["key"])))
     return render_prompt(ctx.model.processor, request, video_frames, images), sampled
