@@ -136,6 +136,15 @@ class RunningService:
     def url(self, path: str) -> str:
         return self.base_url + path
 
+    def upload(self, video: Path, **fields: str) -> str:
+        """Submit ``video`` as a multipart upload with text ``fields``; the new job's id."""
+        with open(video, "rb") as handle:
+            response = requests.post(
+                self.url("/v1/jobs"), files=[("videos", (video.name, handle, "video/mp4"))], data=fields, timeout=30
+            )
+        assert response.status_code == 202, response.text
+        return str(response.json()["id"])
+
     def wait(self, job_id: str, timeout_s: float = 120.0) -> dict:  # type: ignore[type-arg]
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

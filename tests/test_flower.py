@@ -44,14 +44,7 @@ def test_flower_shows_both_workers_and_the_tasks_of_a_finished_job(
         assert any(name.startswith("cpu@") and queues == ["cpu"] for name, queues in workers.items()), workers
         assert any(name.startswith("gpu0@") and queues == ["gpu"] for name, queues in workers.items()), workers
 
-        with open(sample_videos[0], "rb") as handle:
-            response = requests.post(
-                service.url("/v1/jobs"),
-                files=[("videos", ("cats_1.mp4", handle, "video/mp4"))],
-                data={"question": "Is it a cat?", "num_frames": "2", "max_new_tokens": "3"},
-                timeout=30,
-            )
-        job_id = response.json()["id"]
+        job_id = service.upload(sample_videos[0], question="Is it a cat?", num_frames="2", max_new_tokens="3")
         assert service.wait(job_id)["status"] == "succeeded"
 
         def job_tasks() -> dict[str, str]:

@@ -40,14 +40,8 @@ def test_a_pickle_message_is_refused_not_run(service: RunningService, tmp_path: 
             headers={"task": "videoqa.ingest", "id": str(uuid.uuid4()), "lang": "py", "argsrepr": "()", "kwargsrepr": "{}"},
         )
     # The worker keeps serving: a normal job sent after the pickle one completes.
-    with open(sample_videos[0], "rb") as handle:
-        response = requests.post(
-            service.url("/v1/jobs"),
-            files=[("videos", ("cats_1.mp4", handle, "video/mp4"))],
-            data={"question": "still there?", "num_frames": "2", "max_new_tokens": "3"},
-            timeout=30,
-        )
-    assert service.wait(response.json()["id"])["status"] == "succeeded"
+    job_id = service.upload(sample_videos[0], question="still there?", num_frames="2", max_new_tokens="3")
+    assert service.wait(job_id)["status"] == "succeeded"
     deadline = time.monotonic() + 30
     while "untrusted content" not in (service.logs / "cpu.log").read_text() and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -14,14 +14,7 @@ from tests.conftest import RunningService
 
 
 def test_redelivered_message_of_a_finished_job_is_a_no_op(service: RunningService, sample_videos: list[Path]) -> None:
-    with open(sample_videos[0], "rb") as handle:
-        response = requests.post(
-            service.url("/v1/jobs"),
-            files=[("videos", ("cats_1.mp4", handle, "video/mp4"))],
-            data={"question": "once?", "num_frames": "2", "max_new_tokens": "4"},
-            timeout=30,
-        )
-    job_id = response.json()["id"]
+    job_id = service.upload(sample_videos[0], question="once?", num_frames="2", max_new_tokens="4")
     first = service.wait(job_id)
     assert first["status"] == "succeeded"
 
