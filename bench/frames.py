@@ -6,7 +6,8 @@ notebook's OpenCV loop, decord and torchcodec, on the same generated files, in o
 
 Each sampler runs in a fresh child process per file and N (imports and, for the project's sampler,
 the fork server are started before the clock starts); seconds cover opening, indexing and decoding
-the N frames to RGB at full size. Peak memory is the child's largest resident set, plus, for
+the N frames to RGB at full size; a run under a second is repeated three times in the same child
+and the fastest kept, for every sampler alike. Peak memory is the child's largest resident set, plus, for
 samplers that use several processes, the peaks of those processes (an upper bound: pages they
 share are counted more than once). The machine may be shared: figures are noisy; compare rows of
 one run only.
@@ -151,9 +152,19 @@ SAMPLERS = {
 }
 
 
+SHORT_S = 1.0  # runs shorter than this are repeated: a single one is mostly the machine's noise
+REPEATS = 3
+
+
 def child_main(sampler: str, path: str, n: int, processes: int) -> None:
     try:
         result = SAMPLERS[sampler](path, n, processes)
+        # Every sampler gets the same treatment: short runs three times, the fastest kept.
+        if result["seconds"] < SHORT_S:
+            for _ in range(REPEATS - 1):
+                again = SAMPLERS[sampler](path, n, processes)
+                if again["seconds"] < result["seconds"]:
+                    result = again
     except Exception as exc:  # noqa: BLE001 - reported in the table, the run goes on
         result = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:160]}
     print("RESULT " + json.dumps(result), flush=True)
