@@ -22,7 +22,7 @@ import requests
 
 from common.settings import load_settings
 from worker.demo import CACHE_DIR, ensure_tiny_model
-from worker.stack import Stack, wait_for_http, wait_for_workers
+from worker.stack import Stack, offline_cpu_env, wait_for_http, wait_for_workers
 
 REDIS_URL = os.environ.get("VIDEOQA_BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
 TERMINAL = {"succeeded", "failed", "cancelled"}
@@ -49,24 +49,15 @@ def sample_video(workdir: Path) -> Path:
 
 
 def service_env(workdir: Path, **extra: str) -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("VIDEOQA_", "CUDA_VISIBLE_DEVICES"))}
-    env.update(
-        {
-            "VIDEOQA_REDIS_URL": REDIS_URL,
-            "VIDEOQA_STORAGE_URL": str(workdir / "store"),
-            "VIDEOQA_MODEL": str(ensure_tiny_model(CACHE_DIR / "tiny-model")),
-            "VIDEOQA_DEVICE": "cpu",
-            # The benchmarks submit faster than a client is allowed to by default.
-            "VIDEOQA_RATE_LIMIT": "1000000/second",
-            "VIDEOQA_MAX_ACTIVE_JOBS_PER_TENANT": "100000000",
-            "HF_HUB_OFFLINE": "1",
-            "OMP_NUM_THREADS": "1",
-            "MKL_NUM_THREADS": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-        }
-    )
-    env.update(extra)
-    return env
+    settings = {
+        "VIDEOQA_REDIS_URL": REDIS_URL,
+        "VIDEOQA_STORAGE_URL": str(workdir / "store"),
+        "VIDEOQA_MODEL": str(ensure_tiny_model(CACHE_DIR / "tiny-model")),
+        # The benchmarks submit faster than a client is allowed to by default.
+        "VIDEOQA_RATE_LIMIT": "1000000/second",
+        "VIDEOQA_MAX_ACTIVE_JOBS_PER_TENANT": "100000000",
+    }
+    return offline_cpu_env(os.environ, **{**settings, **extra})
 
 
 @dataclass

@@ -16,7 +16,15 @@ import redis
 import requests
 
 from common.settings import Settings, load_settings
-from worker.stack import Stack, api_command, cpu_worker_command, free_port, gpu_worker_command, wait_for_http
+from worker.stack import (
+    Stack,
+    api_command,
+    cpu_worker_command,
+    free_port,
+    gpu_worker_command,
+    offline_cpu_env,
+    wait_for_http,
+)
 
 REDIS_HOST = os.environ.get("VIDEOQA_TEST_REDIS_HOST", "127.0.0.1:6379")
 REDIS_DB = int(os.environ.get("VIDEOQA_TEST_REDIS_DB", "13"))
@@ -101,28 +109,15 @@ def sample_videos(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 
 def service_env(redis_url: str, aws_env: dict[str, str], model_dir: Path, **extra: str) -> dict[str, str]:
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("VIDEOQA_", "AWS_", "CUDA_VISIBLE_DEVICES"))
+    settings = {
+        **aws_env,
+        "VIDEOQA_REDIS_URL": redis_url,
+        "VIDEOQA_STORAGE_URL": f"s3://{BUCKET}/service",
+        "VIDEOQA_MODEL": str(model_dir),
+        # The tests' own media servers listen on loopback, which the service refuses by default.
+        "VIDEOQA_FETCH_ALLOWLIST": "127.0.0.1",
     }
-    env.update(aws_env)
-    env.update(
-        {
-            "VIDEOQA_REDIS_URL": redis_url,
-            "VIDEOQA_STORAGE_URL": f"s3://{BUCKET}/service",
-            "VIDEOQA_MODEL": str(model_dir),
-            "VIDEOQA_DEVICE": "cpu",
-            # The tests' own media servers listen on loopback, which the service refuses by default.
-            "VIDEOQA_FETCH_ALLOWLIST": "127.0.0.1",
-            "HF_HUB_OFFLINE": "1",
-            "OMP_NUM_THREADS": "1",
-            "MKL_NUM_THREADS": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-        }
-    )
-    env.update(extra)
-    return env
+    return offline_cpu_env(os.environ, **{**settings, **extra})
 
 
 class RunningService:

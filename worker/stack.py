@@ -21,6 +21,23 @@ from common.celery_config import make_celery
 from common.settings import Settings
 
 
+def offline_cpu_env(base: Mapping[str, str], **overrides: str) -> dict[str, str]:
+    """``base`` without any service or AWS configuration, plus what a single-machine run on the
+    tiny model wants: CPU, one torch thread per process, no hub access. For tests and benchmarks."""
+    env = {key: value for key, value in base.items() if not key.startswith(("VIDEOQA_", "AWS_", "CUDA_VISIBLE_DEVICES"))}
+    env.update(
+        {
+            "VIDEOQA_DEVICE": "cpu",
+            "HF_HUB_OFFLINE": "1",
+            "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+    )
+    env.update(overrides)
+    return env
+
+
 def api_command(host: str = "127.0.0.1", port: int = 8000, workers: int = 2) -> list[str]:
     return [
         sys.executable, "-m", "gunicorn",
