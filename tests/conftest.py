@@ -158,24 +158,27 @@ def start_process(stack: Stack, logs: Path, name: str, argv: list[str], **extra_
     stack.start(name, argv, stdout=handle, stderr=subprocess.STDOUT, extra_env=extra_env)
 
 
-@pytest.fixture(scope="session")
-def service(
-    redis_url: str, aws_env: dict[str, str], s3: object, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[RunningService]:
-    """The API under gunicorn, a CPU worker and a GPU worker, as README starts them."""
-    logs = tmp_path_factory.mktemp("service-logs")
-    env = service_env(redis_url, aws_env, tiny_model_dir)
+def start_service(env: dict[str, str], logs: Path) -> RunningService:
+    """The API (two gunicorn processes), one CPU worker and one GPU worker, logging under ``logs``."""
     stack = Stack(env=env)
     port = free_port()
     start_process(stack, logs, "api", api_command(port=port, workers=2))
     start_process(stack, logs, "cpu", cpu_worker_command(concurrency=1))
     start_process(stack, logs, "gpu", gpu_worker_command())
-    running = RunningService(f"http://127.0.0.1:{port}", env, stack, logs)
+    return RunningService(f"http://127.0.0.1:{port}", env, stack, logs)
+
+
+@pytest.fixture(scope="session")
+def service(
+    redis_url: str, aws_env: dict[str, str], s3: object, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningService]:
+    """The API under gunicorn, a CPU worker and a GPU worker, as README starts them."""
+    running = start_service(service_env(redis_url, aws_env, tiny_model_dir), tmp_path_factory.mktemp("service-logs"))
     try:
         wait_for_http(running.url("/healthz"), timeout_s=30)
         yield running
     finally:
-        stack.stop()
+        running.stack.stop()
 
 
 @pytest.fixture()

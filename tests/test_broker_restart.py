@@ -8,9 +8,9 @@ from pathlib import Path
 
 import requests
 
-from tests.conftest import RunningService, service_env, start_process
+from tests.conftest import service_env, start_service
 from tests.redis_server import RedisServer
-from worker.stack import Stack, api_command, cpu_worker_command, free_port, gpu_worker_command, wait_for_http, wait_for_workers
+from worker.stack import wait_for_http, wait_for_workers
 
 
 def _submit(base: str, video: Path, n: int) -> str | None:
@@ -37,12 +37,8 @@ def test_redis_killed_and_restarted_under_load(
     data.mkdir()
     server = RedisServer(data, "--appendonly", "yes", "--appendfsync", "everysec").start()
     env = service_env(server.url, aws_env, tiny_model_dir, VIDEOQA_RECONCILE_INTERVAL_S="2", VIDEOQA_RECONCILE_AFTER_S="10")
-    stack = Stack(env=env)
-    port = free_port()
-    start_process(stack, tmp_path, "api", api_command(port=port, workers=2))
-    start_process(stack, tmp_path, "cpu", cpu_worker_command(concurrency=1))
-    start_process(stack, tmp_path, "gpu", gpu_worker_command())
-    service = RunningService(f"http://127.0.0.1:{port}", env, stack, tmp_path)
+    service = start_service(env, tmp_path)
+    stack = service.stack
     try:
         wait_for_http(service.url("/healthz"))
         wait_for_workers(service.settings, ["cpu", "gpu0"], timeout_s=180)
