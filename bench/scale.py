@@ -10,13 +10,22 @@ alone. One warm-up job per worker first (it also stores the video's frames, whic
 jobs then reuse), then all jobs are submitted at once and polled until they succeed. Throughput is
 jobs / (last job's end - first submission); the GPU stage's own rate, jobs / (last generate end
 - first generate start), is printed beside it. With one thread per worker on a 2-core machine the
-target ratio is >= 1.8x. The machine may be shared: compare the rows of one run only.
+target ratio is >= 1.8x.
+
+The machine's own ceiling is measured in the same run: the same generation (same model, prompt
+and token budget, one torch thread) in one bare process, then in two at once, with no service
+around them. The service can scale no better than the machine does. The machine may be shared:
+compare the rows of one run only.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 from bench.harness import flush, running, sample_video, service_env
@@ -51,15 +60,85 @@ def measure(gpu_workers: int, jobs: int, max_new_tokens: int, video: Path, workd
     }
 
 
+def generate_back_to_back(jobs: int, max_new_tokens: int, video: str) -> None:
+    """A bare process doing a GPU worker's generation ``jobs`` times: loads first, says READY,
+    starts on the parent's word, prints its seconds."""
+    import torch
+
+    from common.schemas import Generation, Sampling
+    from common.settings import load_settings
+    from worker.frames import sample_frames
+    from worker.inference import Prompt, generate, load_model
+
+    torch.set_num_threads(1)
+    loaded = load_model(load_settings())
+    images = [frame.image for frame in sample_frames(Path(video), Sampling(num_frames=2))]
+    content = [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "What is the cat doing?"}]
+    messages = [{"role": "user", "content": content}]
+    text = loaded.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    prompt = Prompt(text=text, images=images, generation=Generation(max_new_tokens=max_new_tokens))
+    generate(loaded, [prompt])  # warm-up, as the workers do before consuming
+    print("READY", flush=True)
+    sys.stdin.readline()
+    started = time.perf_counter()
+    tokens = sum(generate(loaded, [prompt])[0].completion_tokens for _ in range(jobs))
+    print("RESULT " + json.dumps({"seconds": time.perf_counter() - started, "tokens": tokens}), flush=True)
+
+
+def machine_ceiling(jobs: int, max_new_tokens: int, video: Path, workdir: Path) -> dict[int, dict[str, float]]:
+    """Jobs/s of ``jobs`` bare generations in one process, and split over two running at once."""
+    env = service_env(workdir / "ceiling")
+    rows: dict[int, dict[str, float]] = {}
+    for processes in (1, 2):
+        share = jobs // processes
+        argv = [sys.executable, "-m", "bench.scale", "--generate-child", str(share), str(max_new_tokens), str(video)]
+        children = [
+            subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            for _ in range(processes)
+        ]
+        for child in children:
+            assert child.stdout is not None
+            while (line := child.stdout.readline()) and line.strip() != "READY":
+                pass
+        for child in children:
+            assert child.stdin is not None
+            child.stdin.write("go\n")
+            child.stdin.flush()
+        results = []
+        for child in children:
+            output, _ = child.communicate(timeout=600)
+            results.append(json.loads(output.split("RESULT ", 1)[1]))
+        seconds = max(result["seconds"] for result in results)
+        rows[processes] = {
+            "seconds": seconds,
+            "jobs_per_s": share * processes / seconds,
+            "tokens_per_job": sum(result["tokens"] for result in results) / (share * processes),
+        }
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--jobs", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=120)
+    parser.add_argument("--generate-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.generate_child:
+        jobs, max_new_tokens, video = args.generate_child
+        generate_back_to_back(int(jobs), int(max_new_tokens), video)
+        return
     with tempfile.TemporaryDirectory(prefix="videoqa-bench-scale-") as tmp:
         workdir = Path(tmp)
         video = sample_video(workdir)
+        ceiling = machine_ceiling(args.jobs, args.max_new_tokens, video, workdir)
         rows = {n: measure(n, args.jobs, args.max_new_tokens, video, workdir) for n in (1, 2)}
+    print("the machine's ceiling: the same generation in bare processes, no service")
+    print(f"{'processes':>11} {'seconds':>8} {'jobs/s':>8} {'tokens/job':>11}")
+    for n, row in ceiling.items():
+        print(f"{n:>11} {row['seconds']:>8.2f} {row['jobs_per_s']:>8.2f} {row['tokens_per_job']:>11.1f}")
+    bare_ratio = ceiling[2]["jobs_per_s"] / ceiling[1]["jobs_per_s"]
+    print(f"two processes / one: {bare_ratio:.2f}x")
+    print()
     print(f"{args.jobs} jobs, up to {args.max_new_tokens} new tokens each, tiny model on the CPU, one thread per worker")
     print(f"{'GPU workers':>11} {'seconds':>8} {'jobs/s':>8} {'GPU-stage jobs/s':>17} {'tokens/job':>11}")
     for n, row in rows.items():
@@ -67,6 +146,7 @@ def main() -> None:
     ratio = rows[2]["jobs_per_s"] / rows[1]["jobs_per_s"]
     gpu_ratio = rows[2]["gpu_jobs_per_s"] / rows[1]["gpu_jobs_per_s"]
     print(f"two workers / one worker: {ratio:.2f}x jobs/s (GPU stage {gpu_ratio:.2f}x); target >= 1.8x")
+    print(f"the service's scaling as a share of the machine's: {ratio / bare_ratio:.0%}")
 
 
 if __name__ == "__main__":

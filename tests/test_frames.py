@@ -220,3 +220,30 @@ def test_a_seek_that_lands_late_is_retried_from_the_keyframe_before(videos: dict
     absent = pipe_index.pts[3] + 1
     found = decode_segments(pipe, pipe_index, [Segment(pipe_index.pts[0], (absent,))])
     assert found[absent].pts == pipe_index.pts[4]
+
+
+def test_split_keeps_the_largest_group_as_small_as_a_contiguous_split_allows() -> None:
+    """Five seeks decoding 127, 125, 123, 121 and 47 frames over two processes: the slowest
+    process sets the time, so the split is 252 | 291, not 375 | 168 or 294 | 81."""
+    from fractions import Fraction
+    from itertools import combinations
+
+    from worker.frames import StreamIndex, split_segments
+
+    keyframes = [0, 128, 256, 384, 512]
+    index = StreamIndex(pts=list(range(600)), keyframe_pts=keyframes, time_base=Fraction(1, 30))
+    lasts = [126, 252, 378, 504, 558]
+    segments = [Segment(k, (last,)) for k, last in zip(keyframes, lasts, strict=True)]
+    costs = [last - k + 1 for k, last in zip(keyframes, lasts, strict=True)]
+
+    groups = split_segments(index, segments, 2)
+
+    assert [s for group in groups for s in group] == segments
+    best = min(
+        max(sum(costs[a:b]) for a, b in zip((0, *cuts), (*cuts, len(costs))))
+        for cuts in combinations(range(1, len(costs)), 1)
+    )
+    largest = max(sum(costs[segments.index(s)] for s in group) for group in groups)
+    assert largest == best == 291
+    assert len(split_segments(index, segments, 8)) == 5
+    assert split_segments(index, segments, 1) == [segments]

@@ -20,7 +20,7 @@ from worker.decode_process import DecodeLimits, VideoSample, sample_video
 from worker.frames import sample_frames
 from worker.geometry import FrameGeometry
 from worker.sample_media import read_frame_index, write_cat_video
-from worker.sandbox import run_isolated
+from worker.sandbox import Session, run_isolated
 
 LIMITS = DecodeLimits.from_settings(load_settings({}))
 
@@ -129,3 +129,70 @@ def test_a_hanging_child_is_killed_at_the_deadline(tmp_path: Path, long_video: P
     else:
         raise AssertionError(f"child {pid} still runs after its deadline")
     assert len(_sample(long_video, Sampling(num_frames=2)).frames) == 2
+
+
+def _plan_then_work(release_file: str):  # type: ignore[no-untyped-def]
+    # Hands over a plan, then works on until the caller has acted on it (the release file).
+    yield {"pid": os.getpid()}, []
+    while not Path(release_file).exists():
+        time.sleep(0.01)
+    return "done", [np.arange(6, dtype=np.int32).reshape(2, 3)]
+
+
+def _plan_then_crash():  # type: ignore[no-untyped-def]
+    yield "plan", []
+    os.kill(os.getpid(), signal.SIGSEGV)
+    return None, []
+
+
+def test_a_child_hands_over_its_plan_while_it_goes_on(tmp_path: Path) -> None:
+    release = tmp_path / "release"
+    with Session(LIMITS.memory_bytes, time.monotonic() + 30, 30) as session:
+        child = session.start(_plan_then_work, (str(release),))
+        plan, arrays = session.next_answer(child)
+        # The child is still running: its last answer waits for what the caller does next.
+        assert arrays == [] and not child.finished
+        os.kill(plan["pid"], 0)
+        release.touch()
+        session.finish()
+    payload, (array,) = child.answers[-1]
+    assert payload == "done" and array.tolist() == [[0, 1, 2], [3, 4, 5]]
+
+
+def test_a_child_that_dies_after_its_plan_fails_the_session() -> None:
+    with Session(LIMITS.memory_bytes, time.monotonic() + 30, 30) as session:
+        child = session.start(_plan_then_crash, ())
+        assert session.next_answer(child) == ("plan", [])
+        with pytest.raises(InvalidMedia, match="crashed .SIGSEGV"):
+            session.finish()
+
+
+def _mixed_arrays(seed: int) -> tuple[str, list[np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return "mixed", [
+        rng.integers(0, 256, (720, 1280, 3), dtype=np.uint8),
+        rng.standard_normal((3, 5)).astype(np.float32),
+        np.arange(7, dtype=np.int64),
+        rng.integers(0, 256, (1, 1, 3), dtype=np.uint8),
+    ]
+
+
+def test_arrays_of_any_shape_and_type_come_back_exactly_and_writable() -> None:
+    (payload, arrays), = run_isolated([(_mixed_arrays, (7,))], LIMITS.memory_bytes, LIMITS.deadline_s)
+    _, expected = _mixed_arrays(7)
+    assert payload == "mixed"
+    for got, want in zip(arrays, expected, strict=True):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert np.array_equal(got, want)
+        got[...] = 0  # the caller owns what it received
+    assert not arrays[0].any()
+
+
+def test_the_fork_server_asks_for_huge_pages_and_keeps_the_callers_tunables() -> None:
+    from worker.sandbox import _server_environment
+
+    env = _server_environment({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", "PATH": "/bin"})
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+    assert env["PATH"] == "/bin"
+    # An operator's own choice stands.
+    assert _server_environment({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=0"

@@ -1,9 +1,10 @@
 """Sampling a video in sandboxed child processes (``worker.sandbox``), so a decoder that crashes,
 hangs or eats memory ends one job ``invalid_media`` and never the worker.
 
-A first child probes the file, indexes its packets, chooses the frames and plans the seeks; when
-one process is enough it decodes them at once. Otherwise the seeks of a long video are split into
-groups of about equal work, one child each, when the worker has cores to spare. Children resize
+A first child probes the file, indexes its packets, chooses the frames and plans the seeks. When
+the worker has cores to spare, the seeks of a long video are split into groups of about equal
+work: the first child hands the plan over and decodes the first group while the caller starts one
+child for each other group. Children resize
 the frames to the model's geometry when asked, so only small frames travel back.
 """
 
@@ -11,8 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Generator
 from pathlib import Path
 
+import av
 import numpy as np
 from PIL import Image
 
@@ -33,7 +36,7 @@ from worker.frames import (
 )
 from worker.geometry import FrameGeometry
 from worker.probe import MediaInfo, MediaLimits, check_index, open_checked
-from worker.sandbox import available_cores, run_until
+from worker.sandbox import Answer, Session, available_cores
 
 # Below this many frames to decode, a second process costs more than it saves.
 _SPLIT_MIN_FRAMES = 120
@@ -74,31 +77,35 @@ def sample_video(
     """Probe, index, choose and decode ``path`` in child processes; frames resized to ``geometry``
     when given (in the children, so only small frames travel back).
 
-    One child probes, indexes and plans; when the plan needs one process it decodes at once, else
-    the parent starts one child per group of seeks.
+    One child probes, indexes and plans, hands the plan over and decodes the first group of seeks;
+    meanwhile the caller starts one child for each other group, when the plan has more than one.
     """
     deadline = time.monotonic() + limits.deadline_s
     cores = available_cores()
-    first_call = (_probe_and_sample, (path, sampling, limits.media, limits.processes or cores, cores, geometry))
-    [(planned, arrays)], [first_peak] = run_until([first_call], limits.memory_bytes, deadline, limits.deadline_s)
-    info, index, plan = planned
-    peak = first_peak
-    if plan.stamps is not None:
-        results = [(plan.stamps, arrays)]
-    else:
+    processes = limits.processes or cores
+    with Session(limits.memory_bytes, deadline, limits.deadline_s) as session:
+        first = session.start(_probe_and_sample, (path, sampling, limits.media, processes, cores, geometry))
+        (info, index, plan), _ = session.next_answer(first)
         threads = _threads(cores, len(plan.groups))
-        calls = [(_decode, (path, index, group, threads, sampling.fast, geometry)) for group in plan.groups]
-        results, peaks = run_until(calls, limits.memory_bytes, deadline, limits.deadline_s)
-        peak = max(peak, sum(peaks))
+        others = [
+            session.start(_decode, (path, index, group, threads, sampling.fast, geometry)) for group in plan.groups[1:]
+        ]
+        session.finish()
     decoded: dict[int, Decoded] = {}
-    for stamps, found in results:
+    for child in (first, *others):
+        stamps, found = child.answers[-1]
         decoded.update({target: Decoded(pts, array) for (target, pts), array in zip(stamps, found, strict=True)})
     if sampling.fast:
         frames = [sampled_frame(index, decoded[index.pts[k]], target=t) for k, t in plan.pairs]
     else:
         frames = [sampled_frame(index, decoded[index.pts[p]]) for p in plan.positions]
     return VideoSample(
-        info=info, frame_count=index.frame_count, frames=frames, processes=len(plan.groups), peak_rss_sum=peak
+        info=info,
+        frame_count=index.frame_count,
+        frames=frames,
+        processes=len(plan.groups),
+        # All of them run at once: the first decodes its share while the others decode theirs.
+        peak_rss_sum=sum(child.peak for child in (first, *others)),
     )
 
 
@@ -108,8 +115,6 @@ class _Plan:
     # Fast mode: (keyframe position, target position) pairs.
     pairs: list[tuple[int, int]]
     groups: list[list[Segment]]
-    # Set when the planning child decoded the one group itself.
-    stamps: list[tuple[int, int]] | None = None
 
 
 def _plan(index: StreamIndex, sampling: Sampling, processes: int) -> _Plan:
@@ -132,27 +137,28 @@ def _threads(cores: int, processes: int) -> int:
 
 def _probe_and_sample(
     path: Path, sampling: Sampling, limits: MediaLimits, processes: int, cores: int, geometry: FrameGeometry | None
-) -> tuple[tuple[MediaInfo, StreamIndex, _Plan], list[np.ndarray]]:
+) -> Generator[Answer, None, Answer]:
+    """Yields the plan (so the caller can start the other groups at once), then returns the
+    first group's frames."""
     container, info = open_checked(path, limits)
     with container:
         index = index_container(container)
-    check_index(index, limits)
-    plan = _plan(index, sampling, processes)
-    if len(plan.groups) > 1:
-        return (info, index, plan), []
-    stamps, arrays = _decode(path, index, plan.groups[0], _threads(cores, 1), sampling.fast, geometry)
-    return (info, index, dataclasses.replace(plan, stamps=stamps)), arrays
+        check_index(index, limits)
+        plan = _plan(index, sampling, processes)
+        yield (info, index, plan), []
+        threads = _threads(cores, len(plan.groups))
+        return _decode(container, index, plan.groups[0], threads, sampling.fast, geometry)
 
 
 def _decode(
-    path: Path,
+    source: Path | av.container.InputContainer,
     index: StreamIndex,
     segments: list[Segment],
     threads: int,
     keyframes_only: bool,
     geometry: FrameGeometry | None,
 ) -> tuple[list[tuple[int, int]], list[np.ndarray]]:
-    found = decode_segments(path, index, segments, threads=threads, keyframes_only=keyframes_only)
+    found = decode_segments(source, index, segments, threads=threads, keyframes_only=keyframes_only)
     targets = sorted(found)
     arrays = [found[t].array for t in targets]
     if geometry is not None:

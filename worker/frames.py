@@ -10,6 +10,7 @@ that run in whatever process calls them; ``worker.decode_process`` runs them in 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import errno
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -209,34 +210,58 @@ def plan_segments(index: StreamIndex, target_pts: Sequence[int]) -> list[Segment
 
 
 def split_segments(index: StreamIndex, segments: Sequence[Segment], parts: int) -> list[list[Segment]]:
-    """Contiguous groups of segments with about the same number of frames to decode each."""
+    """At most ``parts`` contiguous groups of segments whose largest holds as few frames to
+    decode as any such split allows: the slowest process sets the time of the whole."""
+
     def cost(segment: Segment) -> int:
         return index.position_of(segment.targets[-1]) - index.position_of(segment.start) + 1
 
+    costs = [cost(s) for s in segments]
     parts = max(1, min(parts, len(segments)))
-    total = sum(cost(s) for s in segments)
-    groups: list[list[Segment]] = [[]]
-    done = 0
-    for segment in segments:
-        # Start the next group once this one holds its share of the work.
-        if groups[-1] and len(groups) < parts and done >= total * len(groups) / parts:
-            groups.append([])
-        groups[-1].append(segment)
-        done += cost(segment)
-    return groups
+
+    def pack(capacity: int) -> list[list[int]]:
+        groups: list[list[int]] = [[]]
+        load = 0
+        for i, c in enumerate(costs):
+            if groups[-1] and load + c > capacity:
+                groups.append([])
+                load = 0
+            groups[-1].append(i)
+            load += c
+        return groups
+
+    # The smallest capacity that still packs into ``parts`` groups (binary search: packing is
+    # monotone in the capacity).
+    low, high = max(costs, default=0), sum(costs)
+    while low < high:
+        middle = (low + high) // 2
+        if len(pack(middle)) <= parts:
+            high = middle
+        else:
+            low = middle + 1
+    return [[segments[i] for i in group] for group in pack(low)]
 
 
 def decode_segments(
-    path: Path, index: StreamIndex, segments: Sequence[Segment], *, threads: int = 0, keyframes_only: bool = False
+    source: Path | av.container.InputContainer,
+    index: StreamIndex,
+    segments: Sequence[Segment],
+    *,
+    threads: int = 0,
+    keyframes_only: bool = False,
 ) -> dict[int, Decoded]:
     """Decode the target frames of ``segments``: target pts -> the frame decoded for it.
+
+    ``source`` is a file, or a container already open on it whose decoder has not run yet (the
+    one just indexed, say: opening the file again would parse its header a second time).
 
     A target the decoder cannot produce from its segment's keyframe (a seek that landed late, a
     leading frame of an open GOP, a damaged frame) is tried again from the keyframe before; failing
     that, the first frame after it stands in, and the caller reports that frame's own index.
     """
     found: dict[int, Decoded] = {}
-    with open_input(path) as container:
+    opened = open_input(source) if isinstance(source, Path) else contextlib.nullcontext(source)
+    with opened as container:
         stream = container.streams.video[index.stream_index]
         context = stream.codec_context
         # Frame threads hold frames back to fill their pipeline: no use when each seek decodes one.

@@ -4,7 +4,8 @@ deadline, so a crash, a hang or a memory blow-up ends that work and never the ca
 A small fork server, started once per calling process, imports the decoding stack and forks one
 child per call. Each child gets limits on memory (data: heap, buffers, stacks), CPU time (a
 backstop to the caller's deadline) and core dumps, and dies with the server, which exits with the
-caller. Children answer over their own socket: a pickled header, then NumPy arrays as raw bytes.
+caller. Children answer over their own socket: a pickled header, then NumPy arrays as raw bytes;
+a child running a generator answers once per value it yields, then once more with what it returns.
 Plain ``os.fork`` from the server, not ``multiprocessing``: callers can be Celery prefork workers
 (daemonic billiard processes) and scripts alike, and no caller module is re-imported per child.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import inspect
 import json
 import os
 import pickle
@@ -25,7 +27,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from multiprocessing.connection import wait
 from typing import Any
 
@@ -55,35 +57,68 @@ def run_until(
 ) -> tuple[list[Answer], list[int]]:
     """``run_isolated`` against an absolute ``deadline`` (monotonic clock); also each child's peak
     resident set in bytes. Any child's failure fails them all (the others are killed)."""
-    server = _server()
-    cpu_s = int(max(1.0, deadline - time.monotonic()) * available_cores()) + 1
-    children: list[_Child] = []
-    try:
-        for fn, args in calls:
-            try:
-                children.append(_Child(server, fn, args, memory_bytes, cpu_s))
-            except (OSError, EOFError):
-                # The server itself died (killed from outside): the next call starts a new one.
-                raise TransientError("the decode server stopped; the job will be retried") from None
-        pending = list(children)
-        while pending:
-            remaining = deadline - time.monotonic()
+    with Session(memory_bytes, deadline, deadline_s) as session:
+        children = [session.start(fn, args) for fn, args in calls]
+        session.finish()
+    return [child.answers[-1] for child in children], [child.peak for child in children]
+
+
+class Session:
+    """Children started one after another against one deadline and one memory limit each.
+
+    A call may be a generator function: what it yields reaches the caller at once
+    (``next_answer``) while the child goes on, and what it returns is its last answer. That lets
+    a child hand over a plan and start on its own share of it while the caller starts the rest.
+    Any child's failure fails the session (the others are killed when it closes).
+    """
+
+    def __init__(self, memory_bytes: int, deadline: float, deadline_s: float) -> None:
+        self.server = _server()
+        self.memory_bytes = memory_bytes
+        self.deadline, self.deadline_s = deadline, deadline_s
+        self.cpu_s = int(max(1.0, deadline - time.monotonic()) * available_cores()) + 1
+        self.children: list[_Child] = []
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for child in self.children:
+            child.close()
+
+    def start(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> _Child:
+        try:
+            child = _Child(self.server, fn, args, self.memory_bytes, self.cpu_s)
+        except (OSError, EOFError):
+            # The server itself died (killed from outside): the next call starts a new one.
+            raise TransientError("the decode server stopped; the job will be retried") from None
+        self.children.append(child)
+        return child
+
+    def next_answer(self, child: _Child) -> Answer:
+        """The first answer of ``child`` not taken yet (waiting for it as long as the deadline allows)."""
+        self._wait_until(lambda: child.taken < len(child.answers))
+        child.taken += 1
+        return child.answers[child.taken - 1]
+
+    def finish(self) -> None:
+        """Wait until every child has given its last answer."""
+        self._wait_until(lambda: all(child.finished for child in self.children))
+
+    def _wait_until(self, ready: Callable[[], bool]) -> None:
+        while not ready():
+            remaining = self.deadline - time.monotonic()
             if remaining <= 0:
-                raise InvalidMedia(f"decoding took longer than {deadline_s:g} s (VIDEOQA_DECODE_TIMEOUT_S)")
+                raise InvalidMedia(f"decoding took longer than {self.deadline_s:g} s (VIDEOQA_DECODE_TIMEOUT_S)")
+            pending = [child for child in self.children if not child.finished]
             for child in wait(pending, timeout=remaining):  # type: ignore[assignment]
                 try:
-                    finished = child.receive()
+                    child.receive()
                 except (EOFError, OSError):
                     raise InvalidMedia(child.failure()) from None
-                if finished:
-                    pending.remove(child)
-                    if child.header[0] == "error":
-                        _, kind, message = child.header
-                        raise kind(message)
-    finally:
-        for child in children:
-            child.close()
-    return [(child.header[1], child.arrays) for child in children], [child.header[3] for child in children]
+                if child.error is not None:
+                    kind, message = child.error
+                    raise kind(message)
 
 
 def available_cores() -> int:
@@ -118,6 +153,7 @@ class _Server:
             [sys.executable, "-c", bootstrap, json.dumps(sys.path), str(theirs.fileno())],
             pass_fds=[theirs.fileno()],
             stdin=subprocess.DEVNULL,
+            env=_server_environment(os.environ),
         )
         theirs.close()
         self.sock = ours
@@ -172,6 +208,17 @@ class _Server:
         return self.pid == os.getpid() and self.process.poll() is None
 
 
+def _server_environment(base: Mapping[str, str]) -> dict[str, str]:
+    """``base``, with glibc's malloc asking for transparent huge pages unless the operator chose
+    otherwise (glibc 2.35 and later; others ignore it). Every child allocates its decoded frames
+    afresh, megabytes each: huge pages cut the page faults that cost as much as the copying."""
+    env = dict(base)
+    tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
+    if not any(t.startswith("glibc.malloc.hugetlb=") for t in tunables):
+        env["GLIBC_TUNABLES"] = ":".join([*tunables, "glibc.malloc.hugetlb=1"])
+    return env
+
+
 _SERVER: _Server | None = None
 _SERVER_LOCK = threading.Lock()
 
@@ -199,27 +246,46 @@ class _Child:
         finally:
             theirs.close()
         self.sock = ours
-        self.header: tuple[Any, ...] = ()
-        self.arrays: list[np.ndarray] = []
-        self.done = False
+        self.answers: list[Answer] = []
+        self.taken = 0
+        self.peak = 0
+        self.finished = False
+        self.error: tuple[type[VideoQAError], str] | None = None
+        self._header: tuple[Any, ...] | None = None
+        self._arrays: list[np.ndarray] = []
+        self._block, self._offset = _EMPTY, 0
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def receive(self) -> bool:
-        """Read the next message; True once the child's whole answer is in."""
-        if not self.header:
+    def receive(self) -> None:
+        """Read the next piece of the child's next answer: its header, or one of its arrays."""
+        if self._header is None:
             (size,) = _LENGTH.unpack(_recv_exactly(self.sock, _LENGTH.size))
-            self.header = pickle.loads(_recv_exactly(self.sock, size))
-            self.done = self.header[0] == "error" or not self.header[2]
-            return self.done
-        shape, dtype = self.header[2][len(self.arrays)]
-        # Straight into the array: one copy out of the socket, none after.
-        array = np.empty(shape, dtype=np.dtype(dtype))
-        _recv_into(self.sock, memoryview(array.reshape(-1).view(np.uint8)))
-        self.arrays.append(array)
-        self.done = len(self.arrays) == len(self.header[2])
-        return self.done
+            header = pickle.loads(_recv_exactly(self.sock, size))
+            if header[0] == "error":
+                self.error = (header[1], header[2])
+                self.finished = True
+                return
+            self._header, self._arrays = header, []
+            # One block for all the answer's arrays: a block this large is backed by huge pages
+            # (NumPy asks for them from 4 MiB on), a fraction of the page faults of one array each.
+            self._block = np.empty(sum(_nbytes(spec) for spec in header[2]), dtype=np.uint8)
+            self._offset = 0
+        else:
+            shape, dtype = self._header[2][len(self._arrays)]
+            size = _nbytes((shape, dtype))
+            # Straight into the block: one copy out of the socket, none after.
+            part = self._block[self._offset : self._offset + size]
+            _recv_into(self.sock, memoryview(part))
+            self._arrays.append(part.view(np.dtype(dtype)).reshape(shape))
+            self._offset += size
+        if len(self._arrays) == len(self._header[2]):
+            kind, payload, _, peak = self._header
+            self.answers.append((payload, self._arrays))
+            self._header, self._block = None, _EMPTY
+            if kind == "last":
+                self.finished, self.peak = True, peak
 
     def failure(self) -> str:
         status = self.server.exit_status(self.pid)
@@ -234,11 +300,19 @@ class _Child:
         return f"the decoder exited unexpectedly (status {code})"
 
     def close(self) -> None:
-        if not self.done:
+        if not self.finished:
             with contextlib.suppress(OSError):
                 self.server.kill(self.pid)
         self.sock.close()
         self.server.forget(self.pid)
+
+
+_EMPTY = np.empty(0, dtype=np.uint8)
+
+
+def _nbytes(spec: tuple[tuple[int, ...], str]) -> int:
+    shape, dtype = spec
+    return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
 
 
 def _recv_exactly(sock: socket.socket, size: int) -> bytes:
@@ -333,7 +407,17 @@ def _child(fd: int, payload: bytes, closing: list[int]) -> None:
 
 def _answer(conn: socket.socket, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
     try:
-        payload, arrays = fn(*args)
+        result = fn(*args)
+        if inspect.isgenerator(result):
+            while True:
+                try:
+                    payload, arrays = next(result)
+                except StopIteration as stop:
+                    payload, arrays = stop.value
+                    break
+                _send_answer(conn, "more", payload, arrays)
+        else:
+            payload, arrays = result
     except VideoQAError as exc:
         _send(conn, ("error", type(exc), exc.message))
         return
@@ -343,8 +427,12 @@ def _answer(conn: socket.socket, fn: Callable[..., Any], args: tuple[Any, ...]) 
     except Exception as exc:  # noqa: BLE001 - a decoder bug must end the job, not the worker
         _send(conn, ("error", InvalidMedia, f"the video cannot be decoded: {type(exc).__name__}: {exc}"))
         return
+    _send_answer(conn, "last", payload, arrays)
+
+
+def _send_answer(conn: socket.socket, kind: str, payload: Any, arrays: list[np.ndarray]) -> None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    _send(conn, ("ok", payload, [(a.shape, a.dtype.str) for a in arrays], peak))
+    _send(conn, (kind, payload, [(a.shape, a.dtype.str) for a in arrays], peak))
     for array in arrays:
         conn.sendall(np.ascontiguousarray(array).reshape(-1).data)
 
