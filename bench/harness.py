@@ -12,7 +12,7 @@ import os
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +99,24 @@ class Running:
                         done[job_id] = job
             time.sleep(poll_s)
         return done
+
+
+    def wait_for(
+        self, job_ids: Sequence[str], reached: Callable[[dict], bool], timeout_s: float = 600.0, poll_s: float = 0.25  # type: ignore[type-arg]
+    ) -> None:
+        """Until every job's record satisfies ``reached`` (a failed job raises)."""
+        pending = set(job_ids)
+        deadline = time.monotonic() + timeout_s
+        while pending:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(pending)} jobs not there yet; logs in {self.logs}")
+            for job_id in list(pending):
+                job = requests.get(f"{self.base_url}/v1/jobs/{job_id}", timeout=10).json()
+                if job["status"] in TERMINAL and job["status"] != "succeeded":
+                    raise RuntimeError(f"job {job_id} {job['status']}: {job['error']}")
+                if reached(job):
+                    pending.discard(job_id)
+            time.sleep(poll_s)
 
 
 @contextmanager
