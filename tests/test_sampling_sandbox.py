@@ -196,3 +196,35 @@ def test_the_fork_server_asks_for_huge_pages_and_keeps_the_callers_tunables() ->
     assert env["PATH"] == "/bin"
     # An operator's own choice stands.
     assert _server_environment({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=0"
+
+
+class _RunsCode:
+    """What a subverted decoder could send: unpickling it would run a command in the caller."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _answer_with_code(marker: str) -> tuple[object, list[np.ndarray]]:
+    return _RunsCode(marker), []
+
+
+def _answer_claiming_a_terabyte() -> tuple[None, list[np.ndarray]]:
+    # A view of one byte that says it is 1 TiB: the header would make the caller allocate that.
+    return None, [np.broadcast_to(np.uint8(0), (1 << 20, 1 << 20))]
+
+
+def test_an_answer_that_would_run_code_in_the_caller_is_refused(tmp_path: Path, long_video: Path) -> None:
+    marker = tmp_path / "ran"
+    with pytest.raises(InvalidMedia, match="answer was refused: UnpicklingError: posix.system may not appear"):
+        run_isolated([(_answer_with_code, (str(marker),))], LIMITS.memory_bytes, LIMITS.deadline_s)
+    assert not marker.exists()
+    assert len(_sample(long_video, Sampling(num_frames=2)).frames) == 2
+
+
+def test_an_answer_larger_than_the_childs_memory_limit_is_refused() -> None:
+    with pytest.raises(InvalidMedia, match="claims 1099511627776 bytes, more than its memory limit"):
+        run_isolated([(_answer_claiming_a_terabyte, ())], LIMITS.memory_bytes, LIMITS.deadline_s)

@@ -83,7 +83,7 @@ def sample_video(
     deadline = time.monotonic() + limits.deadline_s
     cores = available_cores()
     processes = limits.processes or cores
-    with Session(limits.memory_bytes, deadline, limits.deadline_s) as session:
+    with Session(limits.memory_bytes, deadline, limits.deadline_s, answer_types=_ANSWER_TYPES) as session:
         first = session.start(_probe_and_sample, (path, sampling, limits.media, processes, cores, geometry))
         (info, index, plan), _ = session.next_answer(first)
         threads = _threads(cores, len(plan.groups))
@@ -125,6 +125,10 @@ def _plan(index: StreamIndex, sampling: Sampling, processes: int) -> _Plan:
     segments = plan_segments(index, [index.pts[p] for p in positions])
     work = sum(index.position_of(s.targets[-1]) - index.position_of(s.start) + 1 for s in segments)
     return _Plan(positions, [], split_segments(index, segments, processes if work >= _SPLIT_MIN_FRAMES else 1))
+
+
+# What the children's answers may hold besides builtin values (worker.sandbox rebuilds no other class).
+_ANSWER_TYPES = (MediaInfo, StreamIndex, Segment, _Plan)
 
 
 def _threads(cores: int, processes: int) -> int:

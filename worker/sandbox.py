@@ -15,7 +15,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import inspect
+import io
 import json
+import math
 import os
 import pickle
 import resource
@@ -27,7 +29,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
+from fractions import Fraction
 from multiprocessing.connection import wait
 from typing import Any
 
@@ -47,17 +50,19 @@ _START, _KILL, _STARTED, _EXITED = 1, 2, 3, 4
 _SOCKET_BUFFER = 1 << 20
 
 
-def run_isolated(calls: Sequence[Call], memory_bytes: int, deadline_s: float) -> list[Answer]:
+def run_isolated(
+    calls: Sequence[Call], memory_bytes: int, deadline_s: float, *, answer_types: Collection[type] = ()
+) -> list[Answer]:
     """Run each ``fn(*args) -> (payload, arrays)`` in its own child, all at once; their answers."""
-    return run_until(calls, memory_bytes, time.monotonic() + deadline_s, deadline_s)[0]
+    return run_until(calls, memory_bytes, time.monotonic() + deadline_s, deadline_s, answer_types=answer_types)[0]
 
 
 def run_until(
-    calls: Sequence[Call], memory_bytes: int, deadline: float, deadline_s: float
+    calls: Sequence[Call], memory_bytes: int, deadline: float, deadline_s: float, *, answer_types: Collection[type] = ()
 ) -> tuple[list[Answer], list[int]]:
     """``run_isolated`` against an absolute ``deadline`` (monotonic clock); also each child's peak
     resident set in bytes. Any child's failure fails them all (the others are killed)."""
-    with Session(memory_bytes, deadline, deadline_s) as session:
+    with Session(memory_bytes, deadline, deadline_s, answer_types=answer_types) as session:
         children = [session.start(fn, args) for fn, args in calls]
         session.finish()
     return [child.answers[-1] for child in children], [child.peak for child in children]
@@ -70,11 +75,18 @@ class Session:
     (``next_answer``) while the child goes on, and what it returns is its last answer. That lets
     a child hand over a plan and start on its own share of it while the caller starts the rest.
     Any child's failure fails the session (the others are killed when it closes).
+
+    Children parse hostile files, so their answers are data, never code: only builtin values, the
+    service's errors, ``Fraction`` and the classes in ``answer_types`` are rebuilt from them, and
+    an answer's arrays may not add up to more than a child's memory limit.
     """
 
-    def __init__(self, memory_bytes: int, deadline: float, deadline_s: float) -> None:
+    def __init__(
+        self, memory_bytes: int, deadline: float, deadline_s: float, *, answer_types: Collection[type] = ()
+    ) -> None:
         self.server = _server()
         self.memory_bytes = memory_bytes
+        self.allowed = _allowed_classes(answer_types)
         self.deadline, self.deadline_s = deadline, deadline_s
         self.cpu_s = int(max(1.0, deadline - time.monotonic()) * available_cores()) + 1
         self.children: list[_Child] = []
@@ -88,7 +100,7 @@ class Session:
 
     def start(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> _Child:
         try:
-            child = _Child(self.server, fn, args, self.memory_bytes, self.cpu_s)
+            child = _Child(self.server, fn, args, self.memory_bytes, self.cpu_s, self.allowed)
         except (OSError, EOFError):
             # The server itself died (killed from outside): the next call starts a new one.
             raise TransientError("the decode server stopped; the job will be retried") from None
@@ -233,9 +245,17 @@ def _server() -> _Server:
 
 class _Child:
     def __init__(
-        self, server: _Server, fn: Callable[..., Any], args: tuple[Any, ...], memory_bytes: int, cpu_s: int
+        self,
+        server: _Server,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        memory_bytes: int,
+        cpu_s: int,
+        allowed: frozenset[tuple[str, str]],
     ) -> None:
         self.server = server
+        self.memory_bytes = memory_bytes
+        self.allowed = allowed
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         # Frames are megabytes: large buffers mean far fewer switches between the processes.
         ours.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
@@ -262,15 +282,24 @@ class _Child:
         """Read the next piece of the child's next answer: its header, or one of its arrays."""
         if self._header is None:
             (size,) = _LENGTH.unpack(_recv_exactly(self.sock, _LENGTH.size))
-            header = pickle.loads(_recv_exactly(self.sock, size))
+            data = _recv_exactly(self.sock, size)
+            try:
+                header = _checked_header(_AnswerUnpickler(io.BytesIO(data), self.allowed).load())
+                total = sum(_nbytes(spec) for spec in header[2]) if header[0] != "error" else 0
+            except Exception as exc:  # noqa: BLE001 - whatever a subverted child sends fails its job only
+                self._refuse(f"the decoder's answer was refused: {type(exc).__name__}: {exc}")
+                return
             if header[0] == "error":
                 self.error = (header[1], header[2])
                 self.finished = True
                 return
+            if total > self.memory_bytes:
+                self._refuse(f"the decoder's answer claims {total} bytes, more than its memory limit")
+                return
             self._header, self._arrays = header, []
             # One block for all the answer's arrays: a block this large is backed by huge pages
             # (NumPy asks for them from 4 MiB on), a fraction of the page faults of one array each.
-            self._block = np.empty(sum(_nbytes(spec) for spec in header[2]), dtype=np.uint8)
+            self._block = np.empty(total, dtype=np.uint8)
             self._offset = 0
         else:
             shape, dtype = self._header[2][len(self._arrays)]
@@ -286,6 +315,10 @@ class _Child:
             self._header, self._block = None, _EMPTY
             if kind == "last":
                 self.finished, self.peak = True, peak
+
+    def _refuse(self, message: str) -> None:
+        self.error = (InvalidMedia, message)
+        self.finished = True
 
     def failure(self) -> str:
         status = self.server.exit_status(self.pid)
@@ -310,9 +343,44 @@ class _Child:
 _EMPTY = np.empty(0, dtype=np.uint8)
 
 
+class _AnswerUnpickler(pickle.Unpickler):
+    def __init__(self, file: io.BytesIO, allowed: frozenset[tuple[str, str]]) -> None:
+        super().__init__(file)
+        self.allowed = allowed
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.allowed:
+            raise pickle.UnpicklingError(f"{module}.{name} may not appear in an answer")
+        return super().find_class(module, name)
+
+
+def _checked_header(header: Any) -> tuple[Any, ...]:
+    """``header`` if it has the shape ``_send`` gives headers, else ValueError."""
+    if isinstance(header, tuple) and header and header[0] == "error":
+        if len(header) == 3 and isinstance(header[1], type) and issubclass(header[1], VideoQAError):
+            if isinstance(header[2], str):
+                return header
+    elif isinstance(header, tuple) and len(header) == 4 and header[0] in ("more", "last"):
+        specs, peak = header[2], header[3]
+        if isinstance(specs, list) and all(isinstance(spec, tuple) and len(spec) == 2 for spec in specs):
+            if isinstance(peak, int):
+                return header
+    raise ValueError("not an answer header")
+
+
+def _allowed_classes(answer_types: Collection[type]) -> frozenset[tuple[str, str]]:
+    errors: list[type] = [VideoQAError]
+    for kind in errors:
+        errors.extend(kind.__subclasses__())
+    return frozenset((kind.__module__, kind.__qualname__) for kind in [Fraction, *errors, *answer_types])
+
+
 def _nbytes(spec: tuple[tuple[int, ...], str]) -> int:
     shape, dtype = spec
-    return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    if any(not isinstance(n, int) or n < 0 for n in shape):
+        raise ValueError(f"not an array shape: {shape!r}")
+    # Python integers: a forged shape cannot overflow into a small number.
+    return math.prod(shape) * np.dtype(dtype).itemsize
 
 
 def _recv_exactly(sock: socket.socket, size: int) -> bytes:
