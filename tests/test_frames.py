@@ -73,6 +73,47 @@ def test_default_strategy_picks_the_notebook_frames_exactly(videos: dict[str, Pa
         assert read_frame_index(frame.array) == frame.index
 
 
+@pytest.mark.parametrize("kind", list(FILES))
+@pytest.mark.parametrize("fast", [False, True])
+def test_decoders_on_parallel_threads_give_the_same_frames(videos: dict[str, Path], kind: str, fast: bool) -> None:
+    """Two threads, each its own decoder on a share of the seeks, against one decoder: same frames.
+    Sixteen targets make several seeks on every file, so the seeks are shared between the two."""
+    path = videos[kind]
+    index = index_stream(path)
+    positions = choose_positions(index, Sampling(num_frames=16))
+    alone = decode_positions(path, index, positions, fast=fast, threads=1)
+    shared = decode_positions(path, index, positions, fast=fast, threads=2)
+    assert [(f.index, f.time, f.offset) for f in shared] == [(f.index, f.time, f.offset) for f in alone]
+    for one, other in zip(shared, alone, strict=True):
+        assert np.array_equal(one.array, other.array), f"frame {one.index} differs"
+
+
+def test_seeks_that_divide_evenly_run_on_decoders_of_their_own(
+    videos: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from worker import frames
+
+    path = videos["h264_bframes_long_gop"]
+    index = index_stream(path)
+    segments = frames.plan_segments(index, [index.pts[p] for p in choose_positions(index, Sampling(num_frames=16))])
+    seen: set[str] = set()
+    original = frames._decode_on_one
+
+    def recording(*args: object, **kwargs: object) -> object:
+        seen.add(threading.current_thread().name)
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(frames, "_decode_on_one", recording)
+    decode_segments(path, index, segments, threads=2)
+    assert len(seen) == 2 and all(name.startswith("decoder") for name in seen), seen
+    seen.clear()
+    # All the work in one seek: one decoder with two frame threads instead.
+    decode_segments(path, index, [frames.Segment(index.pts[0], (index.pts[40],))], threads=2)
+    assert seen == {threading.current_thread().name}
+
+
 @pytest.mark.parametrize("kind", ["h264_open_gop", "hevc_open_gop", "h264_bframes_long_gop", "mkv_to_pipe"])
 def test_every_frame_around_each_keyframe_decodes_exactly_on_its_own(videos: dict[str, Path], kind: str) -> None:
     """Single targets force a seek each: leading B-frames of an open GOP, the frames just before a

@@ -151,18 +151,19 @@ def _probe_and_sample(
         plan = _plan(index, sampling, processes)
         yield (info, index, plan), []
         threads = _threads(cores, len(plan.groups))
-        return _decode(container, index, plan.groups[0], threads, sampling.fast, geometry)
+        return _decode(path, index, plan.groups[0], threads, sampling.fast, geometry, opened=container)
 
 
 def _decode(
-    source: Path | av.container.InputContainer,
+    path: Path,
     index: StreamIndex,
     segments: list[Segment],
     threads: int,
     keyframes_only: bool,
     geometry: FrameGeometry | None,
+    opened: av.container.InputContainer | None = None,
 ) -> tuple[list[tuple[int, int]], list[np.ndarray]]:
-    found = decode_segments(source, index, segments, threads=threads, keyframes_only=keyframes_only)
+    found = decode_segments(path, index, segments, threads=threads, keyframes_only=keyframes_only, opened=opened)
     targets = sorted(found)
     arrays = [found[t].array for t in targets]
     if geometry is not None:

@@ -10,6 +10,7 @@ that run in whatever process calls them; ``worker.decode_process`` runs them in 
 from __future__ import annotations
 
 import bisect
+import concurrent.futures
 import contextlib
 import errno
 from collections.abc import Iterable, Sequence
@@ -30,6 +31,9 @@ VIDEO_DEMUXERS = ("mov", "matroska", "avi", "flv", "mpegts", "mpeg", "ogg", "asf
 # Only plain local files reach the demuxer, and only through those demuxers: FFmpeg refuses any
 # other format before it reads past the probe.
 OPEN_OPTIONS = {"protocol_whitelist": "file", "format_whitelist": ",".join(VIDEO_DEMUXERS)}
+# Separate decoders per thread only when the largest share holds at most this part of the work;
+# past it, one decoder with frame threads on the largest share does better.
+_EVEN_SHARE = 0.7
 # Decoders whose skip_frame is read per packet, so non-reference frames can be skipped between
 # targets and the targets themselves still decoded. (libdav1d, for one, reads it once at open.)
 _SKIPS_NONREF_PER_PACKET = {"h264", "hevc"}
@@ -209,14 +213,15 @@ def plan_segments(index: StreamIndex, target_pts: Sequence[int]) -> list[Segment
     return [Segment(start, tuple(targets)) for start, targets in zip(starts, segments, strict=True)]
 
 
+def segment_cost(index: StreamIndex, segment: Segment) -> int:
+    """Frames decoded for ``segment``: from its keyframe through its last target."""
+    return index.position_of(segment.targets[-1]) - index.position_of(segment.start) + 1
+
+
 def split_segments(index: StreamIndex, segments: Sequence[Segment], parts: int) -> list[list[Segment]]:
     """At most ``parts`` contiguous groups of segments whose largest holds as few frames to
-    decode as any such split allows: the slowest process sets the time of the whole."""
-
-    def cost(segment: Segment) -> int:
-        return index.position_of(segment.targets[-1]) - index.position_of(segment.start) + 1
-
-    costs = [cost(s) for s in segments]
+    decode as any such split allows: the slowest process (or thread) sets the time of the whole."""
+    costs = [segment_cost(index, s) for s in segments]
     parts = max(1, min(parts, len(segments)))
 
     def pack(capacity: int) -> list[list[int]]:
@@ -243,17 +248,50 @@ def split_segments(index: StreamIndex, segments: Sequence[Segment], parts: int) 
 
 
 def decode_segments(
-    source: Path | av.container.InputContainer,
+    path: Path,
     index: StreamIndex,
     segments: Sequence[Segment],
     *,
     threads: int = 0,
     keyframes_only: bool = False,
+    opened: av.container.InputContainer | None = None,
 ) -> dict[int, Decoded]:
     """Decode the target frames of ``segments``: target pts -> the frame decoded for it.
 
-    ``source`` is a file, or a container already open on it whose decoder has not run yet (the
-    one just indexed, say: opening the file again would parse its header a second time).
+    With ``threads`` of 2 or more and seeks that divide evenly, each thread runs a decoder of its
+    own on a contiguous share of the seeks. That beats one decoder with as many frame threads:
+    frame threads drain and refill their pipeline at every seek, and a seek often decodes only a
+    few frames. Otherwise one decoder runs with ``threads`` threads (0: FFmpeg's choice).
+    ``opened``, a container already open on ``path`` whose decoder has not run yet (the one just
+    indexed, say), serves the first share instead of opening the file again.
+    """
+    first: Path | av.container.InputContainer = opened if opened is not None else path
+    shares = split_segments(index, segments, threads) if threads >= 2 else [list(segments)]
+    costs = [sum(segment_cost(index, s) for s in share) for share in shares]
+    if len(shares) < 2 or max(costs) > _EVEN_SHARE * sum(costs):
+        return _decode_on_one(first, index, segments, threads=threads, keyframes_only=keyframes_only)
+    per_decoder = max(1, threads // len(shares))
+    sources = [first] + [path] * (len(shares) - 1)
+    with concurrent.futures.ThreadPoolExecutor(len(shares), thread_name_prefix="decoder") as pool:
+        futures = [
+            pool.submit(_decode_on_one, source, index, share, threads=per_decoder, keyframes_only=keyframes_only)
+            for source, share in zip(sources, shares, strict=True)
+        ]
+        found: dict[int, Decoded] = {}
+        for future in futures:
+            found.update(future.result())
+    return found
+
+
+def _decode_on_one(
+    source: Path | av.container.InputContainer,
+    index: StreamIndex,
+    segments: Sequence[Segment],
+    *,
+    threads: int,
+    keyframes_only: bool,
+) -> dict[int, Decoded]:
+    """``decode_segments`` on one decoder, reading ``source`` (a file, or a container open on it).
 
     A target the decoder cannot produce from its segment's keyframe (a seek that landed late, a
     leading frame of an open GOP, a damaged frame) is tried again from the keyframe before; failing
