@@ -44,7 +44,9 @@ from common.settings import load_settings
 from worker.stack import api_command, cpu_worker_command, free_port, gpu_worker_command
 
 
-def measure(gpu_workers: int, jobs: int, max_new_tokens: int, video: Path, workdir: Path) -> dict[str, dict[str, float]]:
+def measure(
+    gpu_workers: int, jobs: int, max_new_tokens: int, video: Path, workdir: Path
+) -> dict[str, dict[str, float]]:
     """Two runs of ``jobs`` on one service: end to end (submitted at once, ingest and generation
     overlapping), then with the GPU workers held back until every job is ingested."""
     flush()
@@ -211,10 +213,10 @@ def main() -> None:
     bare_ratio = ceiling[2]["jobs_per_s"] / ceiling[1]["jobs_per_s"]
     print(f"two processes / one: {bare_ratio:.2f}x")
     print()
-    print(f"{args.jobs} jobs, up to {args.max_new_tokens} new tokens each, tiny model on the CPU, one thread per worker")
-    columns = f"{'GPU workers':>11} {'seconds':>8} {'jobs/s':>8} {'GPU-stage jobs/s':>17} {'generate s':>11} {'tokens/job':>11}"
+    print(f"{args.jobs} jobs, up to {args.max_new_tokens} new tokens each, tiny model on the CPU, one thread each")
     print("end to end: all submitted at once; ingest, API and generation share the cores")
-    print(columns)
+    header = f"{'GPU workers':>11} {'seconds':>8} {'jobs/s':>8} {'GPU-stage jobs/s':>17}"
+    print(f"{header} {'generate s':>11} {'tokens/job':>11}")
     for n in (1, 2):
         row = rows[n]["end_to_end"]
         print(
@@ -222,7 +224,7 @@ def main() -> None:
             f"{row['generate_s']:>11.3f} {row['tokens_per_job']:>11.1f}"
         )
     ratio = rows[2]["end_to_end"]["jobs_per_s"] / rows[1]["end_to_end"]["jobs_per_s"]
-    print(f"two workers / one worker: {ratio:.2f}x jobs/s (target >= 1.8x); {ratio / bare_ratio:.0%} of the machine's {bare_ratio:.2f}x")
+    print(_ratio_line(ratio, bare_ratio))
     print()
     print("GPU stage with the queue full: every job ingested before the GPU workers resume")
     print(f"{'GPU workers':>11} {'steady jobs/s':>14} {'generate s':>11} {'tokens/job':>11}")
@@ -230,7 +232,14 @@ def main() -> None:
         row = rows[n]["queue_full"]
         print(f"{n:>11} {row['steady_jobs_per_s']:>14.2f} {row['generate_s']:>11.3f} {row['tokens_per_job']:>11.1f}")
     steady = rows[2]["queue_full"]["steady_jobs_per_s"] / rows[1]["queue_full"]["steady_jobs_per_s"]
-    print(f"two workers / one worker: {steady:.2f}x jobs/s (target >= 1.8x); {steady / bare_ratio:.0%} of the machine's {bare_ratio:.2f}x")
+    print(_ratio_line(steady, bare_ratio))
+
+
+def _ratio_line(ratio: float, bare_ratio: float) -> str:
+    return (
+        f"two workers / one worker: {ratio:.2f}x jobs/s (target >= 1.8x); "
+        f"{ratio / bare_ratio:.0%} of the machine's {bare_ratio:.2f}x"
+    )
 
 if __name__ == "__main__":
     main()

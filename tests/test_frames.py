@@ -281,7 +281,7 @@ def test_split_keeps_the_largest_group_as_small_as_a_contiguous_split_allows() -
 
     assert [s for group in groups for s in group] == segments
     best = min(
-        max(sum(costs[a:b]) for a, b in zip((0, *cuts), (*cuts, len(costs))))
+        max(sum(costs[a:b]) for a, b in zip((0, *cuts), (*cuts, len(costs)), strict=True))
         for cuts in combinations(range(1, len(costs)), 1)
     )
     largest = max(sum(costs[segments.index(s)] for s in group) for group in groups)
