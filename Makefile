@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test up
+.PHONY: install demo test up torchcodec-env
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,3 +23,12 @@ up: install
 
 test: install
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -q
+
+# torchcodec's PyPI wheel needs a CUDA build of torch and FFmpeg's shared libraries (FFmpeg 5 from
+# Debian 12 here); bench.frames runs it from this separate environment
+# (VIDEOQA_BENCH_TORCHCODEC_PYTHON=$(TORCHCODEC_VENV)/bin/python). It decodes on the CPU.
+TORCHCODEC_VENV ?= $(HOME)/.cache/videoqa/torchcodec-venv
+torchcodec-env:
+	apt-get install -y -q libavcodec59 libavformat59 libavutil57 libswscale6 libavdevice59 libavfilter8 libswresample4
+	$(PYTHON) -m venv $(TORCHCODEC_VENV)
+	$(TORCHCODEC_VENV)/bin/pip install -q "torch==2.14.1" "torchcodec==0.17.0" "numpy==2.4.6"

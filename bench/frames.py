@@ -40,6 +40,9 @@ FILES: dict[str, dict[str, Any]] = {
     "hevc_720p_30s.mp4": dict(seconds=30, width=1280, height=720, codec="libx265"),
     "vp9_720p_20s.webm": dict(seconds=20, width=1280, height=720, codec="libvpx-vp9"),
 }
+# torchcodec's PyPI wheel needs a CUDA build of torch (it decodes on the CPU all the same) and
+# FFmpeg's shared libraries, which a CPU-only environment lacks: this names a Python that has them.
+TORCHCODEC_PYTHON = os.environ.get("VIDEOQA_BENCH_TORCHCODEC_PYTHON")
 QUICK_SKIP = {"h264_720p_10min.mp4"}
 NS = (8, 12, 16, 32)
 QUICK_NS = (8, 32)
@@ -78,19 +81,62 @@ def run_notebook(path: str, n: int, processes: int) -> dict[str, Any]:
     return {"seconds": time.perf_counter() - started, "frames": len(frames), "extra_rss": 0}
 
 
-def _decord_part(path: str, indices: list[int], threads: int, shared: str, offset: int) -> int:
-    from multiprocessing import shared_memory
-
+def _decord_frames(path: str, indices: list[int], threads: int) -> Any:
     import decord
-    import numpy as np
 
     reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=threads)
-    frames = reader.get_batch(indices).asnumpy()
+    return reader.get_batch(indices).asnumpy()
+
+
+def _torchcodec_frames(path: str, indices: list[int], threads: int) -> Any:
+    from torchcodec.decoders import VideoDecoder
+
+    decoder = VideoDecoder(path, seek_mode="exact", num_ffmpeg_threads=threads)
+    return decoder.get_frames_at(indices).data.numpy()
+
+
+def _part(decode: str, path: str, indices: list[int], threads: int, shared: str, offset: int) -> int:
+    """One process's share: decode, write the frames where the caller reads them, report peak RSS."""
+    from multiprocessing import shared_memory
+
+    import numpy as np
+
+    frames = PARTS[decode](path, indices, threads)
     block = shared_memory.SharedMemory(name=shared)
     np.ndarray(frames.shape, frames.dtype, buffer=block.buf, offset=offset)[...] = frames
     del frames
     block.close()
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+PARTS = {"decord": _decord_frames, "torchcodec": _torchcodec_frames}
+
+
+def _in_processes(
+    decode: str, path: str, indices: list[int], processes: int, frame_bytes: int, started: float
+) -> dict[str, Any]:
+    """The same split the project's sampler gets: contiguous shares, one reader per process. Like
+    the project's sampler, it hands the frames to the caller, here through shared memory (the
+    cheapest way the standard library offers: no pickling, one copy)."""
+    import multiprocessing
+    from multiprocessing import shared_memory
+
+    block = shared_memory.SharedMemory(create=True, size=frame_bytes * len(indices))
+    try:
+        bounds = [i * len(indices) // processes for i in range(processes + 1)]
+        threads = max(1, (os.cpu_count() or 1) // processes)
+        parts = [
+            (decode, path, indices[a:b], threads, block.name, a * frame_bytes)
+            for a, b in zip(bounds, bounds[1:], strict=False)
+        ]
+        with multiprocessing.get_context("fork").Pool(processes) as pool:
+            peaks = pool.starmap(_part, parts)
+        # The caller reads the frames where the workers wrote them: no copy is timed.
+        seconds = time.perf_counter() - started
+    finally:
+        block.close()
+        block.unlink()
+    return {"seconds": seconds, "frames": len(indices), "extra_rss": sum(peaks)}
 
 
 def run_decord(path: str, n: int, processes: int) -> dict[str, Any]:
@@ -102,33 +148,9 @@ def run_decord(path: str, n: int, processes: int) -> dict[str, Any]:
     if processes == 1:
         frames = reader.get_batch(indices).asnumpy()
         return {"seconds": time.perf_counter() - started, "frames": len(frames), "extra_rss": 0}
-    height, width, channels = reader[0].shape
+    frame_bytes = reader[0].asnumpy().nbytes
     del reader
-    # The same split the project's sampler gets: contiguous halves, one reader per process. Like
-    # the project's sampler, it hands the frames to the caller, here through shared memory (the
-    # cheapest way the standard library offers: no pickling, one copy).
-    import multiprocessing
-    from multiprocessing import shared_memory
-
-    import numpy as np
-
-    frame_bytes = height * width * channels
-    block = shared_memory.SharedMemory(create=True, size=frame_bytes * len(indices))
-    try:
-        bounds = [i * len(indices) // processes for i in range(processes + 1)]
-        threads = max(1, (os.cpu_count() or 1) // processes)
-        parts = [(path, indices[a:b], threads, block.name, a * frame_bytes) for a, b in zip(bounds, bounds[1:])]
-        with multiprocessing.get_context("fork").Pool(processes) as pool:
-            peaks = pool.starmap(_decord_part, parts)
-        # The caller reads the frames where the workers wrote them: no copy is timed.
-        frames = np.ndarray((len(indices), height, width, channels), np.uint8, buffer=block.buf)
-        seconds = time.perf_counter() - started
-        count = len(frames)
-        del frames
-    finally:
-        block.close()
-        block.unlink()
-    return {"seconds": seconds, "frames": count, "extra_rss": sum(peaks)}
+    return _in_processes("decord", path, indices, processes, frame_bytes, started)
 
 
 def run_torchcodec(path: str, n: int, processes: int) -> dict[str, Any]:
@@ -137,8 +159,13 @@ def run_torchcodec(path: str, n: int, processes: int) -> dict[str, Any]:
     started = time.perf_counter()
     decoder = VideoDecoder(path, seek_mode="exact", num_ffmpeg_threads=0)
     indices = _notebook_indices(len(decoder), n)
-    batch = decoder.get_frames_at(indices)
-    return {"seconds": time.perf_counter() - started, "frames": len(batch.data), "extra_rss": 0}
+    if processes == 1:
+        batch = decoder.get_frames_at(indices)
+        return {"seconds": time.perf_counter() - started, "frames": len(batch.data), "extra_rss": 0}
+    metadata = decoder.metadata
+    frame_bytes = 3 * metadata.width * metadata.height
+    del decoder
+    return _in_processes("torchcodec", path, indices, processes, frame_bytes, started)
 
 
 def _videoqa(path: str, n: int, processes: int, fast: bool) -> dict[str, Any]:
@@ -229,7 +256,7 @@ class Row:
 def run_child(sampler: str, path: Path, n: int, processes: int, timeout_s: float = 300) -> tuple[dict[str, Any], float]:
     """The child's result and its own peak RSS in MB (from wait4)."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "bench.frames", "--child", sampler, str(path), str(n), str(processes)],
+        [_python_for(sampler), "-m", "bench.frames", "--child", sampler, str(path), str(n), str(processes)],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         cwd=Path(__file__).resolve().parent.parent,
@@ -247,13 +274,17 @@ def run_child(sampler: str, path: Path, n: int, processes: int, timeout_s: float
     return result, usage.ru_maxrss / 1024
 
 
+def _python_for(sampler: str) -> str:
+    return TORCHCODEC_PYTHON if sampler == "torchcodec" and TORCHCODEC_PYTHON else sys.executable
+
+
 def _available(sampler: str) -> str | None:
     """Why a third-party sampler cannot run here, or None."""
     module = {"decord": "decord", "torchcodec": "torchcodec.decoders", "notebook": "cv2"}.get(sampler)
     if module is None:
         return None
     check = subprocess.run(
-        [sys.executable, "-c", f"import {module}"], capture_output=True, text=True, timeout=120
+        [_python_for(sampler), "-c", f"import {module}"], capture_output=True, text=True, timeout=120
     )
     if check.returncode == 0:
         return None
@@ -266,7 +297,7 @@ def _available(sampler: str) -> str | None:
 def bench(files: dict[str, Path], ns: tuple[int, ...], quick: bool) -> list[Row]:
     plan = [
         ("videoqa", 1), ("videoqa", 2), ("videoqa-fast", 1),
-        ("decord", 1), ("decord", 2), ("torchcodec", 1), ("notebook", 1),
+        ("decord", 1), ("decord", 2), ("torchcodec", 1), ("torchcodec", 2), ("notebook", 1),
     ]  # fmt: skip
     missing = {name: _available(name) for name in {"decord", "torchcodec", "notebook"}}
     for name, why in missing.items():
