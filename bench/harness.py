@@ -82,41 +82,44 @@ class Running:
     def wait(
         self, job_ids: Sequence[str], timeout_s: float = 600.0, poll_s: float = 0.25
     ) -> dict[str, dict]:  # type: ignore[type-arg]
-        """The finished jobs' records. Every figure comes from the records' own timestamps, so
-        polling slowly loses no precision; polling fast would take the CPU the workers are
-        measured on (each poll is a request the API serves)."""
-        done: dict[str, dict] = {}  # type: ignore[type-arg]
-        deadline = time.monotonic() + timeout_s
-        while len(done) < len(job_ids):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{len(job_ids) - len(done)} jobs unfinished; logs in {self.logs}")
-            for job_id in job_ids:
-                if job_id not in done:
-                    job = requests.get(f"{self.base_url}/v1/jobs/{job_id}", timeout=10).json()
-                    if job["status"] in TERMINAL:
-                        if job["status"] != "succeeded":
-                            raise RuntimeError(f"job {job_id} {job['status']}: {job['error']}")
-                        done[job_id] = job
-            time.sleep(poll_s)
-        return done
-
+        """The finished jobs' records (a failed job raises)."""
+        return self.wait_for(job_ids, lambda job: job["status"] in TERMINAL, timeout_s, poll_s)
 
     def wait_for(
-        self, job_ids: Sequence[str], reached: Callable[[dict], bool], timeout_s: float = 600.0, poll_s: float = 0.25  # type: ignore[type-arg]
-    ) -> None:
-        """Until every job's record satisfies ``reached`` (a failed job raises)."""
+        self,
+        job_ids: Sequence[str],
+        reached: Callable[[dict], bool],  # type: ignore[type-arg]
+        timeout_s: float = 600.0,
+        poll_s: float = 0.25,
+    ) -> dict[str, dict]:  # type: ignore[type-arg]
+        """Until every job's record satisfies ``reached``; those records (a failed job raises).
+
+        Every figure comes from the records' own timestamps, so polling slowly loses no precision,
+        while polling fast would take the CPU the workers are measured on. With more than
+        two jobs pending, each poll is one request for the newest jobs (the list endpoint), plus one
+        per pending job not among them; otherwise one request per pending job.
+        """
         pending = set(job_ids)
+        records: dict[str, dict] = {}  # type: ignore[type-arg]
         deadline = time.monotonic() + timeout_s
         while pending:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{len(pending)} jobs not there yet; logs in {self.logs}")
-            for job_id in list(pending):
-                job = requests.get(f"{self.base_url}/v1/jobs/{job_id}", timeout=10).json()
+            seen: dict[str, dict] = {}  # type: ignore[type-arg]
+            if len(pending) > 2:
+                listed = requests.get(f"{self.base_url}/v1/jobs", params={"limit": 100}, timeout=10).json()["jobs"]
+                seen = {job["id"]: job for job in listed if job["id"] in pending}
+            for job_id in pending - seen.keys():
+                seen[job_id] = requests.get(f"{self.base_url}/v1/jobs/{job_id}", timeout=10).json()
+            for job_id, job in seen.items():
                 if job["status"] in TERMINAL and job["status"] != "succeeded":
                     raise RuntimeError(f"job {job_id} {job['status']}: {job['error']}")
                 if reached(job):
                     pending.discard(job_id)
-            time.sleep(poll_s)
+                    records[job_id] = job
+            if pending:
+                time.sleep(poll_s)
+        return records
 
 
 @contextmanager

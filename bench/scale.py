@@ -9,11 +9,12 @@ worker, batches of one job (``VIDEOQA_BATCH_SIZE=1``) so that the gain comes fro
 alone. One warm-up job per worker first (it also stores the video's frames, which the measured
 jobs then reuse). Then two runs of the same jobs:
 
-- end to end: all submitted at once and polled (four times a second: the figures come from the
-  job records, and a tighter loop would take the CPU the workers are measured on) until they
-  succeed; jobs / (last job's end - first submission), with the GPU stage's own rate, jobs / (last
-  generate end - first generate start), beside it. On this machine the CPU worker's ingests and the
-  API share the two cores with the GPU workers, which GPUs would not.
+- end to end: all submitted at once and followed through the job list (four times a second: the
+  figures come from the job records, and a tighter loop would take the CPU the workers are
+  measured on) until they succeed; jobs / (last job's end - first submission), with the GPU
+  stage's own rate, jobs / (last generate end - first generate start), beside it. On this machine
+  the CPU worker's ingests and the API share the two cores with the GPU workers, which GPUs would
+  not.
 - GPU stage with the queue full: the GPU workers stop consuming (Celery's ``cancel_consumer``),
   the jobs are submitted and ingested, and the workers resume (``add_consumer``). Each worker
   resumes at its own next poll of the broker (up to a second apart), so the rate is the steady
