@@ -4,8 +4,8 @@ hangs or eats memory ends one job ``invalid_media`` and never the worker.
 A first child probes the file, indexes its packets, chooses the frames and plans the seeks. When
 the worker has cores to spare, the seeks of a long video are split into groups of about equal
 work: the first child hands the plan over and decodes the first group while the caller starts one
-child for each other group. Children resize
-the frames to the model's geometry when asked, so only small frames travel back.
+child for each other group. Children resize the frames to the model's geometry when asked, so only
+small frames travel back.
 """
 
 from __future__ import annotations
