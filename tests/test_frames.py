@@ -3,6 +3,8 @@ against decoding every frame (the reference notebook's way)."""
 
 from __future__ import annotations
 
+import random
+import struct
 from functools import cache
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import pytest
 from common.errors import InvalidMedia, InvalidRequest
 from common.schemas import Sampling
 from worker.frames import Segment, choose_positions, decode_positions, decode_segments, index_stream, sample_frames
+from worker.mp4_index import read_timestamps
 from worker.sample_media import read_frame_index, write_cat_video
 
 # Variable frame rate: irregular gaps, some long, some a few milliseconds.
@@ -140,6 +143,110 @@ def test_frame_count_and_times_come_from_the_stream(videos: dict[str, Path]) -> 
     assert index_stream(videos["mkv_to_pipe"]).frame_count == 75
     vfr = index_stream(videos["vfr"])
     assert [round(vfr.seconds(i), 3) for i in range(vfr.frame_count)] == [t - VFR_TIMES[0] for t in VFR_TIMES]
+
+
+def _demuxed(path: Path) -> tuple[list[int], list[int]]:
+    """Every packet's pts and the keyframes' pts, demuxed one by one (frames an edit list hides
+    left out): what an MP4's sample tables must agree with."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        packets = [p for p in container.demux(stream) if p.size and not p.is_discard]
+    return sorted(p.pts for p in packets), sorted(p.pts for p in packets if p.is_keyframe)
+
+
+def _read_tables(path: Path) -> tuple[list[int], list[int]] | None:
+    with av.open(str(path)) as container:
+        found = read_timestamps(container, container.streams.video[0])
+    return None if found is None else (found.pts, found.keyframe_pts)
+
+
+@pytest.mark.parametrize("kind", list(FILES))
+def test_mp4_sample_tables_give_the_timestamps_every_packet_carries(videos: dict[str, Path], kind: str) -> None:
+    path = videos[kind]
+    if path.suffix == ".mp4" and kind != "fragmented_mp4":
+        assert _read_tables(path) == _demuxed(path)
+    else:
+        # Matroska and WebM have no sample tables; a fragmented MP4's samples are in its fragments.
+        assert _read_tables(path) is None
+
+
+def test_an_edit_list_that_cuts_the_first_frames_hides_them(videos: dict[str, Path], tmp_path: Path) -> None:
+    """As a cut without re-encoding leaves it: the edit starts seven frames in, so FFmpeg decodes
+    those frames for the ones after them but shows none. They are not counted, and the sample
+    tables, which list them, are set aside."""
+    data = bytearray(videos["h264_bframes_long_gop"].read_bytes())
+    entry = data.index(b"elst") + 12  # past version, flags and entry count: the one edit
+    duration, media_time, rate = struct.unpack_from(">IiI", data, entry)
+    struct.pack_into(">IiI", data, entry, duration, media_time + 7, rate)
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data)
+    reference, _ = _decode_everything(cut)
+    assert len(reference) == 120 - 7
+    assert _read_tables(cut) is None
+    assert index_stream(cut).frame_count == len(reference)
+    for wanted in (7, 16):
+        sampled = sample_frames(cut, Sampling(num_frames=wanted))
+        assert [frame.index for frame in sampled] == _notebook_indices(len(reference), wanted)
+        for frame in sampled:
+            assert np.array_equal(frame.array, reference[frame.index]), f"frame {frame.index} differs"
+
+
+def test_an_mp4_cut_off_keeps_the_frames_before_the_cut(videos: dict[str, Path], tmp_path: Path) -> None:
+    """The movie box up front still lists all 120 samples, but the media data stops two thirds in:
+    the tables are set aside and the frames that are there make the index."""
+    whole = tmp_path / "faststart.mp4"
+    with av.open(str(videos["h264_bframes_long_gop"])) as source, av.open(
+        str(whole), "w", options={"movflags": "faststart"}
+    ) as target:
+        out = target.add_stream_from_template(source.streams.video[0])
+        for packet in source.demux(source.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = out
+                target.mux(packet)
+    assert _read_tables(whole) == _demuxed(whole)
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size * 2 // 3])
+    with av.open(str(cut)) as container:
+        assert len(container.streams.video[0].index_entries) == 120
+    assert _read_tables(cut) is None
+    index = index_stream(cut)
+    assert 0 < index.frame_count < 120
+    reference, times = _decode_everything(whole)
+    for frame in sample_frames(cut, Sampling(num_frames=8)):
+        assert np.array_equal(frame.array, reference[times.index(frame.time)])
+
+
+def test_corrupt_movie_boxes_never_change_which_frames_are_chosen(videos: dict[str, Path], tmp_path: Path) -> None:
+    """Bytes of the movie box (both tracks' tables, the codec set-up) overwritten at random: where
+    the tables are still trusted, every frame's pts is what the packets carry and the frames
+    sampled are those decoding everything gives. Keyframes are not compared: where a lying sync
+    table marks a frame the bitstream does not, the packets follow the bitstream, and a seek that
+    lands on such a frame decodes nothing and is retried from the keyframe before."""
+    source = videos["with_audio"].read_bytes()
+    movie = source.index(b"moov") - 4
+    rng = random.Random(7)
+    trusted = set_aside = 0
+    for trial in range(40):
+        data = bytearray(source)
+        for _ in range(rng.choice([1, 2, 4])):
+            data[rng.randrange(movie, len(data))] = rng.randrange(256)
+        path = tmp_path / f"corrupt{trial}.mp4"
+        path.write_bytes(data)
+        try:
+            found = _read_tables(path)
+            packets, _ = _demuxed(path)
+            reference, _ = _decode_everything(path)
+        except (av.FFmpegError, IndexError, UnicodeDecodeError):
+            continue  # FFmpeg (or PyAV, on its metadata) cannot open or demux it: nothing to agree with
+        if found is None:
+            set_aside += 1
+            continue
+        trusted += 1
+        assert found[0] == packets
+        if len(reference) == len(packets):
+            for frame in sample_frames(path, Sampling(num_frames=7)):
+                assert np.array_equal(frame.array, reference[frame.index]), f"trial {trial}: frame {frame.index}"
+    assert trusted and set_aside
 
 
 def test_a_phone_video_comes_out_upright(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ from PIL import Image
 
 from common.errors import InvalidMedia, InvalidRequest
 from common.schemas import Sampling
+from worker.mp4_index import read_timestamps
 
 # Demuxers of self-contained video files, by FFmpeg name. Those that follow references to other
 # files or URLs (hls, dash, concat, image2 patterns) and image readers are not among them.
@@ -108,7 +109,8 @@ def video_stream(container: av.container.InputContainer) -> av.video.stream.Vide
 
 
 def index_stream(path: Path) -> StreamIndex:
-    """Demux (without decoding) to learn every frame's pts and where the keyframes are."""
+    """Every frame's pts and where the keyframes are, without decoding: from an MP4's sample
+    tables where FFmpeg agrees with them (``worker.mp4_index``), else by demuxing every packet."""
     with open_input(path) as container:
         return index_container(container)
 
@@ -117,12 +119,27 @@ def index_container(container: av.container.InputContainer) -> StreamIndex:
     stream = video_stream(container)
     if stream.time_base is None:
         raise InvalidMedia("the video stream has no time base")
+    time_base = Fraction(stream.time_base)
+    found = read_timestamps(container, stream)
+    if found is not None:
+        return _index(found.pts, found.keyframe_pts, time_base, stream.index)
+    if container.format.name.startswith("mov"):
+        # The sample tables were not trusted, and checking them may have read packets.
+        with open_input(Path(container.name)) as fresh:
+            return _demuxed_index(fresh, video_stream(fresh), time_base)
+    return _demuxed_index(container, stream, time_base)
+
+
+def _demuxed_index(
+    container: av.container.InputContainer, stream: av.video.stream.VideoStream, time_base: Fraction
+) -> StreamIndex:
     pts: list[int] = []
     keyframes: list[int] = []
     try:
         for packet in container.demux(stream):
             stamp = packet.pts if packet.pts is not None else packet.dts
-            if packet.size == 0 or stamp is None:
+            # Frames an edit list cuts are decoded (later frames may refer to them) but never shown.
+            if packet.size == 0 or stamp is None or packet.is_discard:
                 continue
             pts.append(stamp)
             if packet.is_keyframe:
@@ -133,12 +150,14 @@ def index_container(container: av.container.InputContainer) -> StreamIndex:
             raise InvalidMedia(f"the video stream cannot be read: {exc}") from None
     if not pts:
         raise InvalidMedia("the video stream has no frames")
-    pts.sort()
-    keyframes.sort()
+    return _index(sorted(pts), sorted(keyframes), time_base, stream.index)
+
+
+def _index(pts: list[int], keyframes: list[int], time_base: Fraction, stream_index: int) -> StreamIndex:
     if not keyframes or keyframes[0] > pts[0]:
         # Decoding has to start somewhere: the first packet is where a player starts too.
-        keyframes.insert(0, pts[0])
-    return StreamIndex(pts, keyframes, Fraction(stream.time_base), stream.index)
+        keyframes = [pts[0], *keyframes]
+    return StreamIndex(pts, keyframes, time_base, stream_index)
 
 
 def choose_positions(index: StreamIndex, sampling: Sampling) -> list[int]:
