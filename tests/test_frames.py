@@ -109,8 +109,12 @@ def test_seeks_that_divide_evenly_run_on_decoders_of_their_own(
         return original(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(frames, "_decode_on_one", recording)
-    decode_segments(path, index, segments, threads=2)
+    # Each decoder's frames come as soon as it is done with them, so the first can be sent on
+    # while the second decodes: two hand-overs, sharing no target, together every target.
+    shares = list(frames.decode_shares(path, index, segments, threads=2))
     assert len(seen) == 2 and all(name.startswith("decoder") for name in seen), seen
+    assert len(shares) == 2 and not shares[0].keys() & shares[1].keys()
+    assert shares[0].keys() | shares[1].keys() == {t for s in segments for t in s.targets}
     seen.clear()
     # All the work in one seek: one decoder with two frame threads instead.
     decode_segments(path, index, [frames.Segment(index.pts[0], (index.pts[40],))], threads=2)

@@ -7,6 +7,7 @@ import dataclasses
 import os
 import signal
 import time
+from collections.abc import Generator
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from worker.decode_process import DecodeLimits, VideoSample, sample_video
 from worker.frames import sample_frames
 from worker.geometry import FrameGeometry
 from worker.sample_media import read_frame_index, write_cat_video
-from worker.sandbox import Session, run_isolated
+from worker.sandbox import Session, run_isolated, run_until
 
 LIMITS = DecodeLimits.from_settings(load_settings({}))
 
@@ -227,5 +228,20 @@ def test_an_answer_that_would_run_code_in_the_caller_is_refused(tmp_path: Path, 
 
 
 def test_an_answer_larger_than_the_childs_memory_limit_is_refused() -> None:
-    with pytest.raises(InvalidMedia, match="claims 1099511627776 bytes, more than its memory limit"):
+    with pytest.raises(InvalidMedia, match="claim 1099511627776 bytes, more than its memory limit"):
         run_isolated([(_answer_claiming_a_terabyte, ())], LIMITS.memory_bytes, LIMITS.deadline_s)
+
+
+def _answers_adding_up(size: int, count: int) -> Generator[tuple[None, list[np.ndarray]], None, tuple[None, list]]:
+    for _ in range(count):
+        yield None, [np.broadcast_to(np.uint8(1), (size,))]
+    return None, []
+
+
+def test_answers_adding_up_to_more_than_the_childs_memory_limit_are_refused() -> None:
+    """Each answer alone fits the limit; the caller stops at the one that takes the sum past it."""
+    limit = 256 * 1024 * 1024
+    answers, _ = run_until([(_answers_adding_up, (limit // 4, 3))], limit, time.monotonic() + 60, 60)
+    assert answers == [(None, [])]
+    with pytest.raises(InvalidMedia, match=f"claim {5 * (limit // 4)} bytes, more than its memory limit"):
+        run_isolated([(_answers_adding_up, (limit // 4, 5))], limit, 60)

@@ -27,7 +27,7 @@ from worker.frames import (
     Segment,
     StreamIndex,
     choose_positions,
-    decode_segments,
+    decode_shares,
     index_container,
     nearest_keyframes,
     plan_segments,
@@ -92,8 +92,8 @@ def sample_video(
         ]
         session.finish()
     decoded: dict[int, Decoded] = {}
-    for child in (first, *others):
-        stamps, found = child.answers[-1]
+    # Every answer but the first child's plan holds frames.
+    for stamps, found in first.answers[1:] + [answer for child in others for answer in child.answers]:
         decoded.update({target: Decoded(pts, array) for (target, pts), array in zip(stamps, found, strict=True)})
     if sampling.fast:
         frames = [sampled_frame(index, decoded[index.pts[k]], target=t) for k, t in plan.pairs]
@@ -142,8 +142,8 @@ def _threads(cores: int, processes: int) -> int:
 def _probe_and_sample(
     path: Path, sampling: Sampling, limits: MediaLimits, processes: int, cores: int, geometry: FrameGeometry | None
 ) -> Generator[Answer, None, Answer]:
-    """Yields the plan (so the caller can start the other groups at once), then returns the
-    first group's frames."""
+    """Yields the plan (so the caller can start the other groups at once), then the first group's
+    frames as ``_decode`` hands them over."""
     container, info = open_checked(path, limits)
     with container:
         index = index_container(container)
@@ -151,7 +151,7 @@ def _probe_and_sample(
         plan = _plan(index, sampling, processes)
         yield (info, index, plan), []
         threads = _threads(cores, len(plan.groups))
-        return _decode(path, index, plan.groups[0], threads, sampling.fast, geometry, opened=container)
+        return (yield from _decode(path, index, plan.groups[0], threads, sampling.fast, geometry, opened=container))
 
 
 def _decode(
@@ -162,8 +162,18 @@ def _decode(
     keyframes_only: bool,
     geometry: FrameGeometry | None,
     opened: av.container.InputContainer | None = None,
-) -> tuple[list[tuple[int, int]], list[np.ndarray]]:
-    found = decode_segments(path, index, segments, threads=threads, keyframes_only=keyframes_only, opened=opened)
+) -> Generator[Answer, None, Answer]:
+    """Each decoder's frames as one answer, sent while the other decoders go on: a decoder that
+    finishes early hands its frames over on the core it frees."""
+    shares = decode_shares(path, index, segments, threads=threads, keyframes_only=keyframes_only, opened=opened)
+    answer = _frames_answer(next(shares), geometry)
+    for share in shares:
+        yield answer
+        answer = _frames_answer(share, geometry)
+    return answer
+
+
+def _frames_answer(found: dict[int, Decoded], geometry: FrameGeometry | None) -> Answer:
     targets = sorted(found)
     arrays = [found[t].array for t in targets]
     if geometry is not None:

@@ -13,7 +13,7 @@ import bisect
 import concurrent.futures
 import contextlib
 import errno
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -275,7 +275,23 @@ def decode_segments(
     keyframes_only: bool = False,
     opened: av.container.InputContainer | None = None,
 ) -> dict[int, Decoded]:
-    """Decode the target frames of ``segments``: target pts -> the frame decoded for it.
+    """Decode the target frames of ``segments``: target pts -> the frame decoded for it."""
+    found: dict[int, Decoded] = {}
+    for share in decode_shares(path, index, segments, threads=threads, keyframes_only=keyframes_only, opened=opened):
+        found.update(share)
+    return found
+
+
+def decode_shares(
+    path: Path,
+    index: StreamIndex,
+    segments: Sequence[Segment],
+    *,
+    threads: int = 0,
+    keyframes_only: bool = False,
+    opened: av.container.InputContainer | None = None,
+) -> Iterator[dict[int, Decoded]]:
+    """``decode_segments``, handing over each decoder's frames as soon as it is done with them.
 
     With ``threads`` of 2 or more and seeks that divide evenly, each thread runs a decoder of its
     own on a contiguous share of the seeks. That beats one decoder with as many frame threads:
@@ -288,7 +304,8 @@ def decode_segments(
     shares = split_segments(index, segments, threads) if threads >= 2 else [list(segments)]
     costs = [sum(segment_cost(index, s) for s in share) for share in shares]
     if len(shares) < 2 or max(costs) > _EVEN_SHARE * sum(costs):
-        return _decode_on_one(first, index, segments, threads=threads, keyframes_only=keyframes_only)
+        yield _decode_on_one(first, index, segments, threads=threads, keyframes_only=keyframes_only)
+        return
     per_decoder = max(1, threads // len(shares))
     sources = [first] + [path] * (len(shares) - 1)
     with concurrent.futures.ThreadPoolExecutor(len(shares), thread_name_prefix="decoder") as pool:
@@ -296,10 +313,8 @@ def decode_segments(
             pool.submit(_decode_on_one, source, index, share, threads=per_decoder, keyframes_only=keyframes_only)
             for source, share in zip(sources, shares, strict=True)
         ]
-        found: dict[int, Decoded] = {}
-        for future in futures:
-            found.update(future.result())
-    return found
+        for future in concurrent.futures.as_completed(futures):
+            yield future.result()
 
 
 def _decode_on_one(

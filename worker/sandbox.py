@@ -274,6 +274,7 @@ class _Child:
         self._header: tuple[Any, ...] | None = None
         self._arrays: list[np.ndarray] = []
         self._block, self._offset = _EMPTY, 0
+        self._received = 0
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -293,8 +294,10 @@ class _Child:
                 self.error = (header[1], header[2])
                 self.finished = True
                 return
-            if total > self.memory_bytes:
-                self._refuse(f"the decoder's answer claims {total} bytes, more than its memory limit")
+            # Counted over all the child's answers: many answers must not add up to more either.
+            self._received += total
+            if self._received > self.memory_bytes:
+                self._refuse(f"the decoder's answers claim {self._received} bytes, more than its memory limit")
                 return
             self._header, self._arrays = header, []
             # One block for all the answer's arrays: a block this large is backed by huge pages
