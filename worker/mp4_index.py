@@ -89,8 +89,9 @@ def _read_track(path: str, track_number: int, indexed: int) -> _Track | None:
     children = list(_children(movie))
     kinds = {kind for kind, _ in children}
     tracks = [_tables(payload) for kind, payload in children if kind == b"trak"]
+    # With movie extends (fragmented MP4) the samples live in fragments, not in these tables.
     if b"mvex" in kinds or b"mvhd" not in kinds or track_number >= len(tracks):
-        return None  # fragmented: the samples live in movie fragments, not in these tables
+        return None
     # The demuxer reads every track's samples in one interleaved pass, so a sample of any track
     # lying outside the file cuts the video short there.
     if not all(_REQUIRED <= tables.keys() and _samples_within(tables, file_size) for tables in tracks):
