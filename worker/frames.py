@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import av
 import numpy as np
@@ -24,7 +25,7 @@ from PIL import Image
 
 from common.errors import InvalidMedia, InvalidRequest
 from common.schemas import Sampling
-from worker.mp4_index import read_timestamps
+from worker.mp4_index import has_sample_tables, read_timestamps
 
 # Demuxers of self-contained video files, by FFmpeg name. Those that follow references to other
 # files or URLs (hls, dash, concat, image2 patterns) and image readers are not among them.
@@ -123,7 +124,7 @@ def index_container(container: av.container.InputContainer) -> StreamIndex:
     found = read_timestamps(container, stream)
     if found is not None:
         return _index(found.pts, found.keyframe_pts, time_base, stream.index)
-    if container.format.name.startswith("mov"):
+    if has_sample_tables(container):
         # The sample tables were not trusted, and checking them may have read packets.
         with open_input(Path(container.name)) as fresh:
             return _demuxed_index(fresh, video_stream(fresh), time_base)
@@ -266,18 +267,11 @@ def split_segments(index: StreamIndex, segments: Sequence[Segment], parts: int) 
     return [[segments[i] for i in group] for group in pack(low)]
 
 
-def decode_segments(
-    path: Path,
-    index: StreamIndex,
-    segments: Sequence[Segment],
-    *,
-    threads: int = 0,
-    keyframes_only: bool = False,
-    opened: av.container.InputContainer | None = None,
-) -> dict[int, Decoded]:
-    """Decode the target frames of ``segments``: target pts -> the frame decoded for it."""
+def decode_segments(path: Path, index: StreamIndex, segments: Sequence[Segment], **options: Any) -> dict[int, Decoded]:
+    """Decode the target frames of ``segments``: target pts -> the frame decoded for it
+    (``decode_shares``, all shares in one dict)."""
     found: dict[int, Decoded] = {}
-    for share in decode_shares(path, index, segments, threads=threads, keyframes_only=keyframes_only, opened=opened):
+    for share in decode_shares(path, index, segments, **options):
         found.update(share)
     return found
 

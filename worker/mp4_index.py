@@ -53,12 +53,17 @@ class _Track:
     keyframes: np.ndarray  # int64 sample numbers from 0, ascending
 
 
+def has_sample_tables(container: av.container.InputContainer) -> bool:
+    """Whether the container is MP4 or QuickTime, the formats whose index lives in sample tables."""
+    return container.format.name.startswith("mov")
+
+
 def read_timestamps(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> Timestamps | None:
     """The stream's timestamps from its sample tables, or None where they cannot be trusted.
 
     May read packets from ``container``; after None, index from a freshly opened one.
     """
-    if not container.format.name.startswith("mov"):
+    if not has_sample_tables(container):
         return None
     try:
         track = _read_track(container.name, stream.index, len(stream.index_entries))
@@ -263,7 +268,8 @@ def _sync_samples(stss: memoryview, count: int) -> np.ndarray | None:
 
 
 def _agreed_decode_shift(stream: av.video.stream.VideoStream, track: _Track) -> int | None:
-    """FFmpeg's decode times minus ours (edit lists move them), if they differ by the same constant at every keyframe, and exactly our keyframes."""
+    """FFmpeg's decode times minus ours (edit lists move them), if they differ by the same constant
+    at every keyframe, and FFmpeg's keyframes are exactly ours."""
     index = stream.index_entries
     count = len(track.decode_times)
     shift = index[0].timestamp - int(track.decode_times[0])
