@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import tempfile
 import uuid
@@ -15,18 +16,20 @@ from werkzeug.datastructures import FileStorage
 
 from api.auth import PUBLIC, Tenant
 from api.errors import invalid, validation_problems
-from common.errors import InvalidRequest, ServiceUnavailable, TooManyRequests
+from common.errors import InvalidRequest, ServiceUnavailable, TooManyRequests, VideoQAError
 from common.jobs import Job, JobStore
 from common.logging_config import job_id_var
 from common.schemas import JobRequest, MediaSource, StoredRequest, check_limits
 from common.settings import Settings
-from common.storage import ObjectStore
+from common.storage import UPLOADS_PREFIX, ObjectStore
 from common.url_policy import BlockedUrl, UrlPolicy
 
 SAMPLING_FIELDS = ("num_frames", "fps", "start", "end", "fast")
 GENERATION_FIELDS = ("max_new_tokens", "do_sample", "temperature", "top_p")
 FILE_FIELDS = ("videos", "images")
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+
+log = logging.getLogger(__name__)
 
 
 def parse_json_body(req: Request) -> tuple[JobRequest, list[FileStorage], list[FileStorage]]:
@@ -63,7 +66,7 @@ def parse_multipart_body(req: Request) -> tuple[JobRequest, list[FileStorage], l
 
 def _store_upload(store: ObjectStore, job_id: str, kind: str, position: int, upload: FileStorage) -> MediaSource:
     filename = _SAFE_NAME.sub("_", Path(upload.filename or f"{kind}-{position}").name)[-100:]
-    key = f"uploads/{job_id}/{kind}-{position}-{filename}"
+    key = f"{UPLOADS_PREFIX}{job_id}/{kind}-{position}-{filename}"
     with tempfile.NamedTemporaryFile(suffix=".upload") as tmp:
         upload.save(tmp)
         tmp.flush()
@@ -71,6 +74,26 @@ def _store_upload(store: ObjectStore, job_id: str, kind: str, position: int, upl
             raise invalid([{"field": f"{kind}[{position}]", "message": "the file is empty"}])
         store.put_file(key, Path(tmp.name))
     return MediaSource(kind="upload", location=key, filename=upload.filename)
+
+
+def _store_uploads(
+    store: ObjectStore, job_id: str, video_files: list[FileStorage], image_files: list[FileStorage]
+) -> tuple[list[MediaSource], list[MediaSource]]:
+    try:
+        videos = [_store_upload(store, job_id, "video", i, f) for i, f in enumerate(video_files)]
+        images = [_store_upload(store, job_id, "image", i, f) for i, f in enumerate(image_files)]
+    except Exception:
+        # A later file was refused (empty, storage failed): the job will not exist.
+        _discard_uploads(store, job_id)
+        raise
+    return videos, images
+
+
+def _discard_uploads(store: ObjectStore, job_id: str) -> None:
+    try:
+        store.delete([stored.key for stored in store.list_objects(f"{UPLOADS_PREFIX}{job_id}/")])
+    except VideoQAError as exc:
+        log.warning("uploads of a job not created are left to the sweeper: %s", exc.message)
 
 
 def _blocked_urls(request: JobRequest, policy: UrlPolicy) -> list[dict[str, str]]:
@@ -128,8 +151,7 @@ def submit_job(
 
     job_id = uuid.uuid4().hex
     job_id_var.set(job_id)  # what is logged from here on concerns this job (reset after the request)
-    videos = [_store_upload(store, job_id, "video", i, f) for i, f in enumerate(video_files)]
-    images = [_store_upload(store, job_id, "image", i, f) for i, f in enumerate(image_files)]
+    videos, images = _store_uploads(store, job_id, video_files, image_files)
     videos += [MediaSource.from_url(item.url) for item in parsed.videos]
     images += [MediaSource.from_url(item.url) for item in parsed.images]
     stored = StoredRequest(
@@ -140,7 +162,12 @@ def submit_job(
         sampling=parsed.sampling,
         generation=parsed.generation,
     )
-    job = jobs.create(json.loads(stored.model_dump_json()), job_id=job_id, tenant=tenant.name)
+    try:
+        job = jobs.create(json.loads(stored.model_dump_json()), job_id=job_id, tenant=tenant.name)
+    except Exception:
+        # Redis refused the record (full, unreachable): nothing will ever name these uploads.
+        _discard_uploads(store, job_id)
+        raise
     try:
         enqueue_ingest(job.id)
     except Exception as exc:

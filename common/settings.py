@@ -71,6 +71,17 @@ class Settings(BaseSettings):
     )
     rate_limit: str = Field(default="120/minute", description="job submissions per API key (or client address)")
     max_active_jobs_per_tenant: int = Field(default=500, ge=1)
+    share_frames_across_tenants: bool = Field(
+        default=False,
+        description="reuse frames, images and ETag records of the same bytes across tenants "
+        "(timings then show a tenant that another one sent those bytes before)",
+    )
+
+    # Retention of stored objects (see docs/retention.md)
+    storage_retention_s: int = Field(
+        default=7 * 24 * 3600, ge=60, description="frames, images and ETag records older than this are deleted"
+    )
+    sweep_interval_s: float = Field(default=3600.0, gt=0, description="how often CPU workers delete expired objects")
 
     # Reliability
     visibility_timeout_s: int = Field(default=3600, ge=5)
@@ -134,6 +145,17 @@ class Settings(BaseSettings):
             raise ValueError(
                 "VIDEOQA_TASK_TIME_LIMIT_S must be below VIDEOQA_VISIBILITY_TIMEOUT_S "
                 f"(got {self.task_time_limit_s} >= {self.visibility_timeout_s})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _retention_outlives_a_task(self) -> Settings:
+        # An ingest may pick stored frames up to half the retention old and run a whole task
+        # before its record names them; a quarter of the retention leaves room for both.
+        if self.storage_retention_s < 4 * self.task_time_limit_s:
+            raise ValueError(
+                "VIDEOQA_STORAGE_RETENTION_S must be at least 4 x VIDEOQA_TASK_TIME_LIMIT_S "
+                f"(got {self.storage_retention_s} < 4 x {self.task_time_limit_s})"
             )
         return self
 

@@ -5,12 +5,24 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import IO, Protocol
 from urllib.parse import urlparse
 
 from common.errors import NotFound, StorageUnavailable
 from common.settings import Settings
+
+
+# Where the API keeps uploaded files: uploads/<job id>/<kind>-<position>-<name>.
+UPLOADS_PREFIX = "uploads/"
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    key: str
+    modified: float  # when it was last written, seconds since the epoch
 
 
 class ObjectStore(Protocol):
@@ -25,6 +37,20 @@ class ObjectStore(Protocol):
     def get_file(self, key: str, path: Path) -> None: ...
 
     def exists(self, key: str) -> bool: ...
+
+    def modified(self, key: str) -> float | None:
+        """When ``key`` was last written; None when there is no such object."""
+        ...
+
+    def list_objects(self, prefix: str = "") -> Iterator[StoredObject]: ...
+
+    def delete(self, keys: Iterable[str]) -> None:
+        """Remove ``keys``; one that is already gone is no error."""
+        ...
+
+    def set_expiration(self, days: int) -> bool:
+        """Have the store itself delete objects older than ``days``; False where it cannot."""
+        ...
 
     def ping(self) -> None: ...
 
@@ -42,11 +68,21 @@ class LocalStore:
             raise NotFound(f"key {key!r} is outside the store")
         return path
 
+    @staticmethod
+    def _temporary(directory: Path) -> IO[bytes]:
+        # Write then rename, so a reader never sees half a file. The sweeper removes directories
+        # it emptied, possibly this one between our mkdir and the open: make it again then.
+        for _ in range(3):
+            directory.mkdir(parents=True, exist_ok=True)
+            try:
+                return tempfile.NamedTemporaryFile(dir=directory, delete=False)
+            except FileNotFoundError:
+                continue
+        raise StorageUnavailable(f"storage directory {directory} keeps disappearing")
+
     def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Write then rename, so a reader never sees half a file.
-        with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as tmp:
+        with self._temporary(path.parent) as tmp:
             tmp.write(data)
         os.replace(tmp.name, path)
 
@@ -58,8 +94,7 @@ class LocalStore:
 
     def put_file(self, key: str, path: Path) -> None:
         target = self._path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as tmp:
+        with self._temporary(target.parent) as tmp:
             with open(path, "rb") as source:
                 shutil.copyfileobj(source, tmp)
         os.replace(tmp.name, target)
@@ -72,6 +107,40 @@ class LocalStore:
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
+
+    def modified(self, key: str) -> float | None:
+        try:
+            return self._path(key).stat().st_mtime
+        except FileNotFoundError:
+            return None
+
+    def list_objects(self, prefix: str = "") -> Iterator[StoredObject]:
+        for directory, _, names in os.walk(self.root):
+            for name in names:
+                path = Path(directory, name)
+                key = path.relative_to(self.root).as_posix()
+                if not key.startswith(prefix):
+                    continue
+                try:
+                    yield StoredObject(key, path.stat().st_mtime)
+                except FileNotFoundError:
+                    continue
+
+    def delete(self, keys: Iterable[str]) -> None:
+        for key in keys:
+            path = self._path(key)
+            path.unlink(missing_ok=True)
+            # Empty directories would pile up with the content hashes that named them.
+            for parent in path.parents:
+                if parent == self.root or not parent.is_relative_to(self.root):
+                    break
+                try:
+                    parent.rmdir()
+                except OSError:
+                    break
+
+    def set_expiration(self, days: int) -> bool:
+        return False
 
     def ping(self) -> None:
         if not os.access(self.root, os.W_OK):
@@ -166,9 +235,73 @@ class S3Store:
                 out.write(chunk)
 
     def exists(self, key: str) -> bool:
+        return self.modified(key) is not None
+
+    def modified(self, key: str) -> float | None:
         try:
-            self._call("head_object", Bucket=self.bucket, Key=self._key(key))
+            response = self._call("head_object", Bucket=self.bucket, Key=self._key(key))
         except NotFound:
+            return None
+        return float(response["LastModified"].timestamp())  # type: ignore[index]
+
+    def list_objects(self, prefix: str = "") -> Iterator[StoredObject]:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        pages = self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self._key(prefix))
+        try:
+            for page in pages:
+                for item in page.get("Contents", []):
+                    yield StoredObject(item["Key"][strip:], item["LastModified"].timestamp())
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "NoSuchBucket":
+                return
+            raise StorageUnavailable(f"storage error while listing: {exc}") from exc
+        except BotoCoreError as exc:
+            raise StorageUnavailable(f"storage unreachable: {exc}") from exc
+
+    def delete(self, keys: Iterable[str]) -> None:
+        batch: list[str] = []
+        for key in [*keys, None]:
+            if key is not None:
+                batch.append(self._key(key))
+            # DeleteObjects takes at most 1000 keys.
+            if batch and (key is None or len(batch) == 1000):
+                response = self._call(
+                    "delete_objects", Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True}
+                )
+                errors = response.get("Errors") or []  # type: ignore[union-attr]
+                if errors:
+                    raise StorageUnavailable(f"{len(errors)} objects not deleted: {errors[0].get('Message')}")
+                batch = []
+
+    def set_expiration(self, days: int) -> bool:
+        """One lifecycle rule of our own on the bucket, for our prefix; other rules stay."""
+        from botocore.exceptions import ClientError
+
+        rule_id = f"videoqa-expiration:{self.prefix}"[:255]
+        rule = {
+            "ID": rule_id,
+            "Filter": {"Prefix": f"{self.prefix}/" if self.prefix else ""},
+            "Status": "Enabled",
+            "Expiration": {"Days": max(1, days)},
+        }
+        self.ensure_bucket()
+        try:
+            current = self._call("get_bucket_lifecycle_configuration", Bucket=self.bucket)
+            rules = [r for r in current.get("Rules", []) if r.get("ID") != rule_id]  # type: ignore[union-attr]
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "NoSuchLifecycleConfiguration":
+                return False
+            rules = []
+        try:
+            self._call(
+                "put_bucket_lifecycle_configuration",
+                Bucket=self.bucket,
+                LifecycleConfiguration={"Rules": [*rules, rule]},
+            )
+        except ClientError:
+            # Not every S3-compatible service has lifecycle rules; the sweeper still deletes.
             return False
         return True
 

@@ -13,6 +13,7 @@ from worker import sandbox
 from worker.logs import configure_logging
 from worker.reconciler import ReconcilerStep
 from worker.runtime import WorkerRuntime
+from worker.sweeper import SweeperStep
 from worker.tasks import register_tasks
 
 
@@ -41,5 +42,6 @@ def build_worker_app(role: str) -> Celery:
 
         worker_process_init.connect(_prepare, weak=False)
         app.steps["worker"].add(ReconcilerStep)
+        app.steps["worker"].add(SweeperStep)
     app.videoqa_runtime = runtime  # type: ignore[attr-defined]
     return app

@@ -3,7 +3,7 @@ s3:// keys and uploads read from storage. The content hash is computed on the wa
 
 For http(s) URLs that answer with a strong ETag, the URL, its ETag and the content hash are kept in
 storage, so a later job on the same URL can ask ``If-None-Match`` and skip the download when the
-server says the bytes did not change."""
+server says the bytes did not change. Those records live under the job's scope (worker.reuse)."""
 
 from __future__ import annotations
 
@@ -81,16 +81,16 @@ def fetch_if_changed(
     return _fetch(source, target, settings=settings, store=store, if_none_match=known.etag)
 
 
-def _version_key(url: str) -> str:
-    return f"sources/http/{hashlib.sha256(url.encode()).hexdigest()}.json"
+def _version_key(url: str, scope: str) -> str:
+    return f"{scope}sources/http/{hashlib.sha256(url.encode()).hexdigest()}.json"
 
 
-def known_version(source: MediaSource, store: ObjectStore) -> KnownVersion | None:
+def known_version(source: MediaSource, store: ObjectStore, *, scope: str = "") -> KnownVersion | None:
     """What ``source`` (an http(s) URL) served when it was last fetched with an ETag."""
     if source.kind != "http":
         return None
     try:
-        record = json.loads(store.get_bytes(_version_key(source.location)))
+        record = json.loads(store.get_bytes(_version_key(source.location, scope)))
     except NotFound:
         return None
     if record.get("url") != source.location:
@@ -98,12 +98,12 @@ def known_version(source: MediaSource, store: ObjectStore) -> KnownVersion | Non
     return KnownVersion(etag=record["etag"], sha256=record["sha256"], size=record["size"])
 
 
-def remember_version(source: MediaSource, fetched: FetchedMedia, store: ObjectStore) -> None:
+def remember_version(source: MediaSource, fetched: FetchedMedia, store: ObjectStore, *, scope: str = "") -> None:
     # Strong ETags only: a weak one (W/"...") promises equivalent content, not the same bytes.
     if source.kind != "http" or not fetched.etag or fetched.etag.startswith("W/"):
         return
     record = {"url": source.location, "etag": fetched.etag, "sha256": fetched.sha256, "size": fetched.size}
-    store.put_bytes(_version_key(source.location), json.dumps(record).encode(), content_type="application/json")
+    store.put_bytes(_version_key(source.location, scope), json.dumps(record).encode(), content_type="application/json")
 
 
 def _fetch(

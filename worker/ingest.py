@@ -21,6 +21,7 @@ from common.storage import ObjectStore
 from worker.decode_process import DecodeLimits, sample_video
 from worker.fetch import fetch_if_changed, fetch_media, known_version, remember_version
 from worker.geometry import FrameGeometry, encode_png, open_still_image
+from worker.reuse import ContentKeys
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +45,15 @@ class StageTimer:
         self.seconds[stage] = round(self.seconds.get(stage, 0.0) + time.perf_counter() - started, 4)
 
 
-def frames_prefix(video_sha256: str, sampling: Sampling, geometry: FrameGeometry) -> str:
-    """Deterministic: the same bytes sampled the same way always land under the same keys."""
+def frames_prefix(
+    video_sha256: str, sampling: Sampling, geometry: FrameGeometry, *, scope: str = "", period: int = 0
+) -> str:
+    """Deterministic: the same bytes sampled the same way in the same scope and retention period
+    always land under the same keys."""
     params = json.dumps(
         {"sampling": sampling.model_dump(), "geometry": geometry.key(), "version": 1}, sort_keys=True
     )
-    return f"frames/{video_sha256}/{hashlib.sha256(params.encode()).hexdigest()[:16]}"
+    return f"{scope}frames/{video_sha256}/{hashlib.sha256(params.encode()).hexdigest()[:16]}/p{period}"
 
 
 def ingest_video(
@@ -60,34 +64,40 @@ def ingest_video(
     settings: Settings,
     store: ObjectStore,
     timer: StageTimer,
+    keys: ContentKeys | None = None,
 ) -> list[dict[str, Any]]:
     """Fetch, sample and store one video; its manifest entries ``{index, time, key}``.
 
     Frames already stored for the same bytes and parameters are reused: the video is not decoded
     again, and an http(s) URL whose ETag is unchanged is not even downloaded again.
     """
+    keys = keys or ContentKeys.shared(settings.storage_retention_s)
+
+    def stored_manifest(sha256: str) -> str | None:
+        return keys.reusable(store, keys.candidates(lambda period: _manifest_key(sha256, sampling, geometry, keys, period)))
+
     started = time.perf_counter()
     fetched = None
-    known = known_version(source, store)
-    if known is not None and store.exists(_manifest_key(known.sha256, sampling, geometry)):
+    known = known_version(source, store, scope=keys.scope)
+    if known is not None and (manifest := stored_manifest(known.sha256)) is not None:
         fetched = fetch_if_changed(source, target, known, settings=settings, store=store)
         if fetched is None:
             timer.add("download", started)
-            return _stored_manifest(known.sha256, sampling, geometry, store)
+            return json.loads(store.get_bytes(manifest))
     if fetched is None:
         fetched = fetch_media(source, target, settings=settings, store=store)
     timer.add("download", started)
-    remember_version(source, fetched, store)
+    remember_version(source, fetched, store, scope=keys.scope)
     try:
-        if store.exists(_manifest_key(fetched.sha256, sampling, geometry)):
-            return _stored_manifest(fetched.sha256, sampling, geometry, store)
+        if (manifest := stored_manifest(fetched.sha256)) is not None:
+            return json.loads(store.get_bytes(manifest))
         started = time.perf_counter()
         sample = sample_video(fetched.path, sampling, DecodeLimits.from_settings(settings), geometry=geometry)
         timer.add("decode", started)
     finally:
         fetched.path.unlink(missing_ok=True)
     started = time.perf_counter()
-    prefix = frames_prefix(fetched.sha256, sampling, geometry)
+    prefix = frames_prefix(fetched.sha256, sampling, geometry, scope=keys.scope, period=keys.period)
     entries = []
     for position, frame in enumerate(sample.frames):
         key = f"{prefix}/{position:04d}.png"
@@ -97,26 +107,24 @@ def ingest_video(
             entry["offset"] = frame.offset
         entries.append(entry)
     # Written last: its presence means every frame is stored.
-    store.put_bytes(
-        _manifest_key(fetched.sha256, sampling, geometry), json.dumps(entries).encode(), content_type="application/json"
-    )
+    store.put_bytes(f"{prefix}/manifest.json", json.dumps(entries).encode(), content_type="application/json")
     timer.add("store_frames", started)
     return entries
 
 
-def _manifest_key(sha256: str, sampling: Sampling, geometry: FrameGeometry) -> str:
-    return f"{frames_prefix(sha256, sampling, geometry)}/manifest.json"
+def _manifest_key(sha256: str, sampling: Sampling, geometry: FrameGeometry, keys: ContentKeys, period: int) -> str:
+    return f"{frames_prefix(sha256, sampling, geometry, scope=keys.scope, period=period)}/manifest.json"
 
 
-def _stored_manifest(
-    sha256: str, sampling: Sampling, geometry: FrameGeometry, store: ObjectStore
-) -> list[dict[str, Any]]:
-    return json.loads(store.get_bytes(_manifest_key(sha256, sampling, geometry)))
+def _ingest_image(
+    path: Path, sha256: str, geometry: FrameGeometry, store: ObjectStore, timer: StageTimer, keys: ContentKeys
+) -> str:
+    def key_of(period: int) -> str:
+        return f"{keys.scope}images/{sha256}/{geometry.key()}-p{period}.png"
 
-
-def _ingest_image(path: Path, sha256: str, geometry: FrameGeometry, store: ObjectStore, timer: StageTimer) -> str:
-    key = f"images/{sha256}/{geometry.key()}.png"
-    if not store.exists(key):
+    key = keys.reusable(store, keys.candidates(key_of))
+    if key is None:
+        key = key_of(keys.period)
         started = time.perf_counter()
         image = geometry.resize(open_still_image(str(path)))
         timer.add("decode", started)
@@ -140,6 +148,7 @@ def ingest_job(job_id: str, ctx: IngestContext) -> None:
         return
     jobs.mark(job_id, "ingest", "start")
     request = StoredRequest.model_validate(job.request)
+    keys = ContentKeys.for_job(job.tenant, ctx.settings)
     timer = StageTimer()
     try:
         geometry = ctx.geometry()
@@ -152,14 +161,14 @@ def ingest_job(job_id: str, ctx: IngestContext) -> None:
                     target = Path(tmp) / f"{kind}-{position}"
                     if kind == "video":
                         frames = ingest_video(
-                            source, target, request.sampling, geometry, ctx.settings, ctx.store, timer
+                            source, target, request.sampling, geometry, ctx.settings, ctx.store, timer, keys
                         )
                         media.append({"kind": kind, "position": position, "frames": frames})
                         continue
                     started = time.perf_counter()
                     fetched = fetch_media(source, target, settings=ctx.settings, store=ctx.store)
                     timer.add("download", started)
-                    key = _ingest_image(fetched.path, fetched.sha256, geometry, ctx.store, timer)
+                    key = _ingest_image(fetched.path, fetched.sha256, geometry, ctx.store, timer, keys)
                     media.append({"kind": kind, "position": position, "key": key})
                     fetched.path.unlink(missing_ok=True)
     except TransientError:
