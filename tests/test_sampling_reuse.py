@@ -1,13 +1,17 @@
-"""The CPU stage on real Redis, a local store and a real HTTP server: a second job on the same
-bytes (or the same URL with the same ETag) reuses the stored frames, and a video that cannot be
+"""The CPU stage on real Redis, a local store and a real HTTP server: a second job of the same
+tenant on the same bytes (or the same URL with the same ETag) reuses the stored frames while they
+are young enough, another tenant does not unless frames are shared, and a video that cannot be
 sampled fails its job with the right code while the next job still goes through."""
 
 from __future__ import annotations
 
 import hashlib
 import http.server
+import os
 import threading
+import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -87,11 +91,11 @@ def video(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_cat_video(tmp_path_factory.mktemp("reuse") / "cat.mp4", seconds=3, fps=30, width=160, height=120)
 
 
-def _run_job(ctx: IngestContext, source: MediaSource, **sampling: Any) -> Job:
+def _run_job(ctx: IngestContext, source: MediaSource, tenant: str = "public", **sampling: Any) -> Job:
     request = StoredRequest(
         question="q", prompt=None, videos=[source], images=[], sampling=Sampling(**sampling), generation={}
     )
-    job = ctx.jobs.create(request.model_dump(mode="json"))
+    job = ctx.jobs.create(request.model_dump(mode="json"), tenant=tenant)
     ingest_job(job.id, ctx)
     done = ctx.jobs.get(job.id)
     assert done is not None
@@ -135,6 +139,41 @@ def test_the_same_url_with_the_same_etag_is_neither_downloaded_nor_decoded(
     assert server.sent == [200, 304, 200]  # type: ignore[attr-defined]
     assert "decode" in third.ingest_timings
     assert third.media != first.media
+
+
+def test_frames_older_than_half_the_retention_are_sampled_again(context: IngestContext, video: Path) -> None:
+    first = _run_job(context, _upload(context, video, "a.mp4"), num_frames=4)
+    # Older than half the retention, they could expire before this job's record names them.
+    past = time.time() - context.settings.storage_retention_s / 2 - 60
+    for path in Path(context.settings.storage_url).rglob("*.*"):
+        os.utime(path, (past, past))
+    second = _run_job(context, _upload(context, video, "b.mp4"), num_frames=4)
+    assert "decode" in first.ingest_timings and "decode" in second.ingest_timings
+    assert second.status is JobStatus.QUEUED_GPU
+
+
+def test_tenants_share_neither_frames_nor_etag_records_unless_told_to(
+    context: IngestContext, server: http.server.ThreadingHTTPServer, video: Path
+) -> None:
+    acme = _run_job(context, _upload(context, video, "a.mp4"), tenant="acme", num_frames=4)
+    beta = _run_job(context, _upload(context, video, "b.mp4"), tenant="beta", num_frames=4)
+    # Reused frames would tell beta, through its timings, that someone sent these bytes before.
+    assert "decode" in acme.ingest_timings and "decode" in beta.ingest_timings
+    assert all(f["key"].startswith("tenants/acme/frames/") for f in acme.media[0]["frames"])
+    assert all(f["key"].startswith("tenants/beta/frames/") for f in beta.media[0]["frames"])
+
+    server.body = video.read_bytes()  # type: ignore[attr-defined]
+    url = MediaSource.from_url(f"http://127.0.0.1:{server.server_address[1]}/cat.mp4")
+    _run_job(context, url, tenant="acme", num_frames=4)
+    _run_job(context, url, tenant="beta", num_frames=4)
+    _run_job(context, url, tenant="beta", num_frames=4)
+    assert server.sent == [200, 200, 304]  # type: ignore[attr-defined]
+
+    shared = replace(context, settings=context.settings.model_copy(update={"share_frames_across_tenants": True}))
+    first = _run_job(shared, _upload(context, video, "c.mp4"), tenant="acme", num_frames=4)
+    second = _run_job(shared, _upload(context, video, "d.mp4"), tenant="beta", num_frames=4)
+    assert "decode" in first.ingest_timings and "decode" not in second.ingest_timings
+    assert second.media == first.media
 
 
 def test_a_window_outside_the_video_fails_the_job_as_a_bad_request(context: IngestContext, video: Path) -> None:
