@@ -32,7 +32,7 @@ from celery import bootsteps
 
 from common.errors import VideoQAError
 from common.jobs import ACTIVE_PREFIX, INDEX_KEY, KEY_PREFIX, TENANT_INDEX_PREFIX, Job, JobStore
-from common.storage import UPLOADS_PREFIX, ObjectStore, StoredObject
+from common.storage import UPLOADS_PREFIX, ObjectStore, StoredObject, open_store
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +157,7 @@ class SweeperStep(bootsteps.StartStopStep):
         super().__init__(worker, **kwargs)
         self._timer_ref: Any = None
         self._running: threading.Thread | None = None
+        self._store: ObjectStore | None = None
 
     def start(self, worker: Any) -> None:
         runtime = worker.app.videoqa_runtime
@@ -164,16 +165,24 @@ class SweeperStep(bootsteps.StartStopStep):
 
         def run() -> None:
             try:
+                if self._store is None:
+                    # A store of its own: pool processes forked later inherit the runtime's and
+                    # use it; they must not share its connections with this thread.
+                    self._store = open_store(settings)
                 outcome = sweep(
                     runtime.jobs.client,
                     runtime.jobs,
-                    runtime.store,
+                    self._store,
                     retention_s=settings.storage_retention_s,
                     job_ttl_s=settings.job_ttl_s,
                     lock_s=settings.sweep_interval_s,
                 )
             except (redis.RedisError, VideoQAError) as exc:
                 log.warning("sweeper: %s; next sweep later", exc.__class__.__name__)
+                return
+            except Exception:
+                # A thread's exception would go to stderr only; the next sweep tries again.
+                log.exception("sweeper failed; next sweep later")
                 return
             if outcome is not None and (outcome.deleted or outcome.index_entries_removed):
                 log.info(
