@@ -64,7 +64,9 @@ def _answer(service: RunningService, key: str, video: Path) -> dict[str, Any]:
     raise AssertionError(f"the job did not finish\n{service.tail_logs()}")
 
 
-def test_another_tenants_same_bytes_are_sampled_afresh(keyed_service: RunningService, sample_videos: list[Path]) -> None:
+def test_another_tenants_same_bytes_are_sampled_afresh(
+    keyed_service: RunningService, sample_videos: list[Path]
+) -> None:
     first = _answer(keyed_service, KEY_A, sample_videos[0])
     other = _answer(keyed_service, KEY_B, sample_videos[0])
     again = _answer(keyed_service, KEY_A, sample_videos[0])

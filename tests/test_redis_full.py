@@ -74,7 +74,8 @@ def test_an_upload_is_removed_when_the_job_store_refuses_its_record(tmp_path: Pa
 
 def test_uploads_are_removed_when_a_later_file_is_refused(tmp_path: Path, spare_redis_url: str) -> None:
     store = tmp_path / "store"
-    client = create_app(load_settings({"VIDEOQA_REDIS_URL": spare_redis_url, "VIDEOQA_STORAGE_URL": str(store)})).test_client()
+    settings = load_settings({"VIDEOQA_REDIS_URL": spare_redis_url, "VIDEOQA_STORAGE_URL": str(store)})
+    client = create_app(settings).test_client()
     response = client.post(
         "/v1/jobs",
         data={"question": "q", "videos": [(io.BytesIO(b"first"), "a.mp4"), (io.BytesIO(b""), "empty.mp4")]},

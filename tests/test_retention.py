@@ -13,7 +13,7 @@ import redis
 
 from common.connections import redis_client
 from common.jobs import INDEX_KEY, TENANT_INDEX_PREFIX, JobStatus, JobStore
-from common.settings import load_settings
+from common.settings import Settings
 from common.storage import LocalStore, ObjectStore, S3Store
 from tests.conftest import BUCKET, service_env, start_process
 from worker.stack import Stack, cpu_worker_command
@@ -51,7 +51,7 @@ OLD_KEYS = {
 }
 
 
-def test_the_sweeper_deletes_old_objects_and_keeps_those_of_live_jobs(local_settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_the_sweeper_deletes_old_objects_and_keeps_those_of_live_jobs(local_settings: Settings, tmp_path: Path) -> None:
     client = redis_client(local_settings)
     jobs = JobStore(client, ttl_s=600)
     store = LocalStore(tmp_path / "store")
@@ -74,7 +74,9 @@ def test_the_sweeper_deletes_old_objects_and_keeps_those_of_live_jobs(local_sett
     assert not client.exists(LOCK_KEY)
 
 
-def test_the_sweeper_works_on_s3_and_the_bucket_gets_a_lifecycle_rule(s3, spare_redis_url: str) -> None:  # type: ignore[no-untyped-def]
+def test_the_sweeper_works_on_s3_and_the_bucket_gets_a_lifecycle_rule(  # type: ignore[no-untyped-def]
+    s3, spare_redis_url: str
+) -> None:
     prefix = f"retention-{uuid.uuid4().hex[:8]}"
     # An operator's rule of the same bucket must survive ours.
     s3.put_bucket_lifecycle_configuration(
@@ -126,7 +128,9 @@ def test_index_entries_go_with_their_records(spare_redis_url: str) -> None:
     assert not client.exists(TENANT_INDEX_PREFIX + "beta")
 
 
-def test_a_cpu_worker_sweeps_on_its_timer(spare_redis_url: str, aws_env: dict[str, str], tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_a_cpu_worker_sweeps_on_its_timer(
+    spare_redis_url: str, aws_env: dict[str, str], tiny_model_dir: Path, tmp_path: Path
+) -> None:
     env = service_env(
         spare_redis_url,
         aws_env,

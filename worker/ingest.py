@@ -74,7 +74,8 @@ def ingest_video(
     keys = keys or ContentKeys.shared(settings.storage_retention_s)
 
     def stored_manifest(sha256: str) -> str | None:
-        return keys.reusable(store, keys.candidates(lambda period: _manifest_key(sha256, sampling, geometry, keys, period)))
+        candidates = keys.candidates(lambda period: _manifest_key(sha256, sampling, geometry, keys, period))
+        return keys.reusable(store, candidates)
 
     started = time.perf_counter()
     fetched = None

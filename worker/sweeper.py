@@ -52,7 +52,7 @@ class SweepOutcome:
 
 def live_jobs(client: redis.Redis, jobs: JobStore) -> dict[str, Job]:
     """Jobs not yet ended: each is in its tenant's active set until its terminal transition."""
-    live = {}
+    live: dict[str, Job] = {}
     for key in client.scan_iter(match=ACTIVE_PREFIX + "*", count=500):
         for job_id in client.smembers(key):
             job = jobs.get(job_id)
@@ -63,7 +63,7 @@ def live_jobs(client: redis.Redis, jobs: JobStore) -> dict[str, Job]:
 
 def keys_of(job: Job) -> set[str]:
     """The storage keys a job reads: its uploads, then the frames and images its ingest chose."""
-    keys = set()
+    keys: set[str] = set()
     for kind in ("videos", "images"):
         for source in job.request.get(kind) or []:
             if source.get("kind") == "upload":
@@ -79,7 +79,7 @@ def expired(
     objects: Iterable[StoredObject], *, live: dict[str, Job], retention_s: float, now: float
 ) -> Iterator[str]:
     """The keys of ``objects`` that the rules above delete."""
-    kept = set().union(*(keys_of(job) for job in live.values()))
+    kept: set[str] = set().union(*(keys_of(job) for job in live.values()))
     for stored in objects:
         age = now - stored.modified
         if stored.key in kept:
