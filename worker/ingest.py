@@ -68,8 +68,9 @@ def ingest_video(
 ) -> list[dict[str, Any]]:
     """Fetch, sample and store one video; its manifest entries ``{index, time, key}``.
 
-    Frames already stored for the same bytes and parameters are reused: the video is not decoded
-    again, and an http(s) URL whose ETag is unchanged is not even downloaded again.
+    Frames already stored for the same bytes and parameters, in the job's scope and young enough
+    (worker.reuse), are reused: the video is not decoded again, and an http(s) URL whose ETag is
+    unchanged is not even downloaded again.
     """
     keys = keys or ContentKeys.shared(settings.storage_retention_s)
 
