@@ -1,11 +1,15 @@
 """The GPU stage of jobs: load their stored frames, generate them as one batch, write each result
-once, as soon as that job's answer is complete."""
+once, as soon as that job's answer is complete.
+
+Everything done for one job alone (its frames, its prompt, the processor's work on it) happens
+before the batch forms, so a job that fails there ends alone with its own error.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from common.errors import TransientError, VideoQAError
@@ -15,7 +19,7 @@ from common.schemas import StoredRequest
 from common.storage import ObjectStore
 from worker.batching import BatchItem, Outcome, describe, run_batch
 from worker.geometry import decode_png
-from worker.inference import Completion, LoadedModel, Prompt, render_prompt
+from worker.inference import Completion, LoadedModel, Prompt, encode_prompt, render_prompt
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +59,9 @@ def _load_prompt(job: Job, ctx: GenerateContext) -> tuple[Prompt, list[dict[str,
             ]
         else:
             images.append(decode_png(ctx.store.get_bytes(item["key"])))
-    return render_prompt(ctx.model.processor, request, video_frames, images), sampled
+    prompt = render_prompt(ctx.model.processor, request, video_frames, images)
+    # Encoded here, per job: text or images the processor refuses fail this job, not its batch.
+    return replace(prompt, encoded=encode_prompt(ctx.model, prompt)), sampled
 
 
 TIMING_ORDER = ("queue_wait", "download", "decode", "store_frames", "ingest", "queue_gpu", "load_frames", "generate")
