@@ -8,7 +8,6 @@ that cannot be encoded fails alone, before it joins a batch.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import uuid
@@ -100,7 +99,11 @@ def resolve_device(setting: str) -> str:
 def resolve_attention(setting: str, device: str) -> str:
     if setting != "auto":
         return setting
-    if device == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+    # transformers' own check, not "is there a module named flash_attn": flash-attn-4 installs a
+    # module of that name too, which flash_attention_2 cannot load.
+    from transformers.utils import is_flash_attn_2_available
+
+    if device == "cuda" and is_flash_attn_2_available():
         return "flash_attention_2"
     return "sdpa"
 
