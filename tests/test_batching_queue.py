@@ -122,8 +122,9 @@ def test_malformed_messages_are_removed_once_and_never_unpickled(local_settings:
     queue, client = _setup(local_settings, ["a"])
     publish_malformed(local_settings.redis_url, marker)
     make_celery(local_settings).send_task(GENERATE_TASK, args=["b"])
+    make_celery(local_settings).send_task(GENERATE_TASK, kwargs={"job_id": "c"})  # by name: also the task's call
     with caplog.at_level(logging.ERROR, logger="worker.batch_queue"), queue.claim(4, wait_s=0.0) as claims:
-        assert [claim.job_id for claim in claims] == ["a", "b"]
+        assert [claim.job_id for claim in claims] == ["a", "b", "c"]
         for claim in claims:
             queue.done(claim)
     assert client.llen(GPU_QUEUE) == 0 and client.hlen("unacked") == 0

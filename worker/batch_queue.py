@@ -87,9 +87,13 @@ def _parse(message: Message) -> Claim | None:
     except (ContentDisallowed, DecodeError, TypeError, ValueError) as exc:
         raise Malformed(f"{type(exc).__name__}: {exc}") from None
     args, kwargs = (payload[0], payload[1]) if isinstance(payload, list) and len(payload) == 3 else (None, None)
-    if not (isinstance(args, list) and len(args) == 1 and isinstance(args[0], str) and args[0] and kwargs == {}):
+    # The task's one argument, by position (as the CPU stage sends it) or by name.
+    given: list[Any] = []
+    if isinstance(args, list) and isinstance(kwargs, dict) and set(kwargs) <= {"job_id"}:
+        given = args + list(kwargs.values())
+    if not (len(given) == 1 and isinstance(given[0], str) and given[0]):
         raise Malformed("its arguments are not one job id")
-    return Claim(job_id=args[0], task_id=str(headers.get("id")), retries=retries, message=message)
+    return Claim(job_id=given[0], task_id=str(headers.get("id")), retries=retries, message=message)
 
 
 def _describe(message: Message) -> str:
