@@ -18,7 +18,12 @@ SDPA and with flash-attention 2 when it imports, it prints:
 * jobs/s: jobs finished per second, from preprocessing to the last token;
 * each as a share of the H100 roofline (3.0 TB/s, 800 dense fp16 TFLOP/s; arithmetic from the
   parameter counts, KV cache size and FLOPs, as in the reference), and the batching path's
-  jobs/s over the notebook's way in the same run.
+  jobs/s over the notebook's way in the same run;
+* = solo: how many of the batch's answers (100 greedy tokens each) equal the same job's answer
+  generated alone the notebook's way, and where the first one that differs parts from it. fp32
+  on the CPU gives all of them; in fp16 on CUDA the batch's shape changes the kernels' rounding,
+  which can flip a greedy choice between two near-equal logits, and the answer follows that
+  token from there on.
 
 Targets on one H100: batched jobs/s at least 2x the notebook's way, and at least 60% of the
 roofline. Without CUDA the roofline shares are not printed (they describe an H100).
@@ -27,11 +32,10 @@ roofline. Without CUDA the roofline shares are not printed (they describe an H10
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +155,20 @@ class Timing:
     total_s: float  # from the first preprocessing to the last token of the last job
     prefill_s: float  # up to the first new token: summed over jobs one at a time, or the batch's
     decode_s: float  # after the first new token: summed over jobs one at a time, or the batch's
+    tokens: list[list[int]] = field(default_factory=list)  # each job's new tokens, in job order
+
+
+def same_as_solo(solo: list[list[int]], batched: list[list[int]]) -> str:
+    """``7/8 (one differs from new token 37)``: batched answers equal to the job's solo answer."""
+    same = sum(a == b for a, b in zip(solo, batched, strict=True))
+    differing = [
+        next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        for a, b in zip(solo, batched, strict=True)
+        if a != b
+    ]
+    if not differing:
+        return f"{same}/{len(solo)}"
+    return f"{same}/{len(solo)} ({len(differing)} differ{'s' if len(differing) == 1 else ''} from new token {min(differing)})"
 
 
 def seed_way(loaded: LoadedModel, jobs: list[Prompt]) -> Timing:
@@ -159,6 +177,7 @@ def seed_way(loaded: LoadedModel, jobs: list[Prompt]) -> Timing:
 
     processor, model = loaded.processor, loaded.model
     prefill = decode = 0.0
+    tokens = []
     _sync(loaded)
     started = time.perf_counter()
     for prompt in jobs:
@@ -176,7 +195,8 @@ def seed_way(loaded: LoadedModel, jobs: list[Prompt]) -> Timing:
         assert first.at is not None and output.shape[1] - inputs["input_ids"].shape[1] == prompt.generation.max_new_tokens
         prefill += first.at - job_started
         decode += ended - first.at
-    return Timing(time.perf_counter() - started, prefill, decode)
+        tokens.append(output[0, inputs["input_ids"].shape[1] :].tolist())
+    return Timing(time.perf_counter() - started, prefill, decode, tokens)
 
 
 class SplitHappened(Exception):
@@ -198,11 +218,12 @@ def batched_way(loaded: LoadedModel, jobs: list[Prompt]) -> Timing:
     ended = time.perf_counter()
     if len(calls) != 1:
         raise SplitHappened(f"a batch of {len(jobs)} ran in {len(calls)} calls")
-    for prompt, outcome in zip(jobs, outcomes.values(), strict=True):
-        assert outcome.completion is not None and outcome.completion.completion_tokens == prompt.generation.max_new_tokens
+    completions = [outcomes[str(i)].completion for i in range(len(jobs))]  # outcomes come in finishing order
+    for prompt, completion in zip(jobs, completions, strict=True):
+        assert completion is not None and completion.completion_tokens == prompt.generation.max_new_tokens
     first = calls[0].at
     assert first is not None
-    return Timing(ended - started, first - started, ended - first)
+    return Timing(ended - started, first - started, ended - first, [c.token_ids for c in completions if c is not None])
 
 
 @dataclass
@@ -268,10 +289,11 @@ def measure(loaded: LoadedModel, batches: list[int], roofline: Roofline | None, 
             continue
         # The notebook's prefill is per job (one at a time); the batch's covers all its jobs.
         rows = (
-            ("notebook", seed, seed.prefill_s / batch, 1, ""),
-            ("worker batching", batched, batched.prefill_s, batch, f"{seed.total_s / batched.total_s:.2f}x"),
-        )
-        for way, timing, prefill_shown, prefill_jobs, ratio in rows:
+            ("notebook", seed, seed.prefill_s / batch, 1, "", ""),
+            ("worker batching", batched, batched.prefill_s, batch, f"{seed.total_s / batched.total_s:.2f}x",
+             same_as_solo(seed.tokens, batched.tokens)),
+        )  # fmt: skip
+        for way, timing, prefill_shown, prefill_jobs, ratio, same in rows:
             decode = batch * (NEW_TOKENS - 1) / timing.decode_s
             jobs_per_s = batch / timing.total_s
             print(
@@ -279,7 +301,7 @@ def measure(loaded: LoadedModel, batches: list[int], roofline: Roofline | None, 
                 f"{prefill_shown:>9.3f} {_share(roofline.prefill_s(prefill_jobs), prefill_shown) if roofline else '  n/a'} "
                 f"{decode:>10.1f} {_share(decode, roofline.decode_tokens_per_s(batch)) if roofline else '  n/a'} "
                 f"{jobs_per_s:>8.3f} {_share(jobs_per_s, roofline.jobs_per_s(batch)) if roofline else '  n/a'} "
-                f"{ratio:>8}"
+                f"{ratio:>8} {same}"
             )
         sys.stdout.flush()
 
@@ -306,8 +328,10 @@ def main() -> int:
     if not cuda:
         torch.set_num_threads(1)
         print("no CUDA device: running the tiny random-weight model on the CPU (1 thread); roofline shares are for an H100")
+    from transformers.utils import is_flash_attn_2_available
+
     attns = ["sdpa"]
-    if cuda and importlib.util.find_spec("flash_attn") is not None:
+    if cuda and is_flash_attn_2_available():
         attns.append("flash_attention_2")
     elif cuda:
         print("flash-attn is not installed: SDPA only (pip install -e '.[gpu]' adds it)")
@@ -332,7 +356,7 @@ def main() -> int:
         if largest not in batches:
             batches.append(largest)
         print(f"{'attention':<17} {'way':<16} {'batch':>5} {'prefill s':>9} {'share':>5} "
-              f"{'decode t/s':>10} {'share':>5} {'jobs/s':>8} {'share':>5} {'vs nb':>8}")  # fmt: skip
+              f"{'decode t/s':>10} {'share':>5} {'jobs/s':>8} {'share':>5} {'vs nb':>8} = solo")  # fmt: skip
         for attn in attns:
             if attn != loaded.attn_implementation:
                 loaded.model.set_attn_implementation(attn)

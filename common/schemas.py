@@ -59,7 +59,8 @@ class JobRequest(_Strict):
     images: list[MediaInput] = Field(default_factory=list)
     prompt: str | None = Field(
         default=None,
-        description="text with one <video> / <image> placeholder per entry, in order",
+        description="text with one <video> / <image> placeholder per entry, in order; the model's special tokens "
+        "written in it (or in the question) are read as text",
     )
     sampling: Sampling = Field(default_factory=Sampling)
     generation: Generation = Field(default_factory=Generation)

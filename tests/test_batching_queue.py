@@ -6,12 +6,17 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
+import uuid
+from pathlib import Path
 
 import redis
+from kombu import Connection
 
 from common.celery_config import GENERATE_TASK, GPU_QUEUE, INGEST_TASK, make_celery
 from common.errors import StorageUnavailable
 from common.settings import Settings
+from tests.test_hostile_input import _TouchOnUnpickle
 from worker.batch_queue import GpuQueue
 
 
@@ -89,3 +94,41 @@ def test_a_transient_error_sends_the_job_again_until_its_retries_are_spent(local
     assert given_up == ["a"]
     assert client.llen(GPU_QUEUE) == 0 and client.hlen("unacked") == 0
 
+
+
+def publish_malformed(redis_url: str, marker: Path) -> list[str]:
+    """Generate messages no worker can run, as a hostile or broken client would push them; the
+    task ids of those that carry one."""
+    ids = [str(uuid.uuid4()) for _ in range(4)]
+    headers = {"task": GENERATE_TASK, "lang": "py", "argsrepr": "()", "kwargsrepr": "{}"}
+    embed = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+    with Connection(redis_url) as connection:
+        producer = connection.Producer(serializer="pickle")
+        producer.publish(((_TouchOnUnpickle(marker),), {}, embed), routing_key=GPU_QUEUE, headers={**headers, "id": ids[0]})
+        producer.publish(
+            b"{not json", routing_key=GPU_QUEUE, content_type="application/json", content_encoding="utf-8",
+            headers={**headers, "id": ids[1]},
+        )  # fmt: skip
+        producer = connection.Producer(serializer="json")
+        producer.publish(([], {}, embed), routing_key=GPU_QUEUE, headers={**headers, "id": ids[2]})
+        producer.publish(([{"job": 1}, "x"], {"more": 1}, embed), routing_key=GPU_QUEUE, headers={**headers, "id": ids[3]})
+    # And bytes that are not even a message envelope.
+    redis.Redis.from_url(redis_url).lpush(GPU_QUEUE, b"\x80garbage")
+    return ids
+
+
+def test_malformed_messages_are_removed_once_and_never_unpickled(local_settings: Settings, tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    marker = tmp_path / "unpickled"
+    queue, client = _setup(local_settings, ["a"])
+    publish_malformed(local_settings.redis_url, marker)
+    make_celery(local_settings).send_task(GENERATE_TASK, args=["b"])
+    make_celery(local_settings).send_task(GENERATE_TASK, kwargs={"job_id": "c"})  # by name: also the task's call
+    with caplog.at_level(logging.ERROR, logger="worker.batch_queue"), queue.claim(4, wait_s=0.0) as claims:
+        assert [claim.job_id for claim in claims] == ["a", "b", "c"]
+        for claim in claims:
+            queue.done(claim)
+    assert client.llen(GPU_QUEUE) == 0 and client.hlen("unacked") == 0
+    assert not marker.exists()
+    removed = [record.getMessage() for record in caplog.records if "malformed message" in record.getMessage()]
+    assert len(removed) == 5, removed
+    assert "ContentDisallowed" in removed[0] and "DecodeError" in removed[1] and "not one job id" in removed[2]

@@ -103,3 +103,39 @@ def test_warm_up_generates_on_a_blank_frame(loaded: LoadedModel) -> None:
     (completion,) = warm_up(loaded)
     assert 1 <= completion.completion_tokens <= 2
     assert completion.prompt_tokens > 729
+
+
+def _installed(site: Path, distribution: str, version: str) -> Path:
+    """A distribution ``distribution`` that provides a module named ``flash_attn``, as flash-attn
+    (2.x) and flash-attn-4 both do."""
+    (site / "flash_attn").mkdir(parents=True)
+    (site / "flash_attn" / "__init__.py").write_text(f"__version__ = {version!r}\n")
+    info = site / f"{distribution.replace('-', '_')}-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {distribution}\nVersion: {version}\n")
+    (info / "top_level.txt").write_text("flash_attn\n")
+    (info / "RECORD").write_text(f"flash_attn/__init__.py,,\n{info.name}/METADATA,,\n")
+    return site
+
+
+@pytest.mark.parametrize(("distribution", "version", "expected"), [("flash-attn-4", "4.0.0", "sdpa"), ("flash-attn", "2.7.4", "flash_attention_2")])
+def test_auto_attention_takes_flash_attention_2_only_from_the_flash_attn_distribution(
+    tmp_path: Path, distribution: str, version: str, expected: str
+) -> None:
+    """In a fresh interpreter that sees the package; CUDA is reported present (none is here), the
+    one stand-in, since the check also asks for a CUDA device."""
+    import os
+    import subprocess
+    import sys
+
+    site = _installed(tmp_path / "site", distribution, version)
+    script = (
+        "import importlib.util, torch; torch.cuda.is_available = lambda: True\n"
+        "from worker.inference import resolve_attention\n"
+        "assert importlib.util.find_spec('flash_attn') is not None\n"
+        "print(resolve_attention('auto', 'cuda'))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.getcwd()])}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-1] == expected

@@ -20,6 +20,9 @@ the CPU stage sent, and each message is handled the way Celery handles its own:
   the leader's.
 * A message that is not a generate task, or whose ETA (a retry's countdown) is still ahead, goes
   back to the queue untouched; draining stops there, so the worker does not spin on it.
+* A malformed message (not JSON, a body that does not decode, not one job id as its arguments) is
+  refused without being deserialized beyond JSON, logged once and removed: it can be nobody's job,
+  and returned to the queue it would come back to every leader.
 
 The GPU worker runs Celery's solo pool, so the task runs in the process that holds the model and
 nothing else runs meanwhile; its prefetch of one (``acks_late``) leaves every other message in
@@ -40,6 +43,7 @@ from typing import Any
 
 from celery import Celery
 from kombu import Queue
+from kombu.exceptions import ContentDisallowed, DecodeError
 from kombu.message import Message
 
 from common.celery_config import GENERATE_TASK, GPU_QUEUE
@@ -62,19 +66,39 @@ class Claim:
     settled: bool = field(default=False)
 
 
+class Malformed(ValueError):
+    """A message on the queue that no worker can run."""
+
+
 def _parse(message: Message) -> Claim | None:
-    headers = message.headers or {}
+    """The message's claim; None for a message to leave to others (another task, an ETA ahead).
+    Raises ``Malformed`` for one that cannot be run at all."""
+    headers = message.headers if isinstance(message.headers, dict) else {}
     if headers.get("task") != GENERATE_TASK:
         return None
-    eta = headers.get("eta")
-    if eta and datetime.fromisoformat(eta).astimezone(UTC) > datetime.now(UTC):
-        return None
     try:
-        args = message.payload[0]
-        job_id = str(args[0])
-    except (IndexError, KeyError, TypeError):
-        return None
-    return Claim(job_id=job_id, task_id=str(headers.get("id")), retries=int(headers.get("retries") or 0), message=message)
+        eta = headers.get("eta")
+        if eta and datetime.fromisoformat(eta).astimezone(UTC) > datetime.now(UTC):
+            return None
+        retries = int(headers.get("retries") or 0)
+        # Only JSON is accepted: a pickle (or any other) body raises ContentDisallowed here, before
+        # anything is deserialized.
+        payload = message.decode()
+    except (ContentDisallowed, DecodeError, TypeError, ValueError) as exc:
+        raise Malformed(f"{type(exc).__name__}: {exc}") from None
+    args, kwargs = (payload[0], payload[1]) if isinstance(payload, list) and len(payload) == 3 else (None, None)
+    # The task's one argument, by position (as the CPU stage sends it) or by name.
+    given: list[Any] = []
+    if isinstance(args, list) and isinstance(kwargs, dict) and set(kwargs) <= {"job_id"}:
+        given = args + list(kwargs.values())
+    if not (len(given) == 1 and isinstance(given[0], str) and given[0]):
+        raise Malformed("its arguments are not one job id")
+    return Claim(job_id=given[0], task_id=str(headers.get("id")), retries=retries, message=message)
+
+
+def _describe(message: Message) -> str:
+    headers = message.headers if isinstance(message.headers, dict) else {}
+    return f"task {str(headers.get('task'))[:80]!r} id {str(headers.get('id'))[:80]!r} ({message.content_type})"
 
 
 class GpuQueue:
@@ -115,13 +139,23 @@ class GpuQueue:
         claims: list[Claim] = []
         deadline = time.monotonic() + wait_s
         while len(claims) < limit:
-            message = bound.get(no_ack=False, accept=["json"])
+            try:
+                message = bound.get(no_ack=False, accept=["json"])
+            except (DecodeError, ValueError, KeyError, TypeError) as exc:
+                # Not even a message envelope: the transport has taken it off the queue already.
+                log.error("dropped a malformed message from the %s queue: %s: %s", self.queue, type(exc).__name__, exc)
+                continue
             if message is None:
                 if time.monotonic() >= deadline:
                     break
                 time.sleep(POLL_S)
                 continue
-            claim = _parse(message)
+            try:
+                claim = _parse(message)
+            except Malformed as exc:
+                log.error("removed a malformed message from the %s queue, %s: %s", self.queue, _describe(message), exc)
+                message.ack()
+                continue
             if claim is None:
                 message.reject(requeue=True)  # not ours to run now: back to the queue's tail
                 break

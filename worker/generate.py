@@ -1,12 +1,18 @@
 """The GPU stage of jobs: load their stored frames, generate them as one batch, write each result
-once, as soon as that job's answer is complete."""
+once, as soon as that job's answer is complete.
+
+Everything done for one job alone (its frames, its prompt, the processor's work on it) happens
+before the batch forms, so a job that fails there ends alone with its own error.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
+
+import redis
 
 from common.errors import TransientError, VideoQAError
 from common.jobs import Job, JobStatus, JobStore
@@ -15,7 +21,7 @@ from common.schemas import StoredRequest
 from common.storage import ObjectStore
 from worker.batching import BatchItem, Outcome, describe, run_batch
 from worker.geometry import decode_png
-from worker.inference import Completion, LoadedModel, Prompt, render_prompt
+from worker.inference import Completion, LoadedModel, Prompt, encode_prompt, render_prompt
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +61,9 @@ def _load_prompt(job: Job, ctx: GenerateContext) -> tuple[Prompt, list[dict[str,
             ]
         else:
             images.append(decode_png(ctx.store.get_bytes(item["key"])))
-    return render_prompt(ctx.model.processor, request, video_frames, images), sampled
+    prompt = render_prompt(ctx.model.processor, request, video_frames, images)
+    # Encoded here, per job: text or images the processor refuses fail this job, not its batch.
+    return replace(prompt, encoded=encode_prompt(ctx.model, prompt)), sampled
 
 
 TIMING_ORDER = ("queue_wait", "download", "decode", "store_frames", "ingest", "queue_gpu", "load_frames", "generate")
@@ -121,8 +129,27 @@ def _publish(prepared: _Prepared, completion: Completion, ctx: GenerateContext, 
         log.info("generate: job %s ended otherwise while generating (cancelled?)", job_id)
 
 
-def _cancelled_among(jobs: JobStore, job_ids: list[str]) -> set[str]:
-    return {job_id for job_id in job_ids if jobs.is_cancelled(job_id)}
+class _CancelPoll:
+    """Which of a batch's jobs were cancelled, asked about every 100 ms while it generates. Redis
+    out of reach is an outage to ride out, not the batch's end: no cancellation is known this time,
+    and the next poll asks again."""
+
+    def __init__(self, jobs: JobStore) -> None:
+        self.jobs = jobs
+        self.failing = False
+
+    def __call__(self, job_ids: list[str]) -> set[str]:
+        try:
+            cancelled = {job_id for job_id in job_ids if self.jobs.is_cancelled(job_id)}
+        except redis.RedisError as exc:
+            if not self.failing:
+                log.warning("cannot read cancellations (%s: %s); generation goes on", type(exc).__name__, exc)
+                self.failing = True
+            return set()
+        if self.failing:
+            log.info("cancellations can be read again")
+            self.failing = False
+        return cancelled
 
 
 def generate_jobs(job_ids: list[str], ctx: GenerateContext) -> dict[str, TransientError]:
@@ -165,7 +192,7 @@ def generate_jobs(job_ids: list[str], ctx: GenerateContext) -> dict[str, Transie
         ctx.model,
         [BatchItem(job_id, ready.prompt) for job_id, ready in prepared.items()],
         on_outcome=settle,
-        cancelled=lambda job_ids: _cancelled_among(jobs, job_ids),
+        cancelled=_CancelPoll(jobs),
         deadline=started + ctx.time_limit_s if ctx.time_limit_s else None,
     )
     log.info("generated a batch of %d in %.2f s: %s", size, time.time() - started, describe(outcomes.values()))

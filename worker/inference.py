@@ -1,22 +1,26 @@
 """LLaVA-Interleave behind a small interface: load once, render prompts, generate in batches.
 
 Batched greedy generation uses left padding, the attention mask and the pad token, which gives
-every prompt exactly the tokens it would get alone.
+every prompt exactly the tokens it would get alone. Each prompt is encoded on its own (token ids
+in which user text stays text, see worker.prompt_ids, and its images' pixel values), so a prompt
+that cannot be encoded fails alone, before it joins a batch.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
+import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Protocol
 
 from PIL import Image
 
 from common.schemas import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Generation, StoredRequest
 from common.settings import Settings
+from worker.prompt_ids import Span, prompt_ids
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +49,30 @@ class LoadedModel:
         tokenizer = self.processor.tokenizer
         return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_token_ids)
 
+    @cached_property
+    def image_token_count(self) -> int:
+        """Ids the processor puts in place of one image token. Asked of the processor itself: every
+        image is resized to the image processor's one size, so the count does not vary."""
+        processor = self.processor
+        image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+        inputs = processor(text=[processor.image_token], images=[_blank_image(processor)])
+        return list(inputs["input_ids"][0]).count(image_id)
+
+
+@dataclass
+class EncodedPrompt:
+    input_ids: list[int]
+    pixel_values: Any | None  # a tensor, one row per image in prompt order; None without images
+
 
 @dataclass
 class Prompt:
     text: str
     images: list[Image.Image]
     generation: Generation = field(default_factory=Generation)
+    # Where ``text`` holds the user's own text, which is tokenized as literal text.
+    user_spans: tuple[Span, ...] = ()
+    encoded: EncodedPrompt | None = None
 
 
 @dataclass
@@ -77,7 +99,11 @@ def resolve_device(setting: str) -> str:
 def resolve_attention(setting: str, device: str) -> str:
     if setting != "auto":
         return setting
-    if device == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+    # transformers' own check, not "is there a module named flash_attn": flash-attn-4 installs a
+    # module of that name too, which flash_attention_2 cannot load.
+    from transformers.utils import is_flash_attn_2_available
+
+    if device == "cuda" and is_flash_attn_2_available():
         return "flash_attention_2"
     return "sdpa"
 
@@ -141,29 +167,44 @@ def render_prompt(
 ) -> Prompt:
     """Without ``prompt``: the model's own chat template, frames of every video then the images,
     then the question. With ``prompt``: its placeholders expanded in the user's order, in the same
-    turn format (the template cannot interleave text between images)."""
+    turn format (the template cannot interleave text between images). The prompt records where the
+    user's text lies, so that it is tokenized as text."""
     if request.prompt is None:
         ordered = [frame for frames in video_frames for frame in frames] + list(images)
         content: list[dict[str, str]] = [{"type": "image"} for _ in ordered]
-        content.append({"type": "text", "text": request.question})
-        text = processor.apply_chat_template(
+        # The template renders a marker where the question goes, so the question's span is known
+        # without parsing the template's output.
+        marker = f"<{uuid.uuid4().hex}>"
+        content.append({"type": "text", "text": marker})
+        rendered = processor.apply_chat_template(
             [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
         )
-        return Prompt(text=text, images=ordered, generation=request.generation)
+        before, found, after = rendered.partition(marker)
+        if not found or marker in after:
+            raise ValueError("the chat template does not render the question exactly once")
+        span = (len(before), len(before) + len(request.question))
+        return Prompt(before + request.question + after, ordered, request.generation, user_spans=(span,))
 
-    pieces: list[str] = []
+    pieces: list[str] = ["<|im_start|>user\n"]
+    spans: list[Span] = []
     ordered = []
     videos, stills = iter(video_frames), iter(images)
+
+    def user_text(part: str) -> None:
+        start = sum(map(len, pieces))
+        spans.append((start, start + len(part)))
+        pieces.append(part)
+
     rest = request.prompt
     while rest:
         next_video = rest.find(VIDEO_PLACEHOLDER)
         next_image = rest.find(IMAGE_PLACEHOLDER)
         candidates = [p for p in (next_video, next_image) if p >= 0]
         if not candidates:
-            pieces.append(rest)
+            user_text(rest)
             break
         cut = min(candidates)
-        pieces.append(rest[:cut])
+        user_text(rest[:cut])
         if cut == next_video:
             frames = next(videos)
             ordered.extend(frames)
@@ -173,9 +214,27 @@ def render_prompt(
             ordered.append(next(stills))
             pieces.append(IMAGE_TOKEN)
             rest = rest[cut + len(IMAGE_PLACEHOLDER) :]
-    body = "".join(pieces)
-    text = f"<|im_start|>user\n{body}\n{request.question}<|im_end|>\n<|im_start|>assistant\n"
-    return Prompt(text=text, images=ordered, generation=request.generation)
+    pieces.append("\n")
+    user_text(request.question)
+    pieces.append("<|im_end|>\n<|im_start|>assistant\n")
+    return Prompt("".join(pieces), ordered, request.generation, user_spans=tuple(spans))
+
+
+def encode_prompt(loaded: LoadedModel, prompt: Prompt) -> EncodedPrompt:
+    """``prompt`` with its token ids and pixel values, the per-job part of the processor's work."""
+    processor = loaded.processor
+    ids = prompt_ids(
+        processor.tokenizer,
+        prompt.text,
+        prompt.user_spans,
+        image_token=processor.image_token,
+        image_token_count=loaded.image_token_count,
+    )
+    image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    if ids.count(image_id) != loaded.image_token_count * len(prompt.images):
+        raise ValueError(f"the prompt's image tokens do not match its {len(prompt.images)} images")
+    pixel_values = processor.image_processor(prompt.images, return_tensors="pt")["pixel_values"] if prompt.images else None
+    return EncodedPrompt(input_ids=ids, pixel_values=pixel_values)
 
 
 def sampling_key(generation: Generation) -> tuple[Any, ...]:
@@ -229,15 +288,18 @@ def generate_group(loaded: LoadedModel, prompts: list[Prompt], *, watch: Generat
     the attention mask and the pad token keep each row's greedy tokens equal to its own)."""
     import torch
 
-    processor = loaded.processor
-    inputs = processor(
-        text=[prompt.text for prompt in prompts],
-        images=[image for prompt in prompts for image in prompt.images] or None,
-        return_tensors="pt",
+    encoded = [prompt.encoded or encode_prompt(loaded, prompt) for prompt in prompts]
+    padded = loaded.processor.tokenizer.pad(
+        {"input_ids": [item.input_ids for item in encoded]},
         padding=True,
-    ).to(loaded.model.device)
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(loaded.model.dtype)
+        padding_side="left",
+        return_tensors="pt",
+    )
+    inputs: dict[str, Any] = {name: padded[name].to(loaded.model.device) for name in ("input_ids", "attention_mask")}
+    pixels = [item.pixel_values for item in encoded if item.pixel_values is not None]
+    if pixels:
+        # Rows in prompt order: the model fills the image tokens in that order.
+        inputs["pixel_values"] = torch.cat(pixels).to(loaded.model.device, loaded.model.dtype)
     generation = prompts[0].generation
     kwargs: dict[str, Any] = {
         "max_new_tokens": max(prompt.generation.max_new_tokens for prompt in prompts),
@@ -265,15 +327,19 @@ def generate_group(loaded: LoadedModel, prompts: list[Prompt], *, watch: Generat
 def warm_up(loaded: LoadedModel) -> Completion:
     """One short generation on a blank frame: the first call pays for kernel selection and
     allocator growth, so the first job does not."""
-    size = loaded.processor.image_processor.size
-    height, width = (size["height"], size["width"]) if isinstance(size, dict) else (size.height, size.width)
-    frame = Image.new("RGB", (int(width), int(height)))
+    frame = _blank_image(loaded.processor)
     text = loaded.processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]}],
         add_generation_prompt=True,
         tokenize=False,
     )
     return generate_group(loaded, [Prompt(text=text, images=[frame], generation=Generation(max_new_tokens=2))])
+
+
+def _blank_image(processor: Any) -> Image.Image:
+    size = processor.image_processor.size
+    height, width = (size["height"], size["width"]) if isinstance(size, dict) else (size.height, size.width)
+    return Image.new("RGB", (int(width), int(height)))
 
 
 def memory_info(loaded: LoadedModel) -> tuple[int, int]:
