@@ -20,7 +20,8 @@ from common.settings import Settings
 from common.storage import ObjectStore
 from worker.decode_process import DecodeLimits, sample_video
 from worker.fetch import fetch_if_changed, fetch_media, known_version, remember_version
-from worker.geometry import FrameGeometry, encode_png, open_still_image
+from worker.geometry import FrameGeometry, encode_png
+from worker.still_image import decode_image
 
 log = logging.getLogger(__name__)
 
@@ -114,11 +115,13 @@ def _stored_manifest(
     return json.loads(store.get_bytes(_manifest_key(sha256, sampling, geometry)))
 
 
-def _ingest_image(path: Path, sha256: str, geometry: FrameGeometry, store: ObjectStore, timer: StageTimer) -> str:
+def _ingest_image(
+    path: Path, sha256: str, geometry: FrameGeometry, settings: Settings, store: ObjectStore, timer: StageTimer
+) -> str:
     key = f"images/{sha256}/{geometry.key()}.png"
     if not store.exists(key):
         started = time.perf_counter()
-        image = geometry.resize(open_still_image(str(path)))
+        image = decode_image(path, geometry, settings)
         timer.add("decode", started)
         started = time.perf_counter()
         store.put_bytes(key, encode_png(image), content_type="image/png")
@@ -159,7 +162,7 @@ def ingest_job(job_id: str, ctx: IngestContext) -> None:
                     started = time.perf_counter()
                     fetched = fetch_media(source, target, settings=ctx.settings, store=ctx.store)
                     timer.add("download", started)
-                    key = _ingest_image(fetched.path, fetched.sha256, geometry, ctx.store, timer)
+                    key = _ingest_image(fetched.path, fetched.sha256, geometry, ctx.settings, ctx.store, timer)
                     media.append({"kind": kind, "position": position, "key": key})
                     fetched.path.unlink(missing_ok=True)
     except TransientError:
