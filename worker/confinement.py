@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import platform
 import resource
 import sys
 from collections.abc import Mapping
@@ -57,6 +58,8 @@ THREAD_ALLOWANCE = 256
 _PR_SET_DUMPABLE = 4
 _PR_SET_NO_NEW_PRIVS = 38
 _CLONE_THREAD = 0x00010000
+# Where clone()'s flags are its first argument (s390 puts the stack first).
+_CLONE_FLAGS_FIRST = ("x86_64", "aarch64", "arm64")
 # Denied with EPERM (a clean OSError in Python), not a kill: a decoder that tries one fails its
 # job with a message, as any other decoding error does.
 _DENIED = (
@@ -143,9 +146,9 @@ def _filter(seccomp: Any) -> Any:
     rules = seccomp.SyscallFilter(defaction=seccomp.ALLOW)
     for name in _DENIED:
         rules.add_rule(seccomp.ERRNO(errno.EPERM), name)
-    # clone() starting a process, not a thread. (Its flags are the first argument on x86-64 and
-    # arm64, the platforms the service ships for.)
-    rules.add_rule(seccomp.ERRNO(errno.EPERM), "clone", seccomp.Arg(0, seccomp.MASKED_EQ, _CLONE_THREAD, 0))
+    if platform.machine() in _CLONE_FLAGS_FIRST:
+        # clone() starting a process, not a thread.
+        rules.add_rule(seccomp.ERRNO(errno.EPERM), "clone", seccomp.Arg(0, seccomp.MASKED_EQ, _CLONE_THREAD, 0))
     for name in _NOT_IMPLEMENTED:
         rules.add_rule(seccomp.ERRNO(errno.ENOSYS), name)
     return rules
