@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import shutil
 import socket
 import struct
@@ -193,6 +194,23 @@ def test_a_forged_huge_length_is_refused_without_allocating_it() -> None:
     finally:
         tracemalloc.stop()
     assert peak < 16 * 1024 * 1024
+
+
+def _forge_an_object_array() -> tuple[None, list[np.ndarray]]:
+    # A well-formed header for one array of Python objects: eight bytes the caller would read as
+    # a pointer.
+    header = pickle.dumps(("last", None, [((1,), "|O")], 0))
+    for fd in map(int, os.listdir("/proc/self/fd")):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
+                os.write(fd, struct.pack("!Q", len(header)) + header + struct.pack("!Q", 0xDEADBEEF))
+    time.sleep(60)
+    return None, []
+
+
+def test_an_answer_of_object_arrays_is_refused() -> None:
+    with pytest.raises(InvalidMedia, match="answer was refused: ValueError: not an array of plain values"):
+        run_isolated([(_forge_an_object_array, ())], MEMORY, 30)
 
 
 # --- still images ---------------------------------------------------------------------------------

@@ -392,8 +392,12 @@ def _nbytes(spec: tuple[tuple[int, ...], str]) -> int:
     shape, dtype = spec
     if any(not isinstance(n, int) or n < 0 for n in shape):
         raise ValueError(f"not an array shape: {shape!r}")
+    kind = np.dtype(dtype)
+    if kind.hasobject:
+        # Raw bytes read as object pointers would be addresses the child chose.
+        raise ValueError(f"not an array of plain values: {dtype!r}")
     # Python integers: a forged shape cannot overflow into a small number.
-    return math.prod(shape) * np.dtype(dtype).itemsize
+    return math.prod(shape) * kind.itemsize
 
 
 def _recv_exactly(sock: socket.socket, size: int) -> bytes:
