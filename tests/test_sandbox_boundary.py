@@ -96,8 +96,8 @@ def test_a_child_sees_no_secret_of_the_worker_environment() -> None:
 
 
 def test_the_server_environment_keeps_only_harmless_variables_and_the_callers_tunables() -> None:
-    env = server_environment({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", "PATH": "/bin", "LC_ALL": "C.UTF-8",
-                              "OMP_NUM_THREADS": "1", **SECRETS, "REDIS_PASSWORD": "x", "GITHUB_TOKEN": "y"})  # fmt: skip
+    harmless = {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", "PATH": "/bin", "LC_ALL": "C.UTF-8", "OMP_NUM_THREADS": "1"}
+    env = server_environment({**harmless, **SECRETS, "REDIS_PASSWORD": "x", "GITHUB_TOKEN": "y"})
     assert env == {
         "GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1",
         "PATH": "/bin",
@@ -105,7 +105,8 @@ def test_the_server_environment_keeps_only_harmless_variables_and_the_callers_tu
         "OMP_NUM_THREADS": "1",
     }
     # An operator's own choice stands.
-    assert server_environment({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=0"
+    chosen = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}
+    assert server_environment(chosen)["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=0"
 
 
 def test_children_run_without_new_privileges_under_the_seccomp_filter() -> None:
@@ -114,6 +115,30 @@ def test_children_run_without_new_privileges_under_the_seccomp_filter() -> None:
     assert state["without_seccomp"] is None
     assert state["no_new_privileges"]
     assert state["open_files"] == OPEN_FILES
+
+
+_WARM_UP = """
+import json, logging
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+from worker import sandbox
+print(json.dumps(sandbox.warm_up()))
+"""
+
+
+def test_without_the_seccomp_binding_the_worker_warns_once_and_the_rest_holds(tmp_path: Path) -> None:
+    # libseccomp cannot be taken off this machine: a module of the binding's name that fails to
+    # load, as pyseccomp does without the library, stands in for a platform without it.
+    (tmp_path / "pyseccomp.py").write_text('raise RuntimeError("Unable to find libseccomp")\n')
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}:{ROOT}"}
+    done = subprocess.run([sys.executable, "-c", _WARM_UP], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    state = json.loads(done.stdout.splitlines()[-1])
+    assert not state["seccomp_filter"]
+    assert state["without_seccomp"] == "the seccomp binding cannot load: Unable to find libseccomp"
+    assert state["no_new_privileges"] and state["open_files"] == OPEN_FILES
+    warnings = [line for line in done.stderr.splitlines() if line.startswith("WARNING")]
+    assert len(warnings) == 1 and "WITHOUT the seccomp filter" in warnings[0], done.stderr
+    assert "Unable to find libseccomp" in warnings[0]
 
 
 # --- network and processes ----------------------------------------------------------------------
@@ -239,7 +264,8 @@ def test_an_image_bomb_fails_media_too_large_before_it_is_decoded(tmp_path: Path
         decode_image(bomb, GEOMETRY, load_settings({}))
     # The limit is the setting's.
     with pytest.raises(MediaTooLarge, match="the limit is 1000 pixels"):
-        decode_image(_picture(tmp_path / "small.png", "RGB"), GEOMETRY, load_settings({"VIDEOQA_MAX_IMAGE_PIXELS": "1000"}))
+        small = _picture(tmp_path / "small.png", "RGB")
+        decode_image(small, GEOMETRY, load_settings({"VIDEOQA_MAX_IMAGE_PIXELS": "1000"}))
 
 
 def _picture(path: Path, mode: str) -> Path:
@@ -251,7 +277,9 @@ def _picture(path: Path, mode: str) -> Path:
 
 @pytest.mark.parametrize(("name", "mode"), [("a.png", "RGBA"), ("b.jpg", "RGB"), ("c.gif", "P"), ("d.png", "L"),
                                             ("e.webp", "RGB"), ("f.bmp", "RGB")])  # fmt: skip
-def test_images_decoded_in_the_sandbox_have_the_pixels_of_in_process_decoding(tmp_path: Path, name: str, mode: str) -> None:
+def test_images_decoded_in_the_sandbox_have_the_pixels_of_in_process_decoding(
+    tmp_path: Path, name: str, mode: str
+) -> None:
     path = _picture(tmp_path / name, mode)
     with Image.open(path) as image:
         expected = GEOMETRY.resize(image.convert("RGB"))
@@ -274,7 +302,10 @@ def _submit(service: RunningService, video: Path, image: tuple[str, bytes]) -> s
     with open(video, "rb") as handle:
         response = requests.post(
             service.url("/v1/jobs"),
-            files=[("videos", (video.name, handle, "video/mp4")), ("images", (image[0], io.BytesIO(image[1]), "image/png"))],
+            files=[
+                ("videos", (video.name, handle, "video/mp4")),
+                ("images", (image[0], io.BytesIO(image[1]), "image/png")),
+            ],
             data={"question": "What is shown?", "num_frames": "2", "max_new_tokens": "3"},
             timeout=30,
         )

@@ -5,9 +5,10 @@ A small fork server, started once per calling process, imports the decoding stac
 child per call. Each child gets limits on memory (data: heap, buffers, stacks), CPU time (a
 backstop to the caller's deadline) and core dumps, and dies with the server, which exits with the
 caller. The server starts from an environment without secrets, and each child is confined before
-it runs its call (``worker.confinement``: no new privileges, few files, no network or processes). Children answer over their own socket: a length-prefixed pickled header (its length bounded
-before anything is allocated for it), then NumPy arrays as raw bytes;
-a child running a generator answers once per value it yields, then once more with what it returns.
+it runs its call (``worker.confinement``: no new privileges, few files, no network or processes).
+Children answer over their own socket: a length-prefixed pickled header (the length bounded before
+anything is allocated for it), then NumPy arrays as raw bytes; a child running a generator answers
+once per value it yields, then once more with what it returns.
 Plain ``os.fork`` from the server, not ``multiprocessing``: callers can be Celery prefork workers
 (daemonic billiard processes) and scripts alike, and no caller module is re-imported per child.
 """
@@ -54,8 +55,8 @@ _MESSAGE = struct.Struct("!BiQ")
 _LENGTH = struct.Struct("!Q")
 _START, _KILL, _STARTED, _EXITED = 1, 2, 3, 4
 _SOCKET_BUFFER = 1 << 20
-# The largest answer header a child may announce. Headers hold plans and indexes: a stream of
-# 500,000 frames (VIDEOQA_MAX_VIDEO_FRAMES' default) pickles to about 10 MB.
+# The largest answer header a child may announce. Headers hold plans and indexes: the index of a
+# stream of 500,000 frames (VIDEOQA_MAX_VIDEO_FRAMES' default) pickles to about 3.5 MB.
 MAX_HEADER_BYTES = 64 * 1024 * 1024
 
 
