@@ -12,6 +12,7 @@ import json
 import os
 import pickle
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -194,6 +195,30 @@ def _try_to_start_processes() -> tuple[dict[str, str], list[np.ndarray]]:
 def test_a_child_starts_no_process_but_still_runs_threads() -> None:
     ((outcome, _),) = run_isolated([(_try_to_start_processes, ())], MEMORY, 60)
     assert outcome == {"fork": "PermissionError", "subprocess": "PermissionError", "threads": "28"}
+
+
+def _try_to_signal(pid: int) -> tuple[dict[str, str], list[np.ndarray]]:
+    outcome = {}
+    try:
+        os.kill(pid, signal.SIGKILL)
+        outcome["other"] = "signalled"
+    except OSError as exc:
+        outcome["other"] = type(exc).__name__
+    # Its own signals still work: abort() and Python's handlers rely on them.
+    signal.signal(signal.SIGUSR1, lambda *_: outcome.__setitem__("self", "received"))
+    os.kill(os.getpid(), signal.SIGUSR1)
+    return outcome, []
+
+
+def test_a_child_signals_no_other_process() -> None:
+    """A subverted decoder could otherwise kill its worker (or another job's decoder): same user."""
+    with subprocess.Popen(["sleep", "60"]) as bystander:
+        try:
+            ((outcome, _),) = run_isolated([(_try_to_signal, (bystander.pid,))], MEMORY, 60)
+            assert outcome == {"other": "PermissionError", "self": "received"}
+            assert bystander.poll() is None
+        finally:
+            bystander.kill()
 
 
 # --- the answer protocol --------------------------------------------------------------------------

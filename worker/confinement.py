@@ -76,10 +76,17 @@ _DENIED = (
     "execveat",
     "fork",
     "vfork",
-    # Other processes' memory, and the kernel's larger attack surfaces.
+    # Other processes: their memory, descriptors and signals (see also ``_SIGNALS``).
     "ptrace",
     "process_vm_readv",
     "process_vm_writev",
+    "process_madvise",
+    "kcmp",
+    "pidfd_open",
+    "pidfd_getfd",
+    "pidfd_send_signal",
+    "tkill",
+    # The kernel's larger attack surfaces.
     "unshare",
     "setns",
     "mount",
@@ -90,6 +97,9 @@ _DENIED = (
     "add_key",
     "request_key",
 )
+# Signals, to the child itself only (abort() and Python's own use), never to the worker or
+# another job's decoder; their first argument is the target process.
+_SIGNALS = ("kill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo")
 # Answered "not implemented", so callers fall back: glibc's threads then use clone(), which the
 # filter can inspect, and io_uring (whose requests seccomp cannot see) is never set up.
 _NOT_IMPLEMENTED = ("clone3", "io_uring_setup", "io_uring_enter", "io_uring_register")
@@ -122,10 +132,12 @@ def protect_caller() -> None:
 @dataclass(frozen=True)
 class Prepared:
     """Built once in the fork server, applied in each child. ``missing`` says why a child runs
-    without the seccomp filter (no Linux, no binding, no libseccomp); None when it has one."""
+    without the seccomp filter (no Linux, no binding, no libseccomp); None when it has one.
+    ``unknown``: system calls this libseccomp does not know, left unfiltered."""
 
     seccomp: Any
     missing: str | None
+    unknown: tuple[str, ...] = ()
 
 
 def prepare() -> Prepared:
@@ -137,31 +149,39 @@ def prepare() -> Prepared:
         # pyseccomp raises RuntimeError when libseccomp itself is missing.
         return Prepared(None, f"the seccomp binding cannot load: {exc}")
     try:
-        return Prepared(_filter(pyseccomp), None)
+        rules = pyseccomp.SyscallFilter(defaction=pyseccomp.ALLOW)
+        unknown = _add_rules(pyseccomp, rules)
     except (OSError, RuntimeError, ValueError) as exc:
         return Prepared(None, f"the seccomp filter cannot be built: {exc}")
+    return Prepared(rules, None, unknown)
 
 
-def _filter(seccomp: Any) -> Any:
-    rules = seccomp.SyscallFilter(defaction=seccomp.ALLOW)
-    for name in _DENIED:
-        rules.add_rule(seccomp.ERRNO(errno.EPERM), name)
+def _add_rules(seccomp: Any, rules: Any) -> tuple[str, ...]:
+    """The rules every child shares; the names of the calls this libseccomp does not know."""
+    unknown = []
+    denied = [(errno.EPERM, name, ()) for name in _DENIED]
     if platform.machine() in _CLONE_FLAGS_FIRST:
         # clone() starting a process, not a thread.
-        rules.add_rule(seccomp.ERRNO(errno.EPERM), "clone", seccomp.Arg(0, seccomp.MASKED_EQ, _CLONE_THREAD, 0))
-    for name in _NOT_IMPLEMENTED:
-        rules.add_rule(seccomp.ERRNO(errno.ENOSYS), name)
-    return rules
+        denied.append((errno.EPERM, "clone", (seccomp.Arg(0, seccomp.MASKED_EQ, _CLONE_THREAD, 0),)))
+    denied += [(errno.ENOSYS, name, ()) for name in _NOT_IMPLEMENTED]
+    for code, name, conditions in denied:
+        try:
+            rules.add_rule(seccomp.ERRNO(code), name, *conditions)
+        except OSError:
+            # An older libseccomp than the call: the rest of the filter still stands.
+            unknown.append(name)
+    return tuple(unknown)
 
 
-# Why this child runs without its seccomp filter; None once it has it.
+# Why this child runs without its seccomp filter (None once it has it), and the calls it leaves out.
 _unconfined: str | None = "not confined yet"
+_unknown: tuple[str, ...] = ()
 
 
 def confine(prepared: Prepared) -> None:
     """In a child, before it reads the media: no new privileges, few files, a bounded number of
     threads, and the seccomp filter where there is one."""
-    global _unconfined
+    global _unconfined, _unknown
     if sys.platform == "linux":
         _prctl(_PR_SET_NO_NEW_PRIVS, 1)
     _lower_limit(resource.RLIMIT_NOFILE, OPEN_FILES)
@@ -172,13 +192,18 @@ def confine(prepared: Prepared) -> None:
     if prepared.seccomp is None:
         _unconfined = prepared.missing
         return
+    import pyseccomp  # loaded already: prepare() built the filter with it
+
     try:
+        # This child's own copy of the filter: only now is its pid known.
+        for name in _SIGNALS:
+            prepared.seccomp.add_rule(pyseccomp.ERRNO(errno.EPERM), name, pyseccomp.Arg(0, pyseccomp.NE, os.getpid()))
         prepared.seccomp.load()
     except OSError as exc:
         # The kernel lacks seccomp filters, or a container's own profile refuses them.
         _unconfined = f"the kernel refused the seccomp filter: {exc}"
     else:
-        _unconfined = None
+        _unconfined, _unknown = None, prepared.unknown
 
 
 def report() -> tuple[dict[str, Any], list[Any]]:
@@ -190,6 +215,7 @@ def report() -> tuple[dict[str, Any], list[Any]]:
     return {
         "seccomp_filter": status.get("Seccomp", "").strip() == "2",
         "without_seccomp": _unconfined,
+        "unfiltered_calls": list(_unknown),
         "no_new_privileges": status.get("NoNewPrivs", "").strip() == "1",
         "open_files": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
         "environment": sorted(os.environ),

@@ -155,7 +155,12 @@ def warm_up() -> dict[str, Any]:
     (a warning when they run without the seccomp filter) and return it."""
     ((state, _),) = run_isolated([(confinement.report, ())], 256 * 1024 * 1024, 60)
     if state["seccomp_filter"]:
-        log.info("decode sandbox: seccomp filter on (no network, no new processes), no new privileges")
+        log.info(
+            "decode sandbox: seccomp filter on (no network, no new processes), no new privileges%s",
+            f"; this libseccomp leaves unfiltered: {', '.join(state['unfiltered_calls'])}"
+            if state["unfiltered_calls"]
+            else "",
+        )
     else:
         log.warning(
             "decode sandbox: children run WITHOUT the seccomp filter, so a subverted decoder keeps network "
