@@ -17,6 +17,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import tracemalloc
 import zlib
@@ -66,26 +67,32 @@ def _environment(caller_pid: int) -> tuple[dict[str, object], list[np.ndarray]]:
 
 
 _CALLER = """
-import json, os
+import json, os, sys
 from worker.sandbox import run_isolated
-from tests.test_sandbox_boundary import _environment
-((found, _),) = run_isolated([(_environment, (os.getpid(),))], 256 * 1024 * 1024, 60)
+import tests.test_sandbox_boundary as here
+function = getattr(here, sys.argv[1])
+((found, _),) = run_isolated([(function, (os.getpid(),))], 256 * 1024 * 1024, 60)
 print(json.dumps({"caller_has_them": dict(os.environ), "child": found}))
 """
 
 
-def test_a_child_sees_no_secret_of_the_worker_environment() -> None:
-    """A caller with secrets in its environment, as the CPU worker has them in compose, and with
-    no capabilities, as the worker image's own user (root's would read any process's /proc)."""
+def _run_as_the_worker_user(function: str) -> dict:  # type: ignore[type-arg]
+    """``function(caller pid)`` in a child of a caller with secrets in its environment, as the CPU
+    worker has them in compose, and with no capabilities, as the worker image's own user (root's
+    would read any process's /proc and lift the process limit)."""
     env = {**os.environ, **SECRETS, "PYTHONPATH": str(ROOT)}
-    argv = [sys.executable, "-c", _CALLER]
+    argv = [sys.executable, "-c", _CALLER, function]
     if os.getuid() == 0:
         if shutil.which("setpriv") is None:
             pytest.skip("running as root needs util-linux's setpriv to shed the capabilities")
         argv = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", *argv]
     done = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    seen = json.loads(done.stdout.splitlines()[-1])
+    return json.loads(done.stdout.splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def test_a_child_sees_no_secret_of_the_worker_environment() -> None:
+    seen = _run_as_the_worker_user("_environment")
     assert all(seen["caller_has_them"][name] == value for name, value in SECRETS.items())
     child = seen["child"]
     for value in SECRETS.values():
@@ -94,6 +101,34 @@ def test_a_child_sees_no_secret_of_the_worker_environment() -> None:
         assert value not in child["caller"]
     assert set(child["os.environ"]) <= ENVIRONMENT_ALLOWLIST | {n for n in child["os.environ"] if n.startswith("LC_")}
     assert child["caller"].startswith("refused")
+
+
+def _exhaust(_: int) -> tuple[dict[str, int], list[np.ndarray]]:
+    """Runs in a child: as many threads and open files as it is let have (up to a bound)."""
+    threading.stack_size(256 * 1024)  # so the memory limit is not what stops them
+    stop, threads, files = threading.Event(), [], []
+    try:
+        for _ in range(1000):
+            threads.append(threading.Thread(target=stop.wait))
+            threads[-1].start()
+    except RuntimeError:  # "can't start new thread"
+        threads.pop()
+    stop.set()
+    for thread in threads:
+        thread.join()
+    try:
+        for _ in range(1000):
+            files.append(open(os.devnull))  # noqa: SIM115 - held open on purpose
+    except OSError:
+        pass
+    return {"threads": len(threads), "files": len(files)}, []
+
+
+def test_a_child_has_few_files_and_threads_yet_enough_to_decode() -> None:
+    child = _run_as_the_worker_user("_exhaust")["child"]
+    # Decoders use up to 8 threads (and FFmpeg's frame threads): far below the limit.
+    assert 20 <= child["threads"] < 1000
+    assert 32 <= child["files"] < OPEN_FILES
 
 
 def test_the_server_environment_keeps_only_harmless_variables_and_the_callers_tunables() -> None:
@@ -116,6 +151,8 @@ def test_children_run_without_new_privileges_under_the_seccomp_filter() -> None:
     assert state["without_seccomp"] is None
     assert state["no_new_privileges"]
     assert state["open_files"] == OPEN_FILES
+    assert state["unfiltered_calls"] == []
+    assert set(state["environment"]) <= ENVIRONMENT_ALLOWLIST | {n for n in state["environment"] if n.startswith("LC_")}
 
 
 _WARM_UP = """

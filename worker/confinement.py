@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import math
 import os
 import platform
 import resource
 import sys
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -178,17 +180,32 @@ _unconfined: str | None = "not confined yet"
 _unknown: tuple[str, ...] = ()
 
 
-def confine(prepared: Prepared) -> None:
+class UserTasks:
+    """The fork server's count of its user's processes and threads, taken at most once a second:
+    a count for every child would cost each a few milliseconds, for a limit with room to spare."""
+
+    def __init__(self, max_age_s: float = 1.0) -> None:
+        self.max_age_s = max_age_s
+        self.taken_at = -math.inf
+        self.count = 0
+
+    def current(self) -> int:
+        if time.monotonic() - self.taken_at > self.max_age_s:
+            self.count, self.taken_at = _user_tasks(), time.monotonic()
+        return self.count
+
+
+def confine(prepared: Prepared, user_tasks: int) -> None:
     """In a child, before it reads the media: no new privileges, few files, a bounded number of
-    threads, and the seccomp filter where there is one."""
+    threads (``user_tasks``: what the user runs now), and the seccomp filter where there is one."""
     global _unconfined, _unknown
     if sys.platform == "linux":
         _prctl(_PR_SET_NO_NEW_PRIVS, 1)
     _lower_limit(resource.RLIMIT_NOFILE, OPEN_FILES)
-    if hasattr(resource, "RLIMIT_NPROC") and os.path.isdir("/proc"):
+    if hasattr(resource, "RLIMIT_NPROC") and user_tasks:
         # The kernel counts every process and thread of the user, not of this child: the limit
         # is what the user runs now plus the allowance. (It never binds root.)
-        _lower_limit(resource.RLIMIT_NPROC, _user_tasks() + THREAD_ALLOWANCE)
+        _lower_limit(resource.RLIMIT_NPROC, user_tasks + THREAD_ALLOWANCE)
     if prepared.seccomp is None:
         _unconfined = prepared.missing
         return
@@ -236,6 +253,8 @@ def _user_tasks() -> int:
     containers) and non-dumpable ones (shown as root's) are missed: ``THREAD_ALLOWANCE`` leaves
     room for them."""
     uid, total = os.getuid(), 0
+    if not os.path.isdir("/proc"):
+        return 0
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue

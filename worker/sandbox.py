@@ -431,6 +431,7 @@ def serve(fd: int) -> None:
     import worker.still_image  # noqa: F401
 
     confined = confinement.prepare()
+    user_tasks = confinement.UserTasks()
 
     sock = socket.socket(fileno=fd)
     wake_read, wake_write = os.pipe()
@@ -466,15 +467,16 @@ def serve(fd: int) -> None:
                 os.kill(pid, signal.SIGKILL)
             continue
         payload = _recv_exactly(sock, value)
+        tasks = user_tasks.current()
         child = os.fork()
         if child == 0:
-            _child(fds[0], payload, confined, closing=[sock.fileno(), wake_read, wake_write])
+            _child(fds[0], payload, (confined, tasks), closing=[sock.fileno(), wake_read, wake_write])
         os.close(fds[0])
         live.add(child)
         sock.sendall(_MESSAGE.pack(_STARTED, child, 0))
 
 
-def _child(fd: int, payload: bytes, confined: confinement.Prepared, closing: list[int]) -> None:
+def _child(fd: int, payload: bytes, confined: tuple[confinement.Prepared, int], closing: list[int]) -> None:
     try:
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -495,7 +497,7 @@ def _child(fd: int, payload: bytes, confined: confinement.Prepared, closing: lis
         resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 5))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         try:
-            confinement.confine(confined)
+            confinement.confine(*confined)
         except (OSError, ValueError) as exc:
             _send(conn, ("error", VideoQAError, f"the decode sandbox cannot be set up: {exc}"))
             return
