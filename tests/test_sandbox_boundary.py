@@ -318,8 +318,22 @@ def _png_bomb(path: Path, side: int = 50_000) -> Path:
     return path
 
 
-def test_an_image_bomb_fails_media_too_large_before_it_is_decoded(tmp_path: Path) -> None:
-    bomb = _png_bomb(tmp_path / "bomb.png")
+def _gif_bomb(path: Path, side: int = 50_000) -> Path:
+    """A one-pixel GIF whose screen and picture say side x side: a few dozen bytes."""
+    buffer = io.BytesIO()
+    Image.new("P", (1, 1)).save(buffer, format="GIF")
+    data = bytearray(buffer.getvalue())
+    data[6:10] = struct.pack("<HH", side, side)  # the logical screen
+    palette = 3 << ((data[10] & 7) + 1) if data[10] & 0x80 else 0
+    picture = data.index(b",", 13 + palette)  # the image descriptor: left, top, width, height
+    data[picture + 5 : picture + 9] = struct.pack("<HH", side, side)
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("make", [_png_bomb, _gif_bomb])
+def test_an_image_bomb_fails_media_too_large_before_it_is_decoded(tmp_path: Path, make) -> None:  # type: ignore[no-untyped-def]
+    bomb = make(tmp_path / "bomb")
     assert bomb.stat().st_size < 1_000_000
     with pytest.raises(MediaTooLarge, match=r"50000x50000 \(2500000000 pixels\); the limit is 67108864 pixels "
                                             r"\(VIDEOQA_MAX_IMAGE_PIXELS\)"):  # fmt: skip

@@ -2,8 +2,9 @@
 
 Children parse hostile files, so a decoder bug must not hand its author more than the file itself:
 they start from an environment that holds no secret (an allowlist, below), may not gain privileges
-(``PR_SET_NO_NEW_PRIVS``), open few files, and, where Linux and libseccomp allow, make no network
-connection, start no process and read no other process (a seccomp filter through ``pyseccomp``).
+(``PR_SET_NO_NEW_PRIVS``), open few files and start few threads, and, where Linux and libseccomp
+allow, make no network connection and start, read or signal no other process (a seccomp filter
+through ``pyseccomp``).
 The worker that starts them hides its own environment and memory from them (``protect_caller``).
 docs/sandbox.md says what holds on which platform.
 """
@@ -143,6 +144,7 @@ class Prepared:
 
 
 def prepare() -> Prepared:
+    """The seccomp filter every child loads, or why there is none."""
     if sys.platform != "linux":
         return Prepared(None, f"seccomp needs Linux (this is {sys.platform})")
     try:
@@ -175,11 +177,6 @@ def _add_rules(seccomp: Any, rules: Any) -> tuple[str, ...]:
     return tuple(unknown)
 
 
-# Why this child runs without its seccomp filter (None once it has it), and the calls it leaves out.
-_unconfined: str | None = "not confined yet"
-_unknown: tuple[str, ...] = ()
-
-
 class UserTasks:
     """The fork server's count of its user's processes and threads, taken at most once a second:
     a count for every child would cost each a few milliseconds, for a limit with room to spare."""
@@ -193,6 +190,11 @@ class UserTasks:
         if time.monotonic() - self.taken_at > self.max_age_s:
             self.count, self.taken_at = _user_tasks(), time.monotonic()
         return self.count
+
+
+# Why this child runs without its seccomp filter (None once it has it), and the calls it leaves out.
+_unconfined: str | None = "not confined yet"
+_unknown: tuple[str, ...] = ()
 
 
 def confine(prepared: Prepared, user_tasks: int) -> None:
