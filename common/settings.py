@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     max_video_pixels: int = Field(default=4096 * 2160, ge=1, description="largest width x height")
     max_video_frames: int = Field(default=500_000, ge=1, description="most frames in a video stream")
     max_streams: int = Field(default=16, ge=1, description="most streams (video, audio, subtitles) in a file")
+    max_image_pixels: int = Field(
+        default=8192 * 8192, ge=1, description="largest width x height of an image, read before it is decoded"
+    )
 
     # Decoding: each video is probed and decoded in child processes with these limits
     decode_memory_mb: int = Field(default=2048, ge=64, description="memory limit (heap, buffers, stacks) of a decode process")

@@ -189,17 +189,6 @@ def test_arrays_of_any_shape_and_type_come_back_exactly_and_writable() -> None:
     assert not arrays[0].any()
 
 
-def test_the_fork_server_asks_for_huge_pages_and_keeps_the_callers_tunables() -> None:
-    from worker.sandbox import _server_environment
-
-    env = _server_environment({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", "PATH": "/bin"})
-    assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
-    assert env["PATH"] == "/bin"
-    # An operator's own choice stands.
-    chosen = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}
-    assert _server_environment(chosen)["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=0"
-
-
 class _RunsCode:
     """What a subverted decoder could send: unpickling it would run a command in the caller."""
 

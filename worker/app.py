@@ -9,7 +9,7 @@ from celery.signals import worker_process_init
 
 from common.celery_config import make_celery
 from common.settings import load_settings
-from worker import sandbox
+from worker import confinement, sandbox
 from worker.logs import configure_logging
 from worker.reconciler import ReconcilerStep
 from worker.runtime import WorkerRuntime
@@ -33,6 +33,9 @@ def build_worker_app(role: str) -> Celery:
         app.conf.worker_pool = "solo"
         app.steps["worker"].add(ModelSetup)
     else:
+        # Decode children run as this user: the worker's secrets in /proc stay out of their
+        # reach (each prefork child inherits this; each also protects itself in worker.sandbox).
+        confinement.protect_caller()
 
         def _prepare(**_: Any) -> None:
             # Runs in each prefork child, never at import, so the first job does not pay for the

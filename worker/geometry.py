@@ -9,8 +9,6 @@ from functools import lru_cache
 
 from PIL import Image
 
-from common.errors import InvalidMedia
-
 
 @dataclass(frozen=True)
 class FrameGeometry:
@@ -54,12 +52,3 @@ def decode_png(data: bytes) -> Image.Image:
     image = Image.open(io.BytesIO(data))
     image.load()
     return image.convert("RGB")
-
-
-def open_still_image(path: str) -> Image.Image:
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise InvalidMedia(f"not a readable image: {exc}") from None

@@ -20,8 +20,9 @@ from common.settings import Settings
 from common.storage import ObjectStore
 from worker.decode_process import DecodeLimits, sample_video
 from worker.fetch import fetch_if_changed, fetch_media, known_version, remember_version
-from worker.geometry import FrameGeometry, encode_png, open_still_image
+from worker.geometry import FrameGeometry, encode_png
 from worker.reuse import ContentKeys
+from worker.still_image import decode_image
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,13 @@ def _manifest_key(sha256: str, sampling: Sampling, geometry: FrameGeometry, keys
 
 
 def _ingest_image(
-    path: Path, sha256: str, geometry: FrameGeometry, store: ObjectStore, timer: StageTimer, keys: ContentKeys
+    path: Path,
+    sha256: str,
+    geometry: FrameGeometry,
+    settings: Settings,
+    store: ObjectStore,
+    timer: StageTimer,
+    keys: ContentKeys,
 ) -> str:
     def key_of(period: int) -> str:
         return f"{keys.scope}images/{sha256}/{geometry.key()}-p{period}.png"
@@ -128,7 +135,7 @@ def _ingest_image(
     if key is None:
         key = key_of(keys.period)
         started = time.perf_counter()
-        image = geometry.resize(open_still_image(str(path)))
+        image = decode_image(path, geometry, settings)
         timer.add("decode", started)
         started = time.perf_counter()
         store.put_bytes(key, encode_png(image), content_type="image/png")
@@ -170,7 +177,7 @@ def ingest_job(job_id: str, ctx: IngestContext) -> None:
                     started = time.perf_counter()
                     fetched = fetch_media(source, target, settings=ctx.settings, store=ctx.store)
                     timer.add("download", started)
-                    key = _ingest_image(fetched.path, fetched.sha256, geometry, ctx.store, timer, keys)
+                    key = _ingest_image(fetched.path, fetched.sha256, geometry, ctx.settings, ctx.store, timer, keys)
                     media.append({"kind": kind, "position": position, "key": key})
                     fetched.path.unlink(missing_ok=True)
     except TransientError:

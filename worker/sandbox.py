@@ -4,8 +4,11 @@ deadline, so a crash, a hang or a memory blow-up ends that work and never the ca
 A small fork server, started once per calling process, imports the decoding stack and forks one
 child per call. Each child gets limits on memory (data: heap, buffers, stacks), CPU time (a
 backstop to the caller's deadline) and core dumps, and dies with the server, which exits with the
-caller. Children answer over their own socket: a pickled header, then NumPy arrays as raw bytes;
-a child running a generator answers once per value it yields, then once more with what it returns.
+caller. The server starts from an environment without secrets, and each child is confined before
+it runs its call (``worker.confinement``: no new privileges, few files, no network or processes).
+Children answer over their own socket: a length-prefixed pickled header (the length bounded before
+anything is allocated for it), then NumPy arrays as raw bytes; a child running a generator answers
+once per value it yields, then once more with what it returns.
 Plain ``os.fork`` from the server, not ``multiprocessing``: callers can be Celery prefork workers
 (daemonic billiard processes) and scripts alike, and no caller module is re-imported per child.
 """
@@ -17,6 +20,7 @@ import ctypes
 import inspect
 import io
 import json
+import logging
 import math
 import os
 import pickle
@@ -29,7 +33,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Sequence
 from fractions import Fraction
 from multiprocessing.connection import wait
 from typing import Any
@@ -37,6 +41,9 @@ from typing import Any
 import numpy as np
 
 from common.errors import InvalidMedia, TransientError, VideoQAError
+from worker import confinement
+
+log = logging.getLogger(__name__)
 
 Call = tuple[Callable[..., Any], tuple[Any, ...]]
 # What a call returns: a picklable payload and arrays (sent as raw bytes, not pickled).
@@ -48,6 +55,9 @@ _MESSAGE = struct.Struct("!BiQ")
 _LENGTH = struct.Struct("!Q")
 _START, _KILL, _STARTED, _EXITED = 1, 2, 3, 4
 _SOCKET_BUFFER = 1 << 20
+# The largest answer header a child may announce. Headers hold plans and indexes: the index of a
+# stream of 500,000 frames (VIDEOQA_MAX_VIDEO_FRAMES' default) pickles to about 3.5 MB.
+MAX_HEADER_BYTES = 64 * 1024 * 1024
 
 
 def run_isolated(
@@ -140,13 +150,24 @@ def available_cores() -> int:
     return os.cpu_count() or 1
 
 
-def warm_up() -> None:
-    """Start the fork server now rather than on the first call."""
-    run_isolated([(_noop, ())], 256 * 1024 * 1024, 60)
-
-
-def _noop() -> Answer:
-    return None, []
+def warm_up() -> dict[str, Any]:
+    """Start the fork server now rather than on the first call; log what confines its children
+    (a warning when they run without the seccomp filter) and return it."""
+    ((state, _),) = run_isolated([(confinement.report, ())], 256 * 1024 * 1024, 60)
+    if state["seccomp_filter"]:
+        log.info(
+            "decode sandbox: seccomp filter on (no network, no new processes), no new privileges%s",
+            f"; this libseccomp leaves unfiltered: {', '.join(state['unfiltered_calls'])}"
+            if state["unfiltered_calls"]
+            else "",
+        )
+    else:
+        log.warning(
+            "decode sandbox: children run WITHOUT the seccomp filter, so a subverted decoder keeps network "
+            "access: %s (docs/sandbox.md)",
+            state["without_seccomp"],
+        )
+    return state
 
 
 # --- the caller's side --------------------------------------------------------------------------
@@ -156,6 +177,8 @@ class _Server:
     """The caller's handle on its fork server."""
 
     def __init__(self) -> None:
+        # The children must not read this process's secrets in /proc either.
+        confinement.protect_caller()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         bootstrap = (
             "import sys; sys.path[:0] = __import__('json').loads(sys.argv[1]); "
@@ -165,7 +188,7 @@ class _Server:
             [sys.executable, "-c", bootstrap, json.dumps(sys.path), str(theirs.fileno())],
             pass_fds=[theirs.fileno()],
             stdin=subprocess.DEVNULL,
-            env=_server_environment(os.environ),
+            env=confinement.server_environment(os.environ),
         )
         theirs.close()
         self.sock = ours
@@ -220,17 +243,6 @@ class _Server:
         return self.pid == os.getpid() and self.process.poll() is None
 
 
-def _server_environment(base: Mapping[str, str]) -> dict[str, str]:
-    """``base``, with glibc's malloc asking for transparent huge pages unless the operator chose
-    otherwise (glibc 2.35 and later; others ignore it). Every child allocates its decoded frames
-    afresh, megabytes each: huge pages cut the page faults that cost as much as the copying."""
-    env = dict(base)
-    tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
-    if not any(t.startswith("glibc.malloc.hugetlb=") for t in tunables):
-        env["GLIBC_TUNABLES"] = ":".join([*tunables, "glibc.malloc.hugetlb=1"])
-    return env
-
-
 _SERVER: _Server | None = None
 _SERVER_LOCK = threading.Lock()
 
@@ -283,6 +295,10 @@ class _Child:
         """Read the next piece of the child's next answer: its header, or one of its arrays."""
         if self._header is None:
             (size,) = _LENGTH.unpack(_recv_exactly(self.sock, _LENGTH.size))
+            # Checked before a byte is allocated for it: the length is the child's word only.
+            if size > min(MAX_HEADER_BYTES, self.memory_bytes):
+                self._refuse(f"the decoder's answer was refused: its header claims {size} bytes")
+                return
             data = _recv_exactly(self.sock, size)
             try:
                 header = _checked_header(_AnswerUnpickler(io.BytesIO(data), self.allowed).load())
@@ -382,8 +398,12 @@ def _nbytes(spec: tuple[tuple[int, ...], str]) -> int:
     shape, dtype = spec
     if any(not isinstance(n, int) or n < 0 for n in shape):
         raise ValueError(f"not an array shape: {shape!r}")
+    kind = np.dtype(dtype)
+    if kind.hasobject:
+        # Raw bytes read as object pointers would be addresses the child chose.
+        raise ValueError(f"not an array of plain values: {dtype!r}")
     # Python integers: a forged shape cannot overflow into a small number.
-    return math.prod(shape) * np.dtype(dtype).itemsize
+    return math.prod(shape) * kind.itemsize
 
 
 def _recv_exactly(sock: socket.socket, size: int) -> bytes:
@@ -408,6 +428,10 @@ def serve(fd: int) -> None:
     """The fork server's loop: fork a child per request, report exits, stop with the caller."""
     # What every child needs, imported once here.
     import worker.decode_process  # noqa: F401
+    import worker.still_image  # noqa: F401
+
+    confined = confinement.prepare()
+    user_tasks = confinement.UserTasks()
 
     sock = socket.socket(fileno=fd)
     wake_read, wake_write = os.pipe()
@@ -443,15 +467,16 @@ def serve(fd: int) -> None:
                 os.kill(pid, signal.SIGKILL)
             continue
         payload = _recv_exactly(sock, value)
+        tasks = user_tasks.current()
         child = os.fork()
         if child == 0:
-            _child(fds[0], payload, closing=[sock.fileno(), wake_read, wake_write])
+            _child(fds[0], payload, (confined, tasks), closing=[sock.fileno(), wake_read, wake_write])
         os.close(fds[0])
         live.add(child)
         sock.sendall(_MESSAGE.pack(_STARTED, child, 0))
 
 
-def _child(fd: int, payload: bytes, closing: list[int]) -> None:
+def _child(fd: int, payload: bytes, confined: tuple[confinement.Prepared, int], closing: list[int]) -> None:
     try:
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -471,6 +496,11 @@ def _child(fd: int, payload: bytes, closing: list[int]) -> None:
         resource.setrlimit(resource.RLIMIT_DATA, (memory_bytes, memory_bytes))
         resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 5))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        try:
+            confinement.confine(*confined)
+        except (OSError, ValueError) as exc:
+            _send(conn, ("error", VideoQAError, f"the decode sandbox cannot be set up: {exc}"))
+            return
         _answer(conn, fn, args)
     finally:
         os._exit(0)
