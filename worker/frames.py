@@ -26,6 +26,7 @@ from PIL import Image
 from common.errors import InvalidMedia, InvalidRequest
 from common.schemas import Sampling
 from worker.mp4_index import has_sample_tables, read_timestamps
+from worker.seeking import packets_from
 
 # Demuxers of self-contained video files, by FFmpeg name. Those that follow references to other
 # files or URLs (hls, dash, concat, image2 patterns) and image readers are not among them.
@@ -68,12 +69,21 @@ class StreamIndex:
 
 
 @dataclass(frozen=True)
+class FrameRef:
+    index: int
+    time: float
+
+
+@dataclass(frozen=True)
 class SampledFrame:
     index: int
     time: float
     array: np.ndarray = field(repr=False)
     # Fast mode only: seconds between this frame and the target it stands for.
     offset: float | None = None
+    # The frame chosen, when it cannot be decoded and this one (the first decodable after it)
+    # stands in for it.
+    stands_in_for: FrameRef | None = None
 
     @property
     def image(self) -> Image.Image:
@@ -321,9 +331,10 @@ def _decode_on_one(
 ) -> dict[int, Decoded]:
     """``decode_segments`` on one decoder, reading ``source`` (a file, or a container open on it).
 
-    A target the decoder cannot produce from its segment's keyframe (a seek that landed late, a
-    leading frame of an open GOP, a damaged frame) is tried again from the keyframe before; failing
-    that, the first frame after it stands in, and the caller reports that frame's own index.
+    A target the decoder cannot produce from its segment's keyframe (a leading frame of an open
+    GOP, a damaged frame, a keyframe flag that lies) is tried again from the keyframe before;
+    failing that, the first frame after it stands in, and the caller reports that frame's own
+    index and the frame it stands in for.
     """
     found: dict[int, Decoded] = {}
     opened = open_input(source) if isinstance(source, Path) else contextlib.nullcontext(source)
@@ -368,15 +379,13 @@ def _decode_from(
     found: dict[int, Decoded],
     skip_nonref: bool,
 ) -> list[int]:
-    """Seek to the keyframe at ``start`` and decode on through ``targets``; return those missed."""
+    """Decode from the keyframe at ``start`` on through ``targets``; return those missed."""
     context = stream.codec_context
     wanted = set(targets)
     remaining = sorted(targets)
     last = remaining[-1]
     missed: list[int] = []
-    # Lands on a keyframe at or before ``start``; seek() also flushes the decoder.
-    container.seek(start, stream=stream, backward=True, any_frame=False)
-    for packet in container.demux(stream):
+    for packet in packets_from(container, stream, index.keyframe_pts, start):
         sent = packet.pts if packet.pts is not None else packet.dts
         if skip_nonref:
             context.skip_frame = "DEFAULT" if sent in wanted or sent is None else "NONREF"
@@ -406,9 +415,11 @@ def _substitutes(
     """From the very start, the first decodable frame at or after each target."""
     result: dict[int, Decoded] = {}
     remaining = sorted(targets)
-    stream.codec_context.skip_frame = "DEFAULT"
-    container.seek(index.keyframe_pts[0], stream=stream, backward=True, any_frame=False)
-    for frame in container.decode(stream):
+    context = stream.codec_context
+    context.skip_frame = "DEFAULT"
+    packets = packets_from(container, stream, index.keyframe_pts, index.keyframe_pts[0])
+    # The demuxer's last, empty packet drains the decoder.
+    for frame in (frame for packet in packets for frame in context.decode(packet)):
         stamp = frame.pts if frame.pts is not None else frame.dts
         if stamp is None:
             continue
@@ -448,15 +459,29 @@ def decode_positions(
         pairs = nearest_keyframes(index, positions)
         segments = [Segment(index.pts[k], (index.pts[k],)) for k, _ in pairs]
         images = decode_segments(path, index, segments, threads=threads, keyframes_only=True)
-        return [sampled_frame(index, images[index.pts[k]], target=t) for k, t in pairs]
+        return check_stand_ins([sampled_frame(index, k, images[index.pts[k]], target=t) for k, t in pairs])
     targets = [index.pts[p] for p in positions]
     images = decode_segments(path, index, plan_segments(index, targets), threads=threads)
-    return [sampled_frame(index, images[pts]) for pts in targets]
+    return check_stand_ins([sampled_frame(index, p, images[index.pts[p]]) for p in positions])
 
 
-def sampled_frame(index: StreamIndex, decoded: Decoded, target: int | None = None) -> SampledFrame:
-    # The frame's own pts: a stand-in for an undecodable target reports where it really is.
+def sampled_frame(index: StreamIndex, wanted: int, decoded: Decoded, target: int | None = None) -> SampledFrame:
+    """The frame decoded for the one at position ``wanted`` (fast mode: the keyframe chosen for
+    ``target``), with its own index and time: a stand-in reports where it really is."""
     position = index.position_of(decoded.pts)
     time = round(index.seconds(position), 6)
     offset = None if target is None else round(time - index.seconds(target), 6)
-    return SampledFrame(index=position, time=time, array=decoded.array, offset=offset)
+    stands_in_for = None if position == wanted else FrameRef(wanted, round(index.seconds(wanted), 6))
+    return SampledFrame(index=position, time=time, array=decoded.array, offset=offset, stands_in_for=stands_in_for)
+
+
+def check_stand_ins(frames: Sequence[SampledFrame]) -> list[SampledFrame]:
+    """``frames``, unless most of them stand in for frames that cannot be decoded: an answer from
+    a few frames repeated would not be an answer about the video."""
+    stand_ins = sum(frame.stands_in_for is not None for frame in frames)
+    if stand_ins * 2 > len(frames):
+        raise InvalidMedia(
+            f"the video cannot be decoded: {stand_ins} of the {len(frames)} frames sampled are damaged or "
+            "depend on frames the file does not hold"
+        )
+    return list(frames)
