@@ -40,6 +40,9 @@ _EVEN_SHARE = 0.7
 # Decoders whose skip_frame is read per packet, so non-reference frames can be skipped between
 # targets and the targets themselves still decoded. (libdav1d, for one, reads it once at open.)
 _SKIPS_NONREF_PER_PACKET = {"h264", "hevc"}
+# Codecs whose frames FFmpeg cannot put in presentation order from an AVI file's timestamps when
+# they have B-frames (MPEG-4 Part 2 and MPEG-2 it can).
+_AVI_UNORDERED = {"h264", "hevc"}
 _ROTATIONS = {90: 1, 180: 2, -180: 2, -90: 3, 270: 3}
 
 
@@ -131,6 +134,14 @@ def index_container(container: av.container.InputContainer) -> StreamIndex:
     if stream.time_base is None:
         raise InvalidMedia("the video stream has no time base")
     time_base = Fraction(stream.time_base)
+    context = stream.codec_context
+    if container.format.name == "avi" and context.name in _AVI_UNORDERED and context.has_b_frames:
+        # AVI stores frames in decode order with one timestamp each; FFmpeg has no way to tell the
+        # order they are shown in from it, and every choice of frame would be a guess.
+        raise InvalidMedia(
+            f"the video is {context.name} with B-frames in an AVI file, which carries no presentation "
+            "timestamps: its frames cannot be placed in time (an MP4 or Matroska copy of it can)"
+        )
     found = read_timestamps(container, stream)
     if found is not None:
         return _index(found.pts, found.keyframe_pts, time_base, stream.index)
@@ -146,11 +157,15 @@ def _demuxed_index(
 ) -> StreamIndex:
     pts: list[int] = []
     keyframes: list[int] = []
+    unstamped = 0
     try:
         for packet in container.demux(stream):
             stamp = packet.pts if packet.pts is not None else packet.dts
             # Frames an edit list cuts are decoded (later frames may refer to them) but never shown.
-            if packet.size == 0 or stamp is None or packet.is_discard:
+            if packet.size == 0 or packet.is_discard:
+                continue
+            if stamp is None:
+                unstamped += 1
                 continue
             pts.append(stamp)
             if packet.is_keyframe:
@@ -159,6 +174,12 @@ def _demuxed_index(
         # A damaged tail still leaves the frames before it usable, as a player would show them.
         if not pts:
             raise InvalidMedia(f"the video stream cannot be read: {exc}") from None
+    if unstamped > len(pts):
+        # Frames are chosen and found by their timestamps; a stray packet without one is left out.
+        raise InvalidMedia(
+            f"{unstamped} of the video's {unstamped + len(pts)} frames carry no timestamp, so they cannot be "
+            "placed in time (an MPEG program stream that packs several frames in one packet does this)"
+        )
     if not pts:
         raise InvalidMedia("the video stream has no frames")
     return _index(sorted(pts), sorted(keyframes), time_base, stream.index)
@@ -352,7 +373,12 @@ def _decode_on_one(
                 pending = list(segment.targets)
                 start = segment.start
                 while pending:
-                    missed = _decode_from(container, stream, index, start, pending, found, skip_nonref)
+                    try:
+                        missed = _decode_from(container, stream, index, start, pending, found, skip_nonref)
+                    except _LandedAmiss:
+                        # Read from the start, as decoding every frame does.
+                        start = index.keyframe_pts[0]
+                        continue
                     if not missed:
                         break
                     earlier = bisect.bisect_left(index.keyframe_pts, start) - 1
@@ -385,28 +411,42 @@ def _decode_from(
     remaining = sorted(targets)
     last = remaining[-1]
     missed: list[int] = []
-    for packet in packets_from(container, stream, index.keyframe_pts, start):
-        sent = packet.pts if packet.pts is not None else packet.dts
+    # After a seek, the keyframe must be the first frame shown from ``start`` on.
+    checked = start == index.keyframe_pts[0]
+    try:
+        for packet in packets_from(container, stream, index.keyframe_pts, start):
+            sent = packet.pts if packet.pts is not None else packet.dts
+            if skip_nonref:
+                context.skip_frame = "DEFAULT" if sent in wanted or sent is None else "NONREF"
+            frames = context.decode(packet)
+            if sent == last:
+                # All the last target depends on is in: drain the decoder rather than feed it frames
+                # it would hold back for reordering (or, skipping to keyframes, wait a whole GOP for).
+                frames += context.decode(None)
+            for frame in frames:
+                stamp = frame.pts if frame.pts is not None else frame.dts
+                if stamp is None:
+                    continue
+                if not checked and stamp >= start:
+                    if stamp != start:
+                        raise _LandedAmiss
+                    checked = True
+                while remaining and remaining[0] < stamp:
+                    missed.append(remaining.pop(0))
+                if remaining and remaining[0] == stamp:
+                    found[remaining.pop(0)] = Decoded(stamp, to_rgb(frame))
+            if not remaining or sent == last:
+                break
+    finally:
         if skip_nonref:
-            context.skip_frame = "DEFAULT" if sent in wanted or sent is None else "NONREF"
-        frames = context.decode(packet)
-        if sent == last:
-            # All the last target depends on is in: drain the decoder rather than feed it frames
-            # it would hold back for reordering (or, skipping to keyframes, wait a whole GOP for).
-            frames += context.decode(None)
-        for frame in frames:
-            stamp = frame.pts if frame.pts is not None else frame.dts
-            if stamp is None:
-                continue
-            while remaining and remaining[0] < stamp:
-                missed.append(remaining.pop(0))
-            if remaining and remaining[0] == stamp:
-                found[remaining.pop(0)] = Decoded(stamp, to_rgb(frame))
-        if not remaining or sent == last:
-            break
-    if skip_nonref:
-        context.skip_frame = "DEFAULT"
+            context.skip_frame = "DEFAULT"
     return missed + remaining
+
+
+class _LandedAmiss(Exception):
+    """The keyframe a seek reached did not decode as itself: the packets after a seek are not those
+    read from the start (an MPEG-PS parser that joins the first frames after a seek does this), or
+    the keyframe flag lies."""
 
 
 def _substitutes(
