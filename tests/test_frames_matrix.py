@@ -209,7 +209,9 @@ def expected_positions(times: list[float], sampling: Sampling) -> list[int]:
 
 
 @pytest.mark.parametrize(("container", "codec", "gop", "strategy"), CELLS, ids=["-".join(cell) for cell in CELLS])
-def test_sampling_equals_decoding_every_frame(matrix: Matrix, container: str, codec: str, gop: str, strategy: str) -> None:
+def test_sampling_equals_decoding_every_frame(
+    matrix: Matrix, container: str, codec: str, gop: str, strategy: str
+) -> None:
     path = matrix.path(container, codec, gop)
     reference = matrix.reference(path)
     sampling = STRATEGIES[strategy]
