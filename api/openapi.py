@@ -38,12 +38,22 @@ class ErrorResponse(_View):
     error: ErrorInfo
 
 
+class FrameRef(_View):
+    index: int = Field(description="frame index in presentation order")
+    time: float = Field(description="timestamp in seconds")
+
+
 class SampledFrame(_View):
     video: int = Field(description="position of the video in the request")
     index: int = Field(description="frame index in presentation order")
     time: float = Field(description="timestamp in seconds")
     offset: float | None = Field(
         default=None, description="fast mode: seconds between the keyframe taken and the target time"
+    )
+    stands_in_for: FrameRef | None = Field(
+        default=None,
+        description="present when the frame chosen cannot be decoded (damaged, or depending on frames the file "
+        "does not hold): that frame, for which this one, the first decodable after it, stands in",
     )
 
 

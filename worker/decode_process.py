@@ -26,6 +26,7 @@ from worker.frames import (
     SampledFrame,
     Segment,
     StreamIndex,
+    check_stand_ins,
     choose_positions,
     decode_shares,
     index_container,
@@ -96,9 +97,10 @@ def sample_video(
     for stamps, found in first.answers[1:] + [answer for child in others for answer in child.answers]:
         decoded.update({target: Decoded(pts, array) for (target, pts), array in zip(stamps, found, strict=True)})
     if sampling.fast:
-        frames = [sampled_frame(index, decoded[index.pts[k]], target=t) for k, t in plan.pairs]
+        frames = [sampled_frame(index, k, decoded[index.pts[k]], target=t) for k, t in plan.pairs]
     else:
-        frames = [sampled_frame(index, decoded[index.pts[p]]) for p in plan.positions]
+        frames = [sampled_frame(index, p, decoded[index.pts[p]]) for p in plan.positions]
+    frames = check_stand_ins(frames)
     return VideoSample(
         info=info,
         frame_count=index.frame_count,

@@ -26,6 +26,7 @@ from PIL import Image
 from common.errors import InvalidMedia, InvalidRequest
 from common.schemas import Sampling
 from worker.mp4_index import has_sample_tables, read_timestamps
+from worker.seeking import packets_from
 
 # Demuxers of self-contained video files, by FFmpeg name. Those that follow references to other
 # files or URLs (hls, dash, concat, image2 patterns) and image readers are not among them.
@@ -39,6 +40,9 @@ _EVEN_SHARE = 0.7
 # Decoders whose skip_frame is read per packet, so non-reference frames can be skipped between
 # targets and the targets themselves still decoded. (libdav1d, for one, reads it once at open.)
 _SKIPS_NONREF_PER_PACKET = {"h264", "hevc"}
+# Codecs whose frames FFmpeg cannot put in presentation order from an AVI file's timestamps when
+# they have B-frames (MPEG-4 Part 2 and MPEG-2 it can).
+_AVI_UNORDERED = {"h264", "hevc"}
 _ROTATIONS = {90: 1, 180: 2, -180: 2, -90: 3, 270: 3}
 
 
@@ -68,12 +72,21 @@ class StreamIndex:
 
 
 @dataclass(frozen=True)
+class FrameRef:
+    index: int
+    time: float
+
+
+@dataclass(frozen=True)
 class SampledFrame:
     index: int
     time: float
     array: np.ndarray = field(repr=False)
     # Fast mode only: seconds between this frame and the target it stands for.
     offset: float | None = None
+    # The frame chosen, when it cannot be decoded and this one (the first decodable after it)
+    # stands in for it.
+    stands_in_for: FrameRef | None = None
 
     @property
     def image(self) -> Image.Image:
@@ -121,6 +134,14 @@ def index_container(container: av.container.InputContainer) -> StreamIndex:
     if stream.time_base is None:
         raise InvalidMedia("the video stream has no time base")
     time_base = Fraction(stream.time_base)
+    context = stream.codec_context
+    if container.format.name == "avi" and context.name in _AVI_UNORDERED and context.has_b_frames:
+        # AVI stores frames in decode order with one timestamp each; FFmpeg has no way to tell the
+        # order they are shown in from it, and every choice of frame would be a guess.
+        raise InvalidMedia(
+            f"the video is {context.name} with B-frames in an AVI file, which carries no presentation "
+            "timestamps: its frames cannot be placed in time (an MP4 or Matroska copy of it can)"
+        )
     found = read_timestamps(container, stream)
     if found is not None:
         return _index(found.pts, found.keyframe_pts, time_base, stream.index)
@@ -136,11 +157,15 @@ def _demuxed_index(
 ) -> StreamIndex:
     pts: list[int] = []
     keyframes: list[int] = []
+    unstamped = 0
     try:
         for packet in container.demux(stream):
             stamp = packet.pts if packet.pts is not None else packet.dts
             # Frames an edit list cuts are decoded (later frames may refer to them) but never shown.
-            if packet.size == 0 or stamp is None or packet.is_discard:
+            if packet.size == 0 or packet.is_discard:
+                continue
+            if stamp is None:
+                unstamped += 1
                 continue
             pts.append(stamp)
             if packet.is_keyframe:
@@ -149,6 +174,12 @@ def _demuxed_index(
         # A damaged tail still leaves the frames before it usable, as a player would show them.
         if not pts:
             raise InvalidMedia(f"the video stream cannot be read: {exc}") from None
+    if unstamped > len(pts):
+        # Frames are chosen and found by their timestamps; a stray packet without one is left out.
+        raise InvalidMedia(
+            f"{unstamped} of the video's {unstamped + len(pts)} frames carry no timestamp, so they cannot be "
+            "placed in time (an MPEG program stream that packs several frames in one packet does this)"
+        )
     if not pts:
         raise InvalidMedia("the video stream has no frames")
     return _index(sorted(pts), sorted(keyframes), time_base, stream.index)
@@ -321,9 +352,10 @@ def _decode_on_one(
 ) -> dict[int, Decoded]:
     """``decode_segments`` on one decoder, reading ``source`` (a file, or a container open on it).
 
-    A target the decoder cannot produce from its segment's keyframe (a seek that landed late, a
-    leading frame of an open GOP, a damaged frame) is tried again from the keyframe before; failing
-    that, the first frame after it stands in, and the caller reports that frame's own index.
+    A target the decoder cannot produce from its segment's keyframe (a leading frame of an open
+    GOP, a damaged frame, a keyframe flag that lies) is tried again from the keyframe before;
+    failing that, the first frame after it stands in, and the caller reports that frame's own
+    index and the frame it stands in for.
     """
     found: dict[int, Decoded] = {}
     opened = open_input(source) if isinstance(source, Path) else contextlib.nullcontext(source)
@@ -341,7 +373,12 @@ def _decode_on_one(
                 pending = list(segment.targets)
                 start = segment.start
                 while pending:
-                    missed = _decode_from(container, stream, index, start, pending, found, skip_nonref)
+                    try:
+                        missed = _decode_from(container, stream, index, start, pending, found, skip_nonref)
+                    except _LandedAmiss:
+                        # Read from the start, as decoding every frame does.
+                        start = index.keyframe_pts[0]
+                        continue
                     if not missed:
                         break
                     earlier = bisect.bisect_left(index.keyframe_pts, start) - 1
@@ -368,36 +405,48 @@ def _decode_from(
     found: dict[int, Decoded],
     skip_nonref: bool,
 ) -> list[int]:
-    """Seek to the keyframe at ``start`` and decode on through ``targets``; return those missed."""
+    """Decode from the keyframe at ``start`` on through ``targets``; return those missed."""
     context = stream.codec_context
     wanted = set(targets)
     remaining = sorted(targets)
     last = remaining[-1]
     missed: list[int] = []
-    # Lands on a keyframe at or before ``start``; seek() also flushes the decoder.
-    container.seek(start, stream=stream, backward=True, any_frame=False)
-    for packet in container.demux(stream):
-        sent = packet.pts if packet.pts is not None else packet.dts
+    # After a seek, the keyframe must be the first frame shown from ``start`` on.
+    checked = start == index.keyframe_pts[0]
+    try:
+        for packet in packets_from(container, stream, index.keyframe_pts, start):
+            sent = packet.pts if packet.pts is not None else packet.dts
+            if skip_nonref:
+                context.skip_frame = "DEFAULT" if sent in wanted or sent is None else "NONREF"
+            frames = context.decode(packet)
+            if sent == last:
+                # All the last target depends on is in: drain the decoder rather than feed it frames
+                # it would hold back for reordering (or, skipping to keyframes, wait a whole GOP for).
+                frames += context.decode(None)
+            for frame in frames:
+                stamp = frame.pts if frame.pts is not None else frame.dts
+                if stamp is None:
+                    continue
+                if not checked and stamp >= start:
+                    if stamp != start:
+                        raise _LandedAmiss
+                    checked = True
+                while remaining and remaining[0] < stamp:
+                    missed.append(remaining.pop(0))
+                if remaining and remaining[0] == stamp:
+                    found[remaining.pop(0)] = Decoded(stamp, to_rgb(frame))
+            if not remaining or sent == last:
+                break
+    finally:
         if skip_nonref:
-            context.skip_frame = "DEFAULT" if sent in wanted or sent is None else "NONREF"
-        frames = context.decode(packet)
-        if sent == last:
-            # All the last target depends on is in: drain the decoder rather than feed it frames
-            # it would hold back for reordering (or, skipping to keyframes, wait a whole GOP for).
-            frames += context.decode(None)
-        for frame in frames:
-            stamp = frame.pts if frame.pts is not None else frame.dts
-            if stamp is None:
-                continue
-            while remaining and remaining[0] < stamp:
-                missed.append(remaining.pop(0))
-            if remaining and remaining[0] == stamp:
-                found[remaining.pop(0)] = Decoded(stamp, to_rgb(frame))
-        if not remaining or sent == last:
-            break
-    if skip_nonref:
-        context.skip_frame = "DEFAULT"
+            context.skip_frame = "DEFAULT"
     return missed + remaining
+
+
+class _LandedAmiss(Exception):
+    """The keyframe a seek reached did not decode as itself: the packets after a seek are not those
+    read from the start (an MPEG-PS parser that joins the first frames after a seek does this), or
+    the keyframe flag lies."""
 
 
 def _substitutes(
@@ -406,9 +455,11 @@ def _substitutes(
     """From the very start, the first decodable frame at or after each target."""
     result: dict[int, Decoded] = {}
     remaining = sorted(targets)
-    stream.codec_context.skip_frame = "DEFAULT"
-    container.seek(index.keyframe_pts[0], stream=stream, backward=True, any_frame=False)
-    for frame in container.decode(stream):
+    context = stream.codec_context
+    context.skip_frame = "DEFAULT"
+    packets = packets_from(container, stream, index.keyframe_pts, index.keyframe_pts[0])
+    # The demuxer's last, empty packet drains the decoder.
+    for frame in (frame for packet in packets for frame in context.decode(packet)):
         stamp = frame.pts if frame.pts is not None else frame.dts
         if stamp is None:
             continue
@@ -448,15 +499,29 @@ def decode_positions(
         pairs = nearest_keyframes(index, positions)
         segments = [Segment(index.pts[k], (index.pts[k],)) for k, _ in pairs]
         images = decode_segments(path, index, segments, threads=threads, keyframes_only=True)
-        return [sampled_frame(index, images[index.pts[k]], target=t) for k, t in pairs]
+        return check_stand_ins([sampled_frame(index, k, images[index.pts[k]], target=t) for k, t in pairs])
     targets = [index.pts[p] for p in positions]
     images = decode_segments(path, index, plan_segments(index, targets), threads=threads)
-    return [sampled_frame(index, images[pts]) for pts in targets]
+    return check_stand_ins([sampled_frame(index, p, images[index.pts[p]]) for p in positions])
 
 
-def sampled_frame(index: StreamIndex, decoded: Decoded, target: int | None = None) -> SampledFrame:
-    # The frame's own pts: a stand-in for an undecodable target reports where it really is.
+def sampled_frame(index: StreamIndex, wanted: int, decoded: Decoded, target: int | None = None) -> SampledFrame:
+    """The frame decoded for the one at position ``wanted`` (fast mode: the keyframe chosen for
+    ``target``), with its own index and time: a stand-in reports where it really is."""
     position = index.position_of(decoded.pts)
     time = round(index.seconds(position), 6)
     offset = None if target is None else round(time - index.seconds(target), 6)
-    return SampledFrame(index=position, time=time, array=decoded.array, offset=offset)
+    stands_in_for = None if position == wanted else FrameRef(wanted, round(index.seconds(wanted), 6))
+    return SampledFrame(index=position, time=time, array=decoded.array, offset=offset, stands_in_for=stands_in_for)
+
+
+def check_stand_ins(frames: Sequence[SampledFrame]) -> list[SampledFrame]:
+    """``frames``, unless most of them stand in for frames that cannot be decoded: an answer from
+    a few frames repeated would not be an answer about the video."""
+    stand_ins = sum(frame.stands_in_for is not None for frame in frames)
+    if stand_ins * 2 > len(frames):
+        raise InvalidMedia(
+            f"the video cannot be decoded: {stand_ins} of the {len(frames)} frames sampled are damaged or "
+            "depend on frames the file does not hold"
+        )
+    return list(frames)

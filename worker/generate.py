@@ -57,6 +57,7 @@ def _load_prompt(job: Job, ctx: GenerateContext) -> tuple[Prompt, list[dict[str,
             sampled += [
                 {"video": item["position"], "index": f["index"], "time": f["time"]}
                 | ({"offset": f["offset"]} if f.get("offset") is not None else {})
+                | ({"stands_in_for": f["stands_in_for"]} if f.get("stands_in_for") else {})
                 for f in frames
             ]
         else:

@@ -50,9 +50,10 @@ def frames_prefix(
     video_sha256: str, sampling: Sampling, geometry: FrameGeometry, *, scope: str = "", period: int = 0
 ) -> str:
     """Deterministic: the same bytes sampled the same way in the same scope and retention period
-    always land under the same keys."""
+    always land under the same keys. ``version`` changes when the frames sampled for the same bytes
+    do (2: checked seeks)."""
     params = json.dumps(
-        {"sampling": sampling.model_dump(), "geometry": geometry.key(), "version": 1}, sort_keys=True
+        {"sampling": sampling.model_dump(), "geometry": geometry.key(), "version": 2}, sort_keys=True
     )
     return f"{scope}frames/{video_sha256}/{hashlib.sha256(params.encode()).hexdigest()[:16]}/p{period}"
 
@@ -108,6 +109,8 @@ def ingest_video(
         entry: dict[str, Any] = {"index": frame.index, "time": frame.time, "key": key}
         if frame.offset is not None:
             entry["offset"] = frame.offset
+        if frame.stands_in_for is not None:
+            entry["stands_in_for"] = {"index": frame.stands_in_for.index, "time": frame.stands_in_for.time}
         entries.append(entry)
     # Written last: its presence means every frame is stored.
     store.put_bytes(f"{prefix}/manifest.json", json.dumps(entries).encode(), content_type="application/json")

@@ -20,7 +20,7 @@ import av
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = ["INDEX_BITS", "read_frame_index", "write_cat_video", "write_sample_videos"]
+__all__ = ["INDEX_BITS", "read_frame_index", "remux", "write_cat_video", "write_sample_videos"]
 
 # Enough for ~18 minutes at 60 fps; each block stays >= 4 px wide down to 64 px.
 INDEX_BITS = 16
@@ -142,6 +142,11 @@ def _encoder_options(codec: str, gop: int | None, bframes: int | None, *, open_g
         if bframes is not None:
             params.append(f"bframes={bframes}")
         opts.update({"preset": preset or "ultrafast", "x265-params": ":".join(params)})
+    elif codec in ("mpeg2video", "mpeg4") and gop is not None and not open_gop:
+        # FFmpeg's MPEG encoders make open GOPs unless told: the B-frames shown just before a
+        # keyframe are coded after it and refer to the frame before it too. (Their closed GOPs
+        # require scene-cut detection off by its own threshold.)
+        opts.update({"flags": "+cgop", "sc_threshold": "1000000000"})
     elif codec == "libvpx-vp9":
         # Not "realtime": that deadline adapts speed to wall-clock time, so the
         # output would depend on machine load.
@@ -289,6 +294,51 @@ def write_cat_video(
             container.mux(stream.encode(None))  # drain delayed (e.g. B-) frames
             if sound is not None:
                 container.mux(sound.encode(None))
+    finally:
+        if sink is not None:
+            sink.close()
+    return path
+
+
+def remux(
+    source: str | PathLike[str],
+    path: str | PathLike[str],
+    *,
+    container_format: str | None = None,
+    fragmented: bool = False,
+    to_pipe: bool = False,
+) -> Path:
+    """Copy the video stream of ``source`` into another container without re-encoding, as
+    ``ffmpeg -c copy`` does, and return ``path``. The muxer is guessed from ``path`` unless
+    ``container_format`` names it; it converts the bitstream where it needs to (H.264 and HEVC to
+    Annex B for MPEG-TS) and picks its own time base. ``fragmented`` and ``to_pipe`` are as for
+    :func:`write_cat_video`. FFmpeg's refusal of a codec the container cannot hold is raised as is.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    format_name = (container_format or path.suffix.lstrip(".")).lower()
+    container_options = {"fflags": "+bitexact"}
+    if fragmented:
+        container_options["movflags"] = "frag_keyframe+empty_moov+default_base_moof"
+    sink = _PipeSink(path) if to_pipe else None
+    try:
+        muxer = container_format or (_MUXERS.get(format_name, format_name) if sink is not None else None)
+        with av.open(str(source)) as reader, av.open(
+            sink if sink is not None else str(path), mode="w", format=muxer, container_options=container_options
+        ) as writer:
+            if not reader.streams.video:
+                raise ValueError(f"{source} holds no video stream FFmpeg reads")
+            video = reader.streams.video[0]
+            # Parameters only: no encoder is looked up (there is none named after AV1's decoder).
+            stream = writer.add_stream_from_template(video, opaque=True)
+            for packet in reader.demux(video):
+                if packet.size == 0:
+                    continue  # the demuxer's end-of-stream marker
+                packet.stream = stream
+                writer.mux(packet)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
     finally:
         if sink is not None:
             sink.close()
