@@ -44,7 +44,14 @@ class Settings(BaseSettings):
     max_images: int = Field(default=8, ge=0)
     max_frames: int = Field(default=32, ge=1, description="largest num_frames per video")
     max_new_tokens: int = Field(default=512, ge=1)
-    max_question_chars: int = Field(default=4000, ge=1)
+    max_text_chars: int = Field(default=4000, ge=1, description="question and prompt together, in characters")
+    image_tokens: int = Field(default=729, ge=1, description="tokens the model spends on one frame or image")
+    context_tokens: int = Field(
+        default=32768, ge=1, description="the model's context: prompt and new tokens of one job together"
+    )
+    max_job_tokens: int = Field(
+        default=32768, ge=1, description="largest job (prompt and new tokens) a GPU worker's memory is sized for"
+    )
     max_download_bytes: int = Field(default=2 * 1024**3, ge=1)
     max_upload_bytes: int = Field(default=2 * 1024**3, ge=1)
     download_connect_timeout_s: float = Field(default=10.0, gt=0)
