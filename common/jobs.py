@@ -61,21 +61,6 @@ return 0
 """
 
 
-# Creation and the tenant's cap in one step: two submissions can never both see the last free
-# slot. KEYS: record, index, metrics, tenant index, tenant's active set. ARGV: fields (JSON), TTL,
-# created_at, id, cap (0: none), the metrics field counting submissions.
-_CREATE = """
-local cap = tonumber(ARGV[5])
-if cap > 0 and redis.call('SCARD', KEYS[5]) >= cap then return 0 end
-for k, v in pairs(cjson.decode(ARGV[1])) do redis.call('HSET', KEYS[1], k, v) end
-redis.call('EXPIRE', KEYS[1], ARGV[2])
-redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
-redis.call('HINCRBY', KEYS[3], ARGV[6], 1)
-redis.call('ZADD', KEYS[4], ARGV[3], ARGV[4])
-redis.call('SADD', KEYS[5], ARGV[4])
-return 1
-"""
-
 # A field written to a record only while it exists: a write arriving after the record expired (or
 # was removed) must not bring it back as a key that never expires. ARGV: command (HSET or
 # HINCRBY), field, value, TTL for a record found without one.
@@ -159,7 +144,6 @@ class JobStore:
         self._redis = client
         self._ttl_s = ttl_s
         self._transition = client.register_script(_TRANSITION)
-        self._create = client.register_script(_CREATE)
         self._update_existing = client.register_script(_UPDATE_EXISTING)
 
     @property
@@ -191,12 +175,28 @@ class JobStore:
             "attempts": "0",
             "request": json.dumps(request),
         }
-        created = self._create(
-            keys=[self.key(job_id), INDEX_KEY, METRICS_KEY, TENANT_INDEX_PREFIX + tenant, ACTIVE_PREFIX + tenant],
-            args=[json.dumps(fields), self._ttl_s, repr(now), job_id, max_active or 0, SUBMITTED_FIELD],
-        )
-        if created != 1:
-            raise TooManyActiveJobs(max_active or 0)
+        active = ACTIVE_PREFIX + tenant
+        with self._redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    if max_active:
+                        # The count and the creation in one transaction: EXEC fails when another
+                        # job joined (or left) the set meanwhile, and the count is read again, so
+                        # concurrent submissions never pass the cap together.
+                        pipe.watch(active)
+                        if pipe.scard(active) >= max_active:
+                            raise TooManyActiveJobs(max_active)
+                        pipe.multi()
+                    pipe.hset(self.key(job_id), mapping=fields)
+                    pipe.expire(self.key(job_id), self._ttl_s)
+                    pipe.zadd(INDEX_KEY, {job_id: now})
+                    pipe.hincrby(METRICS_KEY, SUBMITTED_FIELD, 1)
+                    pipe.zadd(TENANT_INDEX_PREFIX + tenant, {job_id: now})
+                    pipe.sadd(active, job_id)
+                    pipe.execute()
+                    break
+                except redis.WatchError:
+                    continue
         return _decode(fields)
 
     def get(self, job_id: str) -> Job | None:
