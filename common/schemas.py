@@ -57,7 +57,7 @@ class Generation(_Strict):
 class JobRequest(_Strict):
     """The body of ``POST /v1/jobs``."""
 
-    question: str = Field(min_length=1)
+    question: str = Field(min_length=1, description="with `prompt`, at most VIDEOQA_MAX_TEXT_CHARS characters")
     videos: list[MediaInput] = Field(default_factory=list)
     images: list[MediaInput] = Field(default_factory=list)
     prompt: str | None = Field(

@@ -177,3 +177,19 @@ def test_the_cpu_worker_checks_the_frames_it_sampled_before_a_gpu_sees_them(
     # fps sampling: one frame a second over 2 s gives 2 frames, however large num_frames is.
     assert run(num_frames=3, fps=1.0) is JobStatus.QUEUED_GPU
     assert len(sent) == 1
+
+
+def test_a_gpu_worker_names_size_settings_its_model_disagrees_with(tiny_model_dir: Path) -> None:
+    from transformers import AutoConfig
+
+    from worker.runtime import size_setting_mismatches
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    model = str(tiny_model_dir)
+    assert size_setting_mismatches(config, load_settings({"VIDEOQA_MODEL": model})) == []
+    wrong = load_settings({"VIDEOQA_MODEL": model, "VIDEOQA_IMAGE_TOKENS": "576", "VIDEOQA_CONTEXT_TOKENS": "65536"})
+    assert size_setting_mismatches(config, wrong) == [
+        f"VIDEOQA_IMAGE_TOKENS is 576 but {model} takes 729 tokens per image: job sizes are estimated wrong; "
+        "set it on the API and the workers",
+        f"VIDEOQA_CONTEXT_TOKENS is 65536 but {model} has a context of 32768 tokens",
+    ]
