@@ -17,7 +17,7 @@ _URL_QUERY = re.compile(r"([a-z][a-z0-9+.-]*://[^\s?#\"'<>]*)[?#][^\s\"'<>]*", r
 # Signing parameters of the common object stores, wherever they appear (a request line logged
 # without its scheme, say).
 _SIGNING_PARAMETER = re.compile(
-    r"((?:x-amz-(?:signature|credential|security-token)|x-goog-(?:signature|credential)"
+    r"(?<![\w-])((?:x-amz-(?:signature|credential|security-token)|x-goog-(?:signature|credential)"
     r"|signature|sig|awsaccesskeyid|access_token|token)=)[^&\s\"'<>]+",
     re.IGNORECASE,
 )

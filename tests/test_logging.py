@@ -40,6 +40,7 @@ def test_query_strings_and_signatures_in_urls_are_masked() -> None:
     assert redact(f"FetchFailed('{signed}')") == "FetchFailed('https://b.s3.amazonaws.com/v.mp4?***')"
     assert redact("GET /v.mp4?X-Amz-Signature=f00d&x=1 HTTP/1.1") == "GET /v.mp4?X-Amz-Signature=***&x=1 HTTP/1.1"
     assert redact("https://h/plain.mp4 answered 404") == "https://h/plain.mp4 answered 404"
+    assert redact("max_token=5 max_new_tokens=9") == "max_token=5 max_new_tokens=9"
     assert public_url(signed) == "https://b.s3.amazonaws.com/v.mp4?***"
     assert public_url("http://user:pw@[::1]:8080/a b.mp4") == "http://[::1]:8080/a b.mp4"
     assert public_url("https://h/plain.mp4") == "https://h/plain.mp4"
