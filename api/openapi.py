@@ -154,7 +154,7 @@ def _operations() -> dict[str, dict[str, Any]]:
                     },
                     "400": _error(
                         "invalid request; `details` names each bad field (`size`: the job's estimate in tokens "
-                        "and the limit it passes)"
+                        "and the limit it exceeds)"
                     ),
                     "413": _error("body over VIDEOQA_MAX_UPLOAD_BYTES"),
                     "429": _error("rate limit, or too many active jobs for this key"),

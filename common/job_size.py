@@ -51,7 +51,7 @@ def job_size(question: str, prompt: str | None, images: int, max_new_tokens: int
 
 
 def size_problem(size: JobSize, settings: Settings) -> str | None:
-    """Why the job cannot run, naming the estimate and the limit it passes; None when it fits."""
+    """Why the job cannot run, naming the estimate and the limit it exceeds; None when it fits."""
     limit, reason = min(
         (settings.context_tokens, "the model's context"),
         (settings.max_job_tokens, "the per-job budget of the GPU workers"),
