@@ -26,8 +26,9 @@ class CountingProxy:
     """A TCP relay that counts the bytes it hands from the server to the client: what a client
     that stops reading early was sent at most (the object, or the socket buffers' worth)."""
 
-    def __init__(self, upstream_port: int) -> None:
+    def __init__(self, upstream_port: int, *, undeclared_length: bool = False) -> None:
         self.upstream_port = upstream_port
+        self.undeclared_length = undeclared_length
         self.to_client = 0
         self._lock = threading.Lock()
         self._listener = socket.create_server(("127.0.0.1", 0))
@@ -45,12 +46,22 @@ class CountingProxy:
             threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
 
     def _pump(self, source: socket.socket, target: socket.socket, counted: bool) -> None:
+        head: bytes | None = b"" if counted and self.undeclared_length else None
+        body_left = None
         try:
             while data := source.recv(1 << 16):
+                if head is not None:
+                    head, data, body_left = self._without_length(head + data)
+                    if head is not None:
+                        continue
                 target.sendall(data)
                 if counted:
                     with self._lock:
                         self.to_client += len(data)
+                if body_left is not None:
+                    body_left -= len(data)
+                    if body_left <= 0:
+                        break  # the end of the body is now the end of the connection
         except OSError:
             pass
         finally:
@@ -59,6 +70,20 @@ class CountingProxy:
                     end.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+
+    @staticmethod
+    def _without_length(received: bytes) -> tuple[bytes | None, bytes, int | None]:
+        """The response with its Content-Length dropped, so only the connection's end delimits
+        the body (as a server streaming an object of unknown size would send it)."""
+        if b"\r\n\r\n" not in received:
+            return received, b"", None
+        header, _, body = received.partition(b"\r\n\r\n")
+        lines = header.split(b"\r\n")
+        length = next((int(line.split(b":", 1)[1]) for line in lines if line.lower().startswith(b"content-length:")), 0)
+        kept = [line for line in lines if not line.lower().startswith((b"content-length:", b"connection:"))]
+        rewritten = b"\r\n".join([*kept, b"Connection: close"]) + b"\r\n\r\n"
+        # Counted down by what is sent from here on, the rewritten head included.
+        return None, rewritten + body, len(rewritten) + length
 
     def close(self) -> None:
         self._listener.close()
@@ -145,3 +170,25 @@ def test_a_signed_url_query_reaches_no_error_message_and_no_log(limited_service:
     for name, text in logs.items():
         assert secret not in text, name
         assert "AKIA" not in text, name
+
+
+def test_an_s3_object_of_undeclared_length_is_cut_at_the_cap_while_it_streams(s3, s3_endpoint: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The same cap when the response does not say how long the object is: the read stops at the
+    chunk that passes it."""
+    from common.errors import MediaTooLarge
+    from common.storage import S3Store
+
+    s3.put_object(Bucket=BUCKET, Key="inputs/undeclared.mp4", Body=b"\0" * OBJECT_BYTES)
+    relay = CountingProxy(int(s3_endpoint.rsplit(":", 1)[1]), undeclared_length=True)
+    try:
+        store = S3Store(BUCKET, endpoint_url=f"http://127.0.0.1:{relay.port}")
+        with pytest.raises(MediaTooLarge) as refused:
+            store.get_file("inputs/undeclared.mp4", tmp_path / "video", max_bytes=CAP_BYTES)
+        assert refused.value.message == f"s3://{BUCKET}/inputs/undeclared.mp4 is larger than the limit of {CAP_BYTES} bytes"
+        assert (tmp_path / "video").stat().st_size <= CAP_BYTES
+        assert relay.to_client < OBJECT_BYTES // 4
+        # Without a cap the same relay serves the whole object.
+        store.get_file("inputs/undeclared.mp4", tmp_path / "whole")
+        assert (tmp_path / "whole").stat().st_size == OBJECT_BYTES
+    finally:
+        relay.close()
