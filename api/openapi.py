@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
+from api.routes import LATEST_TIMESTAMP
 from api.submission import GENERATION_FIELDS, SAMPLING_FIELDS
 from common.jobs import JobStatus
 from common.schemas import Generation, JobRequest, Sampling, StoredRequest
@@ -161,7 +162,10 @@ def _operations() -> dict[str, dict[str, Any]]:
                         "description": "accepted; poll the Location",
                         "headers": {"Location": {"schema": {"type": "string"}, "description": "the job's URL"}},
                     },
-                    "400": _error("invalid request; `details` names each bad field"),
+                    "400": _error(
+                        "invalid request; `details` names each bad field (`size`: the job's estimate in tokens "
+                        "and the limit it exceeds)"
+                    ),
                     "413": _error("body over VIDEOQA_MAX_UPLOAD_BYTES"),
                     "429": _error("rate limit, or too many active jobs for this key"),
                     **common_errors,
@@ -173,7 +177,12 @@ def _operations() -> dict[str, dict[str, Any]]:
                 "security": BEARER,
                 "parameters": [
                     {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}},
-                    {"name": "before", "in": "query", "schema": {"type": "number"}, "description": "`next_before` of the previous page"},
+                    {
+                        "name": "before",
+                        "in": "query",
+                        "schema": {"type": "number", "minimum": 0, "maximum": LATEST_TIMESTAMP},
+                        "description": "`next_before` of the previous page",
+                    },
                 ],
                 "responses": {
                     "200": {"description": "one page", "content": _json("JobPage")},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request, url_for
@@ -12,6 +13,8 @@ from common.errors import Conflict, InvalidRequest, NotFound
 from common.jobs import Job, JobStore
 
 bp = Blueprint("v1", __name__)
+# The end of year 9999: a cursor past it is not a creation time of this service.
+LATEST_TIMESTAMP = 253402300799
 
 
 def _services() -> Any:
@@ -72,6 +75,9 @@ def list_jobs() -> Response:
         raise InvalidRequest("limit must be an integer and before a timestamp") from None
     if not 1 <= limit <= 100:
         raise InvalidRequest("limit must be between 1 and 100")
+    # float() also reads nan, inf and 1e999; Redis refuses them as a bound (a 503 otherwise).
+    if before is not None and not (math.isfinite(before) and 0 <= before <= LATEST_TIMESTAMP):
+        raise InvalidRequest(f"before must be a timestamp in seconds between 0 and {LATEST_TIMESTAMP}")
     jobs = _services().jobs.list(limit=limit, before=before, tenant=current_tenant().name)
     next_cursor = jobs[-1].created_at if len(jobs) == limit else None
     return jsonify({"jobs": [_job_body(job) for job in jobs], "next_before": next_cursor})

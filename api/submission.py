@@ -16,7 +16,7 @@ from werkzeug.datastructures import FileStorage
 
 from api.auth import PUBLIC, Tenant
 from api.errors import invalid, validation_problems
-from common.errors import InvalidRequest, ServiceUnavailable, TooManyRequests, VideoQAError
+from common.errors import InvalidRequest, ServiceUnavailable, TooManyActiveJobs, VideoQAError
 from common.jobs import Job, JobStore
 from common.logging_config import job_id_var
 from common.schemas import JobRequest, MediaSource, StoredRequest, check_limits
@@ -32,19 +32,19 @@ _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 log = logging.getLogger(__name__)
 
 
-def parse_json_body(req: Request) -> tuple[JobRequest, list[FileStorage], list[FileStorage]]:
+def parse_json_body(req: Request, settings: Settings) -> tuple[JobRequest, list[FileStorage], list[FileStorage]]:
     body = req.get_json(silent=True)
     if body is None:
         raise InvalidRequest("the body is not valid JSON", details=[{"field": "body", "message": "invalid JSON"}])
     if not isinstance(body, dict):
         raise invalid([{"field": "body", "message": "must be a JSON object"}])
     try:
-        return JobRequest.model_validate(body), [], []
+        return JobRequest.parse(body, settings), [], []
     except ValidationError as exc:
         raise invalid(validation_problems(exc)) from None
 
 
-def parse_multipart_body(req: Request) -> tuple[JobRequest, list[FileStorage], list[FileStorage]]:
+def parse_multipart_body(req: Request, settings: Settings) -> tuple[JobRequest, list[FileStorage], list[FileStorage]]:
     """Multipart carries files in ``videos``/``images`` and options as flat text fields."""
     unknown = [name for name in req.form if name not in ("question", "prompt", *SAMPLING_FIELDS, *GENERATION_FIELDS)]
     unknown += [name for name in req.files if name not in FILE_FIELDS]
@@ -58,7 +58,7 @@ def parse_multipart_body(req: Request) -> tuple[JobRequest, list[FileStorage], l
         if name in req.form:
             body[name] = req.form[name]
     try:
-        parsed = JobRequest.model_validate(body)
+        parsed = JobRequest.parse(body, settings)
     except ValidationError as exc:
         raise invalid(validation_problems(exc)) from None
     return parsed, req.files.getlist("videos"), req.files.getlist("images")
@@ -129,9 +129,9 @@ def submit_job(
     tenant: Tenant = PUBLIC,
 ) -> Job:
     if req.mimetype == "application/json":
-        parsed, video_files, image_files = parse_json_body(req)
+        parsed, video_files, image_files = parse_json_body(req, settings)
     elif req.mimetype == "multipart/form-data":
-        parsed, video_files, image_files = parse_multipart_body(req)
+        parsed, video_files, image_files = parse_multipart_body(req, settings)
     else:
         raise InvalidRequest(
             f"unsupported content type {req.mimetype or 'none'!r}: send application/json or multipart/form-data"
@@ -142,12 +142,9 @@ def submit_job(
         problems += _foreign_s3_keys(parsed, tenant)
     if problems:
         raise invalid(problems)
+    # Refused here before any upload is stored; ``create`` enforces the cap atomically.
     if jobs.active_count(tenant.name) >= settings.max_active_jobs_per_tenant:
-        raise TooManyRequests(
-            f"{settings.max_active_jobs_per_tenant} jobs are already queued or running for this key; "
-            "wait for some to finish",
-            code="too_many_active_jobs",
-        )
+        raise TooManyActiveJobs(settings.max_active_jobs_per_tenant)
 
     job_id = uuid.uuid4().hex
     job_id_var.set(job_id)  # what is logged from here on concerns this job (reset after the request)
@@ -163,9 +160,15 @@ def submit_job(
         generation=parsed.generation,
     )
     try:
-        job = jobs.create(json.loads(stored.model_dump_json()), job_id=job_id, tenant=tenant.name)
+        job = jobs.create(
+            json.loads(stored.model_dump_json()),
+            job_id=job_id,
+            tenant=tenant.name,
+            max_active=settings.max_active_jobs_per_tenant,
+        )
     except Exception:
-        # Redis refused the record (full, unreachable): nothing will ever name these uploads.
+        # Redis refused the record (full, unreachable, the tenant's cap reached meanwhile):
+        # nothing will ever name these uploads.
         _discard_uploads(store, job_id)
         raise
     try:

@@ -44,6 +44,13 @@ class TooManyRequests(VideoQAError):
     http_status = 429
 
 
+class TooManyActiveJobs(TooManyRequests):
+    code = "too_many_active_jobs"
+
+    def __init__(self, cap: int) -> None:
+        super().__init__(f"{cap} jobs are already queued or running for this key; wait for some to finish")
+
+
 class NotFound(VideoQAError):
     code = "not_found"
     http_status = 404

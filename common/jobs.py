@@ -11,6 +11,7 @@ from typing import Any
 
 import redis
 
+from common.errors import TooManyActiveJobs
 from common.metrics import METRICS_KEY, SUBMITTED_FIELD, TERMINAL_HOOK_LUA
 
 KEY_PREFIX = "videoqa:job:"
@@ -57,6 +58,17 @@ for _, s in ipairs(allowed) do
   end
 end
 return 0
+"""
+
+
+# A field written to a record only while it exists: a write arriving after the record expired (or
+# was removed) must not bring it back as a key that never expires. ARGV: command (HSET or
+# HINCRBY), field, value, TTL for a record found without one.
+_UPDATE_EXISTING = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local result = redis.call(ARGV[1], KEYS[1], ARGV[2], ARGV[3])
+if redis.call('TTL', KEYS[1]) < 0 then redis.call('EXPIRE', KEYS[1], ARGV[4]) end
+return result
 """
 
 
@@ -132,6 +144,7 @@ class JobStore:
         self._redis = client
         self._ttl_s = ttl_s
         self._transition = client.register_script(_TRANSITION)
+        self._update_existing = client.register_script(_UPDATE_EXISTING)
 
     @property
     def client(self) -> redis.Redis:
@@ -141,7 +154,16 @@ class JobStore:
     def key(job_id: str) -> str:
         return KEY_PREFIX + job_id
 
-    def create(self, request: dict[str, Any], *, job_id: str | None = None, tenant: str = DEFAULT_TENANT) -> Job:
+    def create(
+        self,
+        request: dict[str, Any],
+        *,
+        job_id: str | None = None,
+        tenant: str = DEFAULT_TENANT,
+        max_active: int | None = None,
+    ) -> Job:
+        """Store a new queued job; with ``max_active``, raise ``TooManyActiveJobs`` instead when
+        the tenant already has that many jobs not yet ended."""
         job_id = job_id or uuid.uuid4().hex
         now = time.time()
         fields = {
@@ -153,14 +175,28 @@ class JobStore:
             "attempts": "0",
             "request": json.dumps(request),
         }
+        active = ACTIVE_PREFIX + tenant
         with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self.key(job_id), mapping=fields)
-            pipe.expire(self.key(job_id), self._ttl_s)
-            pipe.zadd(INDEX_KEY, {job_id: now})
-            pipe.hincrby(METRICS_KEY, SUBMITTED_FIELD, 1)
-            pipe.zadd(TENANT_INDEX_PREFIX + tenant, {job_id: now})
-            pipe.sadd(ACTIVE_PREFIX + tenant, job_id)
-            pipe.execute()
+            while True:
+                try:
+                    if max_active:
+                        # The count and the creation in one transaction: EXEC fails when another
+                        # job joined (or left) the set meanwhile, and the count is read again, so
+                        # concurrent submissions never pass the cap together.
+                        pipe.watch(active)
+                        if pipe.scard(active) >= max_active:
+                            raise TooManyActiveJobs(max_active)
+                        pipe.multi()
+                    pipe.hset(self.key(job_id), mapping=fields)
+                    pipe.expire(self.key(job_id), self._ttl_s)
+                    pipe.zadd(INDEX_KEY, {job_id: now})
+                    pipe.hincrby(METRICS_KEY, SUBMITTED_FIELD, 1)
+                    pipe.zadd(TENANT_INDEX_PREFIX + tenant, {job_id: now})
+                    pipe.sadd(active, job_id)
+                    pipe.execute()
+                    break
+                except redis.WatchError:
+                    continue
         return _decode(fields)
 
     def get(self, job_id: str) -> Job | None:
@@ -190,21 +226,27 @@ class JobStore:
         )
         return bool(outcome == 1)
 
+    def _update(self, job_id: str, command: str, name: str, value: str | int) -> Any:
+        """``command`` on one field of the record if it still exists; None when it does not."""
+        return self._update_existing(keys=[self.key(job_id)], args=[command, name, value, self._ttl_s])
+
     def mark(self, job_id: str, stage: str, edge: str, at: float | None = None) -> None:
-        """Record when a stage started or ended (``edge`` is ``start`` or ``end``)."""
-        self._redis.hset(self.key(job_id), f"stage:{stage}:{edge}", repr(at if at is not None else time.time()))
+        """Record when a stage started or ended (``edge`` is ``start`` or ``end``); nothing when
+        the record is gone."""
+        self._update(job_id, "HSET", f"stage:{stage}:{edge}", repr(at if at is not None else time.time()))
 
     def add_attempt(self, job_id: str) -> int:
-        return int(self._redis.hincrby(self.key(job_id), "attempts", 1))
+        return int(self._update(job_id, "HINCRBY", "attempts", 1) or 0)
 
     def begin_attempt(self, job_id: str, max_attempts: int) -> bool:
         """Count one more delivery of the job's current stage; False (and the job failed with
         ``poison``) when deliveries that ended without an outcome reach ``max_attempts``: the job
-        keeps killing its worker. Retries after transient errors (``note_retry``) do not count."""
-        with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hincrby(self.key(job_id), "attempts", 1)
-            pipe.hget(self.key(job_id), "retries")
-            attempts, retries = pipe.execute()
+        keeps killing its worker. Retries after transient errors (``note_retry``) do not count.
+        False too when the record is gone."""
+        attempts = self._update(job_id, "HINCRBY", "attempts", 1)
+        if attempts is None:
+            return False
+        retries = self._redis.hget(self.key(job_id), "retries")
         lost = int(attempts) - int(retries or 0) - 1
         if lost >= max_attempts:
             self.fail(job_id, "poison", f"the job ended its worker {lost} times; not tried again")
@@ -212,7 +254,7 @@ class JobStore:
         return True
 
     def note_retry(self, job_id: str) -> None:
-        self._redis.hincrby(self.key(job_id), "retries", 1)
+        self._update(job_id, "HINCRBY", "retries", 1)
 
     def succeed(self, job_id: str, result: dict[str, Any]) -> bool:
         return self.transition(

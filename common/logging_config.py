@@ -2,7 +2,7 @@
 
 Every line that concerns a job carries ``job_id``: code running for a job binds it in a context
 variable, and lines written by Celery or gunicorn about a job's task or request have it read from
-their arguments. Credentials in URLs are masked before anything is written.
+their arguments. Credentials and query strings of URLs are masked before anything is written.
 """
 
 from __future__ import annotations
@@ -17,17 +17,13 @@ from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
+from common.redaction import redact
+
 job_id_var: ContextVar[str | None] = ContextVar("videoqa_job_id", default=None)
 
 # Job ids are uuid4 hex; task arguments and job URLs show them in this form.
 JOB_ID_PATTERN = re.compile(r"(?<![0-9a-f])[0-9a-f]{32}(?![0-9a-f])")
-_URL_CREDENTIALS = re.compile(r"([a-z][a-z0-9+.-]*://)([^:/@\s]*):([^@/\s]+)@", re.IGNORECASE)
 _TASK_PREFIX = "videoqa."
-
-
-def redact(text: str) -> str:
-    """``redis://user:secret@host`` becomes ``redis://user:***@host``."""
-    return _URL_CREDENTIALS.sub(r"\1\2:***@", text)
 
 
 @contextmanager

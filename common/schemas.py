@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from common.job_size import job_size, size_problem
 from common.settings import Settings
 
 VIDEO_PLACEHOLDER = "<video>"
 IMAGE_PLACEHOLDER = "<image>"
 _URL_SCHEMES = ("http://", "https://", "s3://")
+# Validation context key: the configured limit on question and prompt together.
+MAX_TEXT_CHARS = "max_text_chars"
 
 
 class _Strict(BaseModel):
@@ -54,7 +57,7 @@ class Generation(_Strict):
 class JobRequest(_Strict):
     """The body of ``POST /v1/jobs``."""
 
-    question: str = Field(min_length=1)
+    question: str = Field(min_length=1, description="with `prompt`, at most VIDEOQA_MAX_TEXT_CHARS characters")
     videos: list[MediaInput] = Field(default_factory=list)
     images: list[MediaInput] = Field(default_factory=list)
     prompt: str | None = Field(
@@ -67,10 +70,30 @@ class JobRequest(_Strict):
 
     @field_validator("question")
     @classmethod
-    def _not_blank(cls, value: str) -> str:
+    def _not_blank(cls, value: str, info: ValidationInfo) -> str:
         if not value.strip():
             raise ValueError("must not be blank")
+        _check_text_length(len(value), info)
         return value
+
+    @field_validator("prompt")
+    @classmethod
+    def _shares_the_text_limit(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None:
+            _check_text_length(len(value) + len(info.data.get("question") or ""), info, "with the question")
+        return value
+
+    @classmethod
+    def parse(cls, body: object, settings: Settings) -> JobRequest:
+        """Validate ``body`` against the configured limits on text (JSON and multipart alike)."""
+        return cls.model_validate(body, context={MAX_TEXT_CHARS: settings.max_text_chars})
+
+
+def _check_text_length(length: int, info: ValidationInfo, together: str = "") -> None:
+    # Without a context (a request read back, say), the default applies: text is never unbounded.
+    limit = (info.context or {}).get(MAX_TEXT_CHARS) or Settings.model_fields["max_text_chars"].default
+    if length > limit:
+        raise ValueError(f"{length} characters{' ' + together if together else ''}; at most {limit}")
 
 
 class MediaSource(BaseModel):
@@ -131,8 +154,17 @@ def check_limits(
         problems.append(
             {"field": "generation.max_new_tokens", "message": f"at most {settings.max_new_tokens}"}
         )
-    if len(request.question) > settings.max_question_chars:
-        problems.append(
-            {"field": "question", "message": f"at most {settings.max_question_chars} characters"}
-        )
+    if not settings.is_s3:
+        problems += [
+            {"field": f"{kind}.{position}.url", "message": "s3:// URLs need S3 storage, and this service has none"}
+            for kind, items in (("videos", request.videos), ("images", request.images))
+            for position, item in enumerate(items)
+            if item.url.lower().startswith("s3://")
+        ]
+    # An upper bound: a video gives at most num_frames frames, whatever the strategy.
+    frames = n_videos * request.sampling.num_frames + n_images
+    size = job_size(request.question, request.prompt, frames, request.generation.max_new_tokens, settings)
+    problem = size_problem(size, settings)
+    if problem is not None:
+        problems.append({"field": "size", "message": problem})
     return problems

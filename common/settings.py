@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "llava-hf/llava-interleave-qwen-7b-hf"
@@ -44,7 +44,22 @@ class Settings(BaseSettings):
     max_images: int = Field(default=8, ge=0)
     max_frames: int = Field(default=32, ge=1, description="largest num_frames per video")
     max_new_tokens: int = Field(default=512, ge=1)
-    max_question_chars: int = Field(default=4000, ge=1)
+    max_text_chars: int = Field(
+        default=4000,
+        ge=1,
+        description="question and prompt together, in characters",
+        # The older name, from when it bounded the question alone, keeps working.
+        validation_alias=AliasChoices(
+            "max_text_chars", "VIDEOQA_MAX_TEXT_CHARS", "max_question_chars", "VIDEOQA_MAX_QUESTION_CHARS"
+        ),
+    )
+    image_tokens: int = Field(default=729, ge=1, description="tokens the model spends on one frame or image")
+    context_tokens: int = Field(
+        default=32768, ge=1, description="the model's context: prompt and new tokens of one job together"
+    )
+    max_job_tokens: int = Field(
+        default=32768, ge=1, description="largest job (prompt and new tokens) a GPU worker's memory is sized for"
+    )
     max_download_bytes: int = Field(default=2 * 1024**3, ge=1)
     max_upload_bytes: int = Field(default=2 * 1024**3, ge=1)
     download_connect_timeout_s: float = Field(default=10.0, gt=0)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import IO, Protocol
 from urllib.parse import urlparse
 
-from common.errors import NotFound, StorageUnavailable
+from common.errors import MediaTooLarge, NotFound, StorageUnavailable
 from common.settings import Settings
 
 
@@ -228,11 +228,26 @@ class S3Store:
         with open(path, "rb") as body:
             self._put(Key=self._key(key), Body=body)
 
-    def get_file(self, key: str, path: Path) -> None:
+    def get_file(self, key: str, path: Path, *, max_bytes: int | None = None) -> None:
+        """With ``max_bytes``, an object larger than that is refused from its declared length, or
+        at the chunk that passes it: never read whole."""
         response = self._call("get_object", Bucket=self.bucket, Key=self._key(key))
-        with open(path, "wb") as out:
-            for chunk in response["Body"].iter_chunks(1 << 20):  # type: ignore[index]
-                out.write(chunk)
+        body = response["Body"]  # type: ignore[index]
+        shown = f"s3://{self.bucket}/{self._key(key)}"
+        try:
+            declared = response.get("ContentLength")  # type: ignore[attr-defined]
+            if max_bytes is not None and isinstance(declared, int) and declared > max_bytes:
+                raise MediaTooLarge(f"{shown} is {declared} bytes; the limit is {max_bytes}")
+            written = 0
+            with open(path, "wb") as out:
+                for chunk in body.iter_chunks(1 << 20):
+                    written += len(chunk)
+                    if max_bytes is not None and written > max_bytes:
+                        raise MediaTooLarge(f"{shown} is larger than the limit of {max_bytes} bytes")
+                    out.write(chunk)
+        finally:
+            # Closing an unread body drops its connection rather than draining the rest.
+            body.close()
 
     def exists(self, key: str) -> bool:
         return self.modified(key) is not None

@@ -27,11 +27,12 @@ def _auth(key: str) -> dict[str, str]:
 
 
 @pytest.fixture()
-def client(spare_redis_url: str, tmp_path: Path) -> FlaskClient:
+def client(spare_redis_url: str) -> FlaskClient:
     settings = load_settings(
         {
             "VIDEOQA_REDIS_URL": spare_redis_url,
-            "VIDEOQA_STORAGE_URL": str(tmp_path),
+            # s3:// inputs need S3 storage; these submissions never write to it.
+            "VIDEOQA_STORAGE_URL": "s3://videoqa-test/access",
             "VIDEOQA_API_KEYS": KEYS,
             "VIDEOQA_MAX_ACTIVE_JOBS_PER_TENANT": "2",
         }

@@ -32,6 +32,22 @@ def test_credentials_in_urls_are_masked() -> None:
     assert "p4ss" not in json.dumps(entry)
 
 
+def test_query_strings_and_signatures_in_urls_are_masked() -> None:
+    from common.redaction import public_url
+
+    signed = "https://b.s3.amazonaws.com/v.mp4?X-Amz-Credential=AKIA1&X-Amz-Signature=f00d#t=1"
+    assert redact(f"fetching {signed} failed") == "fetching https://b.s3.amazonaws.com/v.mp4?*** failed"
+    assert redact(f"FetchFailed('{signed}')") == "FetchFailed('https://b.s3.amazonaws.com/v.mp4?***')"
+    assert redact("GET /v.mp4?X-Amz-Signature=f00d&x=1 HTTP/1.1") == "GET /v.mp4?X-Amz-Signature=***&x=1 HTTP/1.1"
+    assert redact("https://h/plain.mp4 answered 404") == "https://h/plain.mp4 answered 404"
+    assert redact("max_token=5 max_new_tokens=9") == "max_token=5 max_new_tokens=9"
+    assert public_url(signed) == "https://b.s3.amazonaws.com/v.mp4?***"
+    assert public_url("http://user:pw@[::1]:8080/a b.mp4") == "http://[::1]:8080/a b.mp4"
+    assert public_url("https://h/plain.mp4") == "https://h/plain.mp4"
+    entry = _line(_record("download of %s broke off", (signed,)))
+    assert "f00d" not in json.dumps(entry) and "AKIA1" not in json.dumps(entry)
+
+
 def test_the_job_id_comes_from_the_context_or_from_celery_task_lines() -> None:
     assert "job_id" not in _line(_record("no job here"))
     with job_context(JOB):

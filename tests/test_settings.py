@@ -36,3 +36,8 @@ def test_stored_objects_must_outlive_four_task_time_limits() -> None:
         load_settings({"VIDEOQA_STORAGE_RETENTION_S": "3600", "VIDEOQA_TASK_TIME_LIMIT_S": "1800"})
     assert load_settings({"VIDEOQA_STORAGE_RETENTION_S": "7200", "VIDEOQA_TASK_TIME_LIMIT_S": "1800"})
     assert not load_settings({}).share_frames_across_tenants
+
+
+def test_the_older_name_of_the_text_limit_still_applies() -> None:
+    assert load_settings({"VIDEOQA_MAX_QUESTION_CHARS": "12"}).max_text_chars == 12
+    assert load_settings({"VIDEOQA_MAX_TEXT_CHARS": "13"}).max_text_chars == 13

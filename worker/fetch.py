@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import FetchFailed, InvalidMedia, NotFound
+from common.redaction import public_url
 from common.schemas import MediaSource
 from common.settings import Settings
 from common.storage import ObjectStore, S3Store, parse_s3_url
@@ -106,6 +107,10 @@ def remember_version(source: MediaSource, fetched: FetchedMedia, store: ObjectSt
     store.put_bytes(_version_key(source.location, scope), json.dumps(record).encode(), content_type="application/json")
 
 
+def _shown(source: MediaSource) -> str:
+    return public_url(source.location) if source.kind == "http" else source.location
+
+
 def _fetch(
     source: MediaSource, target: Path, *, settings: Settings, store: ObjectStore, if_none_match: str | None
 ) -> FetchedMedia | None:
@@ -118,12 +123,14 @@ def _fetch(
             etag = next((value for name, value in headers.items() if name.lower() == "etag"), None)
         elif source.kind == "s3":
             bucket, key = parse_s3_url(source.location)
-            S3Store(bucket, endpoint_url=settings.s3_endpoint_url).get_file(key, target)
+            S3Store(bucket, endpoint_url=settings.s3_endpoint_url).get_file(
+                key, target, max_bytes=settings.max_download_bytes
+            )
         else:
             store.get_file(source.location, target)
     except NotFound as exc:
-        raise FetchFailed(f"{source.location}: {exc.message}") from None
+        raise FetchFailed(f"{_shown(source)}: {exc.message}") from None
     digest, size = _hash_file(target)
     if size == 0:
-        raise InvalidMedia(f"{source.location} is an empty file")
+        raise InvalidMedia(f"{_shown(source)} is an empty file")
     return FetchedMedia(path=target, sha256=digest, size=size, etag=etag)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import TransientError, VideoQAError
+from common.job_size import check_sampled_size
 from common.jobs import JobStatus, JobStore
 from common.schemas import MediaSource, Sampling, StoredRequest
 from common.settings import Settings
@@ -183,6 +184,12 @@ def ingest_job(job_id: str, ctx: IngestContext) -> None:
                     key = _ingest_image(fetched.path, fetched.sha256, geometry, ctx.settings, ctx.store, timer, keys)
                     media.append({"kind": kind, "position": position, "key": key})
                     fetched.path.unlink(missing_ok=True)
+        # The API checked an upper bound; what was sampled is checked again before a GPU sees it
+        # (an API configured with larger limits than its workers, say).
+        sampled = sum(len(item["frames"]) if item["kind"] == "video" else 1 for item in media)
+        check_sampled_size(
+            request.question, request.prompt, sampled, request.generation.max_new_tokens, ctx.settings
+        )
     except TransientError:
         jobs.note_retry(job_id)
         raise

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from functools import cached_property
+from typing import Any
 
 import redis
 from celery import Celery
@@ -27,6 +28,26 @@ from worker.inference import LoadedModel, load_model
 from worker.ingest import IngestContext
 
 log = logging.getLogger(__name__)
+
+
+def size_setting_mismatches(config: Any, settings: Settings) -> list[str]:
+    """Where the settings that size jobs at submission (the API never loads the model) disagree
+    with the model this worker loaded."""
+    from worker.batching import tokens_per_image
+
+    problems = []
+    per_image = tokens_per_image(config)
+    if per_image != settings.image_tokens:
+        problems.append(
+            f"VIDEOQA_IMAGE_TOKENS is {settings.image_tokens} but {settings.model} takes {per_image} tokens per image: "
+            "job sizes are estimated wrong; set it on the API and the workers"
+        )
+    positions = getattr(config.text_config, "max_position_embeddings", None)
+    if positions is not None and settings.context_tokens > positions:
+        problems.append(
+            f"VIDEOQA_CONTEXT_TOKENS is {settings.context_tokens} but {settings.model} has a context of {positions} tokens"
+        )
+    return problems
 
 
 class WorkerRuntime:
@@ -82,6 +103,8 @@ class WorkerRuntime:
         except Exception as exc:  # a model that loads but cannot generate is no more usable
             raise ModelLoadError(f"warm-up generation with {loaded.model_id} failed: {exc}") from exc
         log.info("warm-up generation took %.2f s", time.perf_counter() - started)
+        for problem in size_setting_mismatches(loaded.model.config, self.settings):
+            log.warning("%s", problem)
         self.batch_size = self.settings.batch_size or default_batch_size(loaded)
         self.ready_since = time.time()
 

@@ -3,7 +3,8 @@
 Each hop's URL is checked by the ``UrlPolicy`` and the connection goes to the one address that
 was checked (so a DNS answer that changes between check and connect is never used); redirects
 are followed by hand, at most ``max_redirects`` times, each hop checked again. The body is cut at
-a byte cap and at a total deadline.
+a byte cap and at a total deadline. Messages name a URL without its query, which may hold a
+signature.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import certifi
 import urllib3
 
 from common.errors import FetchFailed, MediaTooLarge, TransientError
+from common.redaction import public_url
 from common.url_policy import Target, UrlPolicy
 
 _CHUNK = 1 << 20
@@ -75,32 +77,32 @@ def download(
             if response.status in _REDIRECTS:
                 location = response.headers.get("Location")
                 if not location:
-                    raise FetchFailed(f"{url} redirects without a Location")
+                    raise FetchFailed(f"{public_url(url)} redirects without a Location")
                 url = urljoin(url, location)
                 continue
             if response.status == 304 and if_none_match:
                 return None
             if response.status >= 500 or response.status == 429:
-                raise TransientError(f"{url} answered HTTP {response.status}")
+                raise TransientError(f"{public_url(url)} answered HTTP {response.status}")
             if response.status >= 400:
-                raise FetchFailed(f"{url} answered HTTP {response.status}")
+                raise FetchFailed(f"{public_url(url)} answered HTTP {response.status}")
             declared = response.headers.get("Content-Length", "")
             if declared.isdigit() and int(declared) > max_bytes:
-                raise MediaTooLarge(f"{url} is {declared} bytes; the limit is {max_bytes}")
+                raise MediaTooLarge(f"{public_url(url)} is {declared} bytes; the limit is {max_bytes}")
             written = 0
             with open(target_path, "wb") as out:
                 # read1 returns what has arrived, so a slow drip is still checked against the deadline.
                 while chunk := response.read1(_CHUNK):
                     written += len(chunk)
                     if written > max_bytes:
-                        raise MediaTooLarge(f"{url} is larger than the limit of {max_bytes} bytes")
+                        raise MediaTooLarge(f"{public_url(url)} is larger than the limit of {max_bytes} bytes")
                     if time.monotonic() > deadline:
-                        raise FetchFailed(f"{url} took longer than {deadline_s:.0f} s to download")
+                        raise FetchFailed(f"{public_url(url)} took longer than {deadline_s:.0f} s to download")
                     out.write(chunk)
             return dict(response.headers)
         except urllib3.exceptions.HTTPError as exc:
-            raise TransientError(f"download of {url} broke off: {exc.__class__.__name__}") from None
+            raise TransientError(f"download of {public_url(url)} broke off: {exc.__class__.__name__}") from None
         finally:
             response.release_conn()
             response.close()
-    raise FetchFailed(f"{url} redirects more than {max_redirects} times")
+    raise FetchFailed(f"{public_url(url)} redirects more than {max_redirects} times")
