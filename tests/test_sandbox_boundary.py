@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import pickle
+import resource
 import shutil
 import signal
 import socket
@@ -25,7 +26,7 @@ import pytest
 
 from common.errors import InvalidMedia
 from worker import sandbox
-from worker.confinement import ENVIRONMENT_ALLOWLIST, OPEN_FILES, server_environment
+from worker.confinement import ENVIRONMENT_ALLOWLIST, OPEN_FILES, THREAD_ALLOWANCE, server_environment
 from worker.sandbox import run_isolated
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the boundary is built from Linux features")
@@ -94,31 +95,44 @@ def test_a_child_sees_no_secret_of_the_worker_environment() -> None:
 
 
 def _exhaust(_: int) -> tuple[dict[str, int], list[np.ndarray]]:
-    """Runs in a child: as many threads and open files as it is let have (up to a bound)."""
-    threading.stack_size(256 * 1024)  # so the memory limit is not what stops them
-    stop, threads, files = threading.Event(), [], []
-    try:
-        for _ in range(1000):
-            threads.append(threading.Thread(target=stop.wait))
-            threads[-1].start()
-    except RuntimeError:  # "can't start new thread"
-        threads.pop()
+    """Runs in a child: its process limit against what the user runs, the threads a decoder needs,
+    and as many open files as it is let have (up to a bound)."""
+    import resource
+
+    user_tasks = sum(1 for _ in Path("/proc").glob("[0-9]*/task/[0-9]*"))
+    # Starting threads up to the limit is no test: near it, a thread's start can fail for memory
+    # (the child's data limit) in a way that blocks its starter. A decoder needs a few dozen.
+    threading.stack_size(256 * 1024)
+    stop = threading.Event()
+    threads = [threading.Thread(target=stop.wait) for _ in range(24)]
+    for thread in threads:
+        thread.start()
     stop.set()
     for thread in threads:
         thread.join()
+    files = []
     try:
         for _ in range(1000):
             files.append(open(os.devnull))  # noqa: SIM115 - held open on purpose
     except OSError:
         pass
-    return {"threads": len(threads), "files": len(files)}, []
+    return {
+        "threads": len(threads),
+        "files": len(files),
+        "nproc": resource.getrlimit(resource.RLIMIT_NPROC)[0],
+        "user_tasks": user_tasks,
+    }, []
 
 
 def test_a_child_has_few_files_and_threads_yet_enough_to_decode() -> None:
     child = _run_as_the_worker_user("_exhaust")["child"]
     # Decoders use up to 8 threads (and FFmpeg's frame threads): far below the limit.
-    assert 20 <= child["threads"] < 1000
+    assert child["threads"] == 24
     assert 32 <= child["files"] < OPEN_FILES
+    # The process limit is what the user ran when the child started plus a bounded allowance
+    # (other processes of the user come and go meanwhile, hence the margin).
+    assert child["nproc"] != resource.RLIM_INFINITY
+    assert child["nproc"] - child["user_tasks"] <= 2 * THREAD_ALLOWANCE
 
 
 def test_the_server_environment_keeps_only_harmless_variables_and_the_callers_tunables() -> None:
