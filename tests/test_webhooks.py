@@ -22,6 +22,7 @@ from api.app import create_app
 from common.jobs import JobStore
 from common.settings import Settings
 from tests.conftest import WEBHOOK_SECRET, RunningService
+from tests.test_openapi import _conforms
 
 TIMEOUT_S = 180.0
 
@@ -113,6 +114,7 @@ def test_webhook_is_signed_retried_after_a_500_and_recorded(
     assert job["webhook"]["attempts"] == 2
     assert job["webhook"]["last_status"] == 204
     assert job["webhook"]["last_error"] is None
+    _conforms(requests.get(service.url("/openapi.json"), timeout=10).json(), "JobView", job)
     # Recording the attempts kept the record's expiry.
     client = redis.Redis.from_url(service.settings.redis_url)
     assert 0 < client.ttl(JobStore.key(job_id)) <= service.settings.job_ttl_s
