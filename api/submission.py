@@ -123,7 +123,8 @@ def _webhook_problems(request: JobRequest, settings: Settings, policy: UrlPolicy
     if request.webhook is None:
         return []
     if settings.webhook_secret is None:
-        return [{"field": "webhook", "message": "webhooks are off: this service has no VIDEOQA_WEBHOOK_SECRET to sign them"}]
+        message = "webhooks are off: this service has no VIDEOQA_WEBHOOK_SECRET to sign them"
+        return [{"field": "webhook", "message": message}]
     try:
         policy.check(request.webhook.url)
     except BlockedUrl as exc:

@@ -171,7 +171,9 @@ class Settings(BaseSettings):
         except (binascii.Error, ValueError):
             key = b""
         if not raw.startswith("whsec_") or len(key) < 16:
-            raise ValueError("must be whsec_ followed by at least 16 bytes in base64 (e.g. whsec_$(openssl rand -base64 32))")
+            raise ValueError(
+                "must be whsec_ followed by at least 16 bytes in base64 (e.g. whsec_$(openssl rand -base64 32))"
+            )
         return value
 
     @field_validator("rate_limit")

@@ -19,8 +19,11 @@ from flask import Flask
 from standardwebhooks import Webhook
 
 from api.app import create_app
+from common.errors import FetchFailed
 from common.jobs import JobStore
 from common.settings import Settings
+from common.url_policy import UrlPolicy
+from worker import safe_http
 from tests.conftest import WEBHOOK_SECRET, RunningService
 from tests.test_openapi import _conforms
 
@@ -86,6 +89,21 @@ def _webhook_state(service: RunningService, job_id: str, done: Any) -> dict[str,
     raise AssertionError(f"webhook of {job_id} not settled: {job}\n{service.tail_logs()}")
 
 
+def test_a_delivery_follows_redirects_with_the_same_post(receiver: Any) -> None:
+    # The sender alone, against two loopback endpoints: the first moves the hook to the second.
+    for _ in range(2):
+        receiver.answers.append((308, _url(receiver, "/moved")))
+    policy = UrlPolicy.from_allowlist(["127.0.0.1"])
+    status = safe_http.post(_url(receiver), b'{"a": 1}', {"Content-Type": "application/json"}, policy=policy, timeout_s=10)
+    assert status == 204
+    hops = [receiver.received.get(timeout=10) for _ in range(3)]
+    assert [path for path, _, _ in hops] == ["/hook", "/moved", "/moved"]
+    assert {body for _, _, body in hops} == {'{"a": 1}'}
+    receiver.answers.extend([(302, _url(receiver))] * 4)
+    with pytest.raises(FetchFailed, match="redirects more than 3 times"):
+        safe_http.post(_url(receiver), b"{}", {}, policy=policy, timeout_s=10)
+
+
 def test_webhook_is_signed_retried_after_a_500_and_recorded(
     service: RunningService, sample_videos: list[Path], receiver: Any
 ) -> None:
@@ -138,7 +156,8 @@ def test_only_the_events_asked_for_are_delivered(
 
 
 def test_webhook_to_a_private_address_is_refused_at_submission(service: RunningService) -> None:
-    for url in ("http://127.0.0.3:8080/hook", "http://169.254.169.254/latest", "http://[::1]/hook", "ftp://example.com/"):
+    private = ("http://127.0.0.3:8080/hook", "http://169.254.169.254/latest", "http://[::1]/hook", "ftp://example.com/")
+    for url in private:
         response = requests.post(
             service.url("/v1/jobs"),
             json={"question": "What?", "videos": [{"url": "http://127.0.0.1:9/a.mp4"}], "webhook": {"url": url}},
@@ -192,7 +211,11 @@ def app_without_secret(local_settings: Settings) -> Flask:
 def test_webhooks_are_refused_when_the_service_has_no_signing_key(app_without_secret: Flask) -> None:
     response = app_without_secret.test_client().post(
         "/v1/jobs",
-        json={"question": "What?", "videos": [{"url": "https://93.184.215.14/a.mp4"}], "webhook": {"url": "https://93.184.215.14/hook"}},
+        json={
+            "question": "What?",
+            "videos": [{"url": "https://93.184.215.14/a.mp4"}],
+            "webhook": {"url": "https://93.184.215.14/hook"},
+        },
     )
     assert response.status_code == 400
     error = response.get_json()["error"]

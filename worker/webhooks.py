@@ -4,7 +4,8 @@ downloads (checked at every redirect hop).
 
 Each attempt is written to the record's ``webhook`` state. A delivery that fails for a reason
 the receiver may fix (no answer, a non-2xx status) is tried again with doubling delays until
-``webhook_retry_s`` after the job ended; one the policy forbids is given up at once.
+``webhook_retry_s`` after the job ended; one the policy forbids (or a redirect loop) is given up
+at once.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 from standardwebhooks import Webhook
 
-from common.errors import VideoQAError
+from common.errors import FetchFailed, VideoQAError
 from common.jobs import Job, JobStore
 from common.redaction import public_url
 from common.settings import Settings
@@ -76,7 +77,7 @@ def deliver(job_id: str, ctx: WebhookContext) -> float | None:
         status = safe_http.post(
             hook["url"], body.encode(), headers, policy=ctx.policy, timeout_s=ctx.settings.webhook_timeout_s
         )
-    except BlockedUrl as exc:
+    except (BlockedUrl, FetchFailed) as exc:  # a refused address, a redirect loop: the same next time
         state.update(last_status=None, last_error=exc.message)
         retry = False
     except VideoQAError as exc:
@@ -93,5 +94,6 @@ def deliver(job_id: str, ctx: WebhookContext) -> float | None:
         state["last_error"] = f"{state['last_error']}; not tried again after {state['attempts']} attempts"
         delay = None
     ctx.jobs.record_webhook(job.id, state)
-    log.info("webhook attempt %d for job %s: %s", state["attempts"], job.id, state["last_status"] or state["last_error"])
+    outcome = state["last_status"] or state["last_error"]
+    log.info("webhook attempt %d for job %s: %s", state["attempts"], job.id, outcome)
     return delay
