@@ -11,6 +11,9 @@ from typing import Any
 
 import requests
 
+from api.app import create_app
+from common.api_keys import hash_key
+from common.settings import load_settings
 from tests.conftest import BUCKET, RunningService
 
 BODY = {"question": "What?", "videos": [{"url": "http://127.0.0.1:9/a.mp4"}], "generation": {"max_new_tokens": 4}}
@@ -96,3 +99,28 @@ def test_a_malformed_key_is_400(service: RunningService) -> None:
     response = requests.post(service.url("/v1/jobs"), json=BODY, headers={"Idempotency-Key": "k" * 256}, timeout=30)
     assert response.status_code == 400
     assert "Idempotency-Key" in response.json()["error"]["message"]
+
+
+def test_a_key_names_a_job_per_tenant(spare_redis_url: str) -> None:
+    # API keys on an app of its own (the shared service runs without them); no worker needed.
+    keys = {"acme": "vqa_key_of_acme_0123456789", "beta": "vqa_key_of_beta_9876543210"}
+    settings = load_settings(
+        {
+            "VIDEOQA_REDIS_URL": spare_redis_url,
+            "VIDEOQA_STORAGE_URL": "s3://videoqa-test/idempotency",
+            "VIDEOQA_API_KEYS": ",".join(f"{tenant}:{hash_key(key)}" for tenant, key in keys.items()),
+        }
+    )
+    client = create_app(settings).test_client()
+    body = {"question": "What?", "videos": [{"url": "https://93.184.215.14/v.mp4"}]}
+
+    def submit(tenant: str) -> Any:
+        headers = {"Authorization": f"Bearer {keys[tenant]}", "Idempotency-Key": "same-key"}
+        response = client.post("/v1/jobs", json=body, headers=headers)
+        assert response.status_code == 202, response.get_json()
+        return response.get_json()
+
+    acme, beta = submit("acme"), submit("beta")
+    assert (acme["tenant"], beta["tenant"]) == ("acme", "beta")
+    assert acme["id"] != beta["id"]
+    assert submit("acme")["id"] == acme["id"]
