@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from api.auth import Authenticator, parse_api_keys
 from api.errors import register_error_handlers
+from api.idempotency import IdempotencyKeys
 from api.limits import init_limits
 from api.logs import bind_job_ids
 from api.ops import ops
@@ -23,6 +24,7 @@ from common.metrics import RedisCollector
 from common.readiness import ready_workers
 from common.settings import Settings, load_settings
 from common.storage import ObjectStore, open_store
+from common.webhooks import webhook_sender
 
 
 @dataclass
@@ -35,6 +37,7 @@ class Services:
     celery: Celery
     redis: redis.Redis
     metrics: CollectorRegistry
+    idempotency: IdempotencyKeys
 
     @property
     def enqueue_ingest(self) -> Callable[[str], None]:
@@ -58,11 +61,12 @@ def create_app(settings: Settings | None = None) -> Flask:
     metrics.register(RedisCollector(client, lambda: [worker.hostname for worker in ready_workers(client)]))
     app.extensions["videoqa"] = Services(
         settings=settings,
-        jobs=JobStore(client, ttl_s=settings.job_ttl_s),
+        jobs=JobStore(client, ttl_s=settings.job_ttl_s, on_terminal=webhook_sender(client, celery)),
         store=open_store(settings),
         celery=celery,
         redis=client,
         metrics=metrics,
+        idempotency=IdempotencyKeys(client, ttl_s=settings.idempotency_ttl_s),
     )
     register_error_handlers(app)
     # Authentication runs first, so the rate limiter counts per tenant.

@@ -13,9 +13,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
 from api.routes import LATEST_TIMESTAMP
+from api.idempotency import MAX_KEY_CHARS
 from api.submission import GENERATION_FIELDS, SAMPLING_FIELDS
 from common.jobs import JobStatus
-from common.schemas import Generation, JobRequest, Sampling, StoredRequest
+from common.schemas import WEBHOOK_EVENTS, Generation, JobRequest, Sampling, StoredRequest, Webhook
 
 REF = "#/components/schemas/{model}"
 
@@ -78,6 +79,13 @@ class StageTimes(_View):
     seconds: float | None = None
 
 
+class WebhookState(_View):
+    attempts: int = Field(description="deliveries tried so far")
+    last_status: int | None = Field(description="HTTP status of the last answer; null when none came")
+    last_error: str | None = Field(description="why the last attempt failed; null after a delivery")
+    delivered_at: float | None = Field(description="when a 2xx answer came; null until then")
+
+
 class JobView(_View):
     id: str
     tenant: str
@@ -89,6 +97,7 @@ class JobView(_View):
     result: JobResult | None
     error: ErrorInfo | None
     stages: dict[str, StageTimes]
+    webhook: WebhookState | None = Field(description="delivery of the job's webhook; null when it asked for none")
     links: dict[str, str]
 
 
@@ -121,6 +130,12 @@ def _multipart_schema() -> dict[str, Any]:
     }
     properties.update({name: sampling[name] for name in SAMPLING_FIELDS})
     properties.update({name: generation[name] for name in GENERATION_FIELDS})
+    webhook = Webhook.model_json_schema(ref_template=REF)["properties"]
+    properties["webhook_url"] = webhook["url"]
+    properties["webhook_events"] = {
+        "type": "string",
+        "description": f"comma-separated, or repeated; default all of {', '.join(WEBHOOK_EVENTS)}",
+    }
     return {"type": "object", "required": ["question"], "properties": properties, "additionalProperties": False}
 
 
@@ -149,6 +164,15 @@ def _operations() -> dict[str, dict[str, Any]]:
                 "operationId": "createJob",
                 "summary": "Submit a question about videos (JSON with URLs, or multipart with files)",
                 "security": BEARER,
+                "parameters": [
+                    {
+                        "name": "Idempotency-Key",
+                        "in": "header",
+                        "schema": {"type": "string", "minLength": 1, "maxLength": MAX_KEY_CHARS},
+                        "description": "the same key with the same request (per API key, for "
+                        "VIDEOQA_IDEMPOTENCY_TTL_S) answers with the job the first one created",
+                    }
+                ],
                 "requestBody": {
                     "required": True,
                     "content": {
@@ -160,13 +184,21 @@ def _operations() -> dict[str, dict[str, Any]]:
                     "202": {
                         **job,
                         "description": "accepted; poll the Location",
-                        "headers": {"Location": {"schema": {"type": "string"}, "description": "the job's URL"}},
+                        "headers": {
+                            "Location": {"schema": {"type": "string"}, "description": "the job's URL"},
+                            "Idempotent-Replayed": {
+                                "schema": {"type": "string", "enum": ["true"]},
+                                "description": "the job an earlier request with this Idempotency-Key created",
+                            },
+                        },
                     },
                     "400": _error(
                         "invalid request; `details` names each bad field (`size`: the job's estimate in tokens "
                         "and the limit it exceeds)"
                     ),
+                    "409": _error("a request with this Idempotency-Key is still being handled"),
                     "413": _error("body over VIDEOQA_MAX_UPLOAD_BYTES"),
+                    "422": _error("`idempotency_conflict`: this Idempotency-Key was used with another request"),
                     "429": _error("rate limit, or too many active jobs for this key"),
                     **common_errors,
                 },

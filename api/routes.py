@@ -38,16 +38,19 @@ def _load(job_id: str) -> Job:
 @bp.post("/v1/jobs")
 def create_job() -> tuple[Response, int, dict[str, str]]:
     services = _services()
-    job = submit_job(
+    job, replayed = submit_job(
         request,
         settings=services.settings,
         jobs=services.jobs,
         store=services.store,
         enqueue_ingest=services.enqueue_ingest,
         tenant=current_tenant(),
+        idempotency=services.idempotency,
     )
-    location = url_for("v1.get_job", job_id=job.id)
-    return jsonify(_job_body(job)), 202, {"Location": location}
+    headers = {"Location": url_for("v1.get_job", job_id=job.id)}
+    if replayed:
+        headers["Idempotent-Replayed"] = "true"
+    return jsonify(_job_body(job)), 202, headers
 
 
 @bp.get("/v1/jobs/<job_id>")

@@ -16,6 +16,7 @@ from werkzeug.datastructures import FileStorage
 
 from api.auth import PUBLIC, Tenant
 from api.errors import invalid, validation_problems
+from api.idempotency import Claim, IdempotencyKeys, check_key, fingerprint
 from common.errors import InvalidRequest, ServiceUnavailable, TooManyActiveJobs, VideoQAError
 from common.jobs import Job, JobStore
 from common.logging_config import job_id_var
@@ -27,6 +28,7 @@ from common.url_policy import BlockedUrl, UrlPolicy
 SAMPLING_FIELDS = ("num_frames", "fps", "start", "end", "fast")
 GENERATION_FIELDS = ("max_new_tokens", "do_sample", "temperature", "top_p")
 FILE_FIELDS = ("videos", "images")
+WEBHOOK_FIELDS = ("webhook_url", "webhook_events")
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
 log = logging.getLogger(__name__)
@@ -46,7 +48,8 @@ def parse_json_body(req: Request, settings: Settings) -> tuple[JobRequest, list[
 
 def parse_multipart_body(req: Request, settings: Settings) -> tuple[JobRequest, list[FileStorage], list[FileStorage]]:
     """Multipart carries files in ``videos``/``images`` and options as flat text fields."""
-    unknown = [name for name in req.form if name not in ("question", "prompt", *SAMPLING_FIELDS, *GENERATION_FIELDS)]
+    text_fields = ("question", "prompt", *SAMPLING_FIELDS, *GENERATION_FIELDS, *WEBHOOK_FIELDS)
+    unknown = [name for name in req.form if name not in text_fields]
     unknown += [name for name in req.files if name not in FILE_FIELDS]
     if unknown:
         raise invalid([{"field": name, "message": "unknown field"} for name in sorted(set(unknown))])
@@ -57,6 +60,12 @@ def parse_multipart_body(req: Request, settings: Settings) -> tuple[JobRequest, 
     for name in ("question", "prompt"):
         if name in req.form:
             body[name] = req.form[name]
+    if any(req.form.get(name, "") != "" for name in WEBHOOK_FIELDS):
+        body["webhook"] = {"url": req.form["webhook_url"]} if req.form.get("webhook_url", "") != "" else {}
+        # Repeated fields or one comma-separated list, as a curl user writes them.
+        events = [e.strip() for value in req.form.getlist("webhook_events") for e in value.split(",") if e.strip()]
+        if events:
+            body["webhook"]["events"] = events
     try:
         parsed = JobRequest.parse(body, settings)
     except ValidationError as exc:
@@ -109,6 +118,20 @@ def _blocked_urls(request: JobRequest, policy: UrlPolicy) -> list[dict[str, str]
     return problems
 
 
+def _webhook_problems(request: JobRequest, settings: Settings, policy: UrlPolicy) -> list[dict[str, str]]:
+    """A webhook is refused, rather than sent unsigned, when there is no key to sign it with."""
+    if request.webhook is None:
+        return []
+    if settings.webhook_secret is None:
+        message = "webhooks are off: this service has no VIDEOQA_WEBHOOK_SECRET to sign them"
+        return [{"field": "webhook", "message": message}]
+    try:
+        policy.check(request.webhook.url)
+    except BlockedUrl as exc:
+        return [{"field": "webhook.url", "message": exc.message}]
+    return []
+
+
 def _foreign_s3_keys(request: JobRequest, tenant: Tenant) -> list[dict[str, str]]:
     """With API keys, a tenant reads only the s3:// prefixes its key lists."""
     problems = []
@@ -127,7 +150,10 @@ def submit_job(
     store: ObjectStore,
     enqueue_ingest: Any,
     tenant: Tenant = PUBLIC,
-) -> Job:
+    idempotency: IdempotencyKeys | None = None,
+) -> tuple[Job, bool]:
+    """The job created, and whether it is one an earlier request with the same
+    ``Idempotency-Key`` created (nothing new is stored then)."""
     if req.mimetype == "application/json":
         parsed, video_files, image_files = parse_json_body(req, settings)
     elif req.mimetype == "multipart/form-data":
@@ -137,17 +163,51 @@ def submit_job(
             f"unsupported content type {req.mimetype or 'none'!r}: send application/json or multipart/form-data"
         )
     problems = check_limits(parsed, settings, uploaded_videos=len(video_files), uploaded_images=len(image_files))
-    problems += _blocked_urls(parsed, UrlPolicy.from_allowlist(settings.fetch_allowlist_entries))
+    policy = UrlPolicy.from_allowlist(settings.fetch_allowlist_entries)
+    problems += _blocked_urls(parsed, policy)
+    problems += _webhook_problems(parsed, settings, policy)
     if tenant.key_sha256:
         problems += _foreign_s3_keys(parsed, tenant)
     if problems:
         raise invalid(problems)
-    # Refused here before any upload is stored; ``create`` enforces the cap atomically.
-    if jobs.active_count(tenant.name) >= settings.max_active_jobs_per_tenant:
-        raise TooManyActiveJobs(settings.max_active_jobs_per_tenant)
 
     job_id = uuid.uuid4().hex
+    claim: Claim | None = None
+    key = req.headers.get("Idempotency-Key")
+    if key is not None and idempotency is not None:
+        digest = fingerprint(parsed, {"videos": video_files, "images": image_files})
+        held = idempotency.claim(tenant.name, check_key(key), digest, job_id, jobs)
+        if isinstance(held, Job):
+            job_id_var.set(held.id)
+            return held, True
+        claim = held
     job_id_var.set(job_id)  # what is logged from here on concerns this job (reset after the request)
+    try:
+        # Refused here before any upload is stored; ``create`` enforces the cap atomically.
+        if jobs.active_count(tenant.name) >= settings.max_active_jobs_per_tenant:
+            raise TooManyActiveJobs(settings.max_active_jobs_per_tenant)
+        return _create(
+            parsed, video_files, image_files,
+            job_id=job_id, settings=settings, jobs=jobs, store=store, enqueue_ingest=enqueue_ingest, tenant=tenant,
+        ), False  # fmt: skip
+    except Exception:
+        if claim is not None and idempotency is not None:
+            idempotency.release(claim)  # no job: the client's retry is a new request
+        raise
+
+
+def _create(
+    parsed: JobRequest,
+    video_files: list[FileStorage],
+    image_files: list[FileStorage],
+    *,
+    job_id: str,
+    settings: Settings,
+    jobs: JobStore,
+    store: ObjectStore,
+    enqueue_ingest: Any,
+    tenant: Tenant,
+) -> Job:
     videos, images = _store_uploads(store, job_id, video_files, image_files)
     videos += [MediaSource.from_url(item.url) for item in parsed.videos]
     images += [MediaSource.from_url(item.url) for item in parsed.images]
@@ -158,6 +218,7 @@ def submit_job(
         images=images,
         sampling=parsed.sampling,
         generation=parsed.generation,
+        webhook=parsed.webhook,
     )
     try:
         job = jobs.create(
@@ -165,6 +226,7 @@ def submit_job(
             job_id=job_id,
             tenant=tenant.name,
             max_active=settings.max_active_jobs_per_tenant,
+            webhook=parsed.webhook is not None,
         )
     except Exception:
         # Redis refused the record (full, unreachable, the tenant's cap reached meanwhile):

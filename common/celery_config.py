@@ -12,6 +12,8 @@ from common.settings import Settings
 
 INGEST_TASK = "videoqa.ingest"
 GENERATE_TASK = "videoqa.generate"
+# Runs on CPU workers: a GPU worker only sends it when a job ends, never waits on a delivery.
+WEBHOOK_TASK = "videoqa.webhook"
 CPU_QUEUE = "cpu"
 GPU_QUEUE = "gpu"
 
@@ -28,7 +30,11 @@ def make_celery(settings: Settings, *, main: str = "videoqa") -> Celery:
         task_ignore_result=True,
         task_queues=(Queue(CPU_QUEUE), Queue(GPU_QUEUE)),
         task_default_queue=CPU_QUEUE,
-        task_routes={INGEST_TASK: {"queue": CPU_QUEUE}, GENERATE_TASK: {"queue": GPU_QUEUE}},
+        task_routes={
+            INGEST_TASK: {"queue": CPU_QUEUE},
+            GENERATE_TASK: {"queue": GPU_QUEUE},
+            WEBHOOK_TASK: {"queue": CPU_QUEUE},
+        },
         # A job is acknowledged only once handled, and comes back if its worker dies mid-way.
         task_acks_late=True,
         task_reject_on_worker_lost=True,

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -19,6 +21,10 @@ INDEX_KEY = "videoqa:jobs"
 TENANT_INDEX_PREFIX = "videoqa:jobs:"
 ACTIVE_PREFIX = "videoqa:active:"
 DEFAULT_TENANT = "public"
+# The record's field holding a webhook's delivery state; present only on jobs that asked for one.
+WEBHOOK_FIELD = "webhook"
+
+log = logging.getLogger(__name__)
 
 
 class JobStatus(StrEnum):
@@ -86,6 +92,7 @@ class Job:
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
     stages: dict[str, dict[str, float]] = field(default_factory=dict)
+    webhook: dict[str, Any] | None = None
 
     def stage_seconds(self) -> dict[str, float]:
         return {
@@ -111,6 +118,7 @@ class Job:
                 name: {**times, **({"seconds": seconds[name]} if name in seconds else {})}
                 for name, times in self.stages.items()
             },
+            "webhook": self.webhook,
         }
 
 
@@ -134,15 +142,20 @@ def _decode(raw: dict[str, str]) -> Job:
         result=loads("result"),
         error=loads("error"),
         stages=stages,
+        webhook=loads(WEBHOOK_FIELD),
     )
 
 
 class JobStore:
     """All reads and writes of job records go through here."""
 
-    def __init__(self, client: redis.Redis, *, ttl_s: int) -> None:
+    def __init__(
+        self, client: redis.Redis, *, ttl_s: int, on_terminal: Callable[[str], None] | None = None
+    ) -> None:
+        """``on_terminal`` is called with the id of each job this store moves to a terminal state."""
         self._redis = client
         self._ttl_s = ttl_s
+        self._on_terminal = on_terminal
         self._transition = client.register_script(_TRANSITION)
         self._update_existing = client.register_script(_UPDATE_EXISTING)
 
@@ -161,9 +174,11 @@ class JobStore:
         job_id: str | None = None,
         tenant: str = DEFAULT_TENANT,
         max_active: int | None = None,
+        webhook: bool = False,
     ) -> Job:
         """Store a new queued job; with ``max_active``, raise ``TooManyActiveJobs`` instead when
-        the tenant already has that many jobs not yet ended."""
+        the tenant already has that many jobs not yet ended. With ``webhook``, the record starts
+        an empty delivery state."""
         job_id = job_id or uuid.uuid4().hex
         now = time.time()
         fields = {
@@ -175,6 +190,10 @@ class JobStore:
             "attempts": "0",
             "request": json.dumps(request),
         }
+        if webhook:
+            fields[WEBHOOK_FIELD] = json.dumps(
+                {"attempts": 0, "last_status": None, "last_error": None, "delivered_at": None}
+            )
         active = ACTIVE_PREFIX + tenant
         with self._redis.pipeline(transaction=True) as pipe:
             while True:
@@ -224,6 +243,12 @@ class JobStore:
             keys=[self.key(job_id), METRICS_KEY],
             args=[json.dumps(sorted(str(s) for s in allowed_from)), json.dumps(encoded), ends, ACTIVE_PREFIX],
         )
+        if outcome == 1 and ends == "1" and self._on_terminal is not None:
+            try:
+                self._on_terminal(job_id)
+            except Exception:
+                # The job's outcome is stored; a hook that fails (broker down) must not undo it.
+                log.exception("terminal hook failed for job %s", job_id)
         return bool(outcome == 1)
 
     def _update(self, job_id: str, command: str, name: str, value: str | int) -> Any:
@@ -234,6 +259,10 @@ class JobStore:
         """Record when a stage started or ended (``edge`` is ``start`` or ``end``); nothing when
         the record is gone."""
         self._update(job_id, "HSET", f"stage:{stage}:{edge}", repr(at if at is not None else time.time()))
+
+    def record_webhook(self, job_id: str, state: dict[str, Any]) -> None:
+        """Store a webhook's delivery state; nothing when the record is gone."""
+        self._update(job_id, "HSET", WEBHOOK_FIELD, json.dumps(state))
 
     def add_attempt(self, job_id: str) -> int:
         return int(self._update(job_id, "HINCRBY", "attempts", 1) or 0)

@@ -54,6 +54,31 @@ class Generation(_Strict):
     top_p: float | None = Field(default=None, gt=0, le=1)
 
 
+WebhookEvent = Literal["succeeded", "failed", "cancelled"]
+WEBHOOK_EVENTS: tuple[WebhookEvent, ...] = ("succeeded", "failed", "cancelled")
+
+
+class Webhook(_Strict):
+    """Where the job's record is POSTed, signed, when it ends in one of ``events``."""
+
+    url: str = Field(description="http:// or https://; the same address policy as video URLs applies")
+    events: list[WebhookEvent] = Field(
+        default_factory=lambda: list(WEBHOOK_EVENTS), min_length=1, description="terminal statuses to deliver"
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _http(cls, value: str) -> str:
+        if not value.lower().startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @field_validator("events")
+    @classmethod
+    def _once_each(cls, value: list[WebhookEvent]) -> list[WebhookEvent]:
+        return list(dict.fromkeys(value))
+
+
 class JobRequest(_Strict):
     """The body of ``POST /v1/jobs``."""
 
@@ -67,6 +92,7 @@ class JobRequest(_Strict):
     )
     sampling: Sampling = Field(default_factory=Sampling)
     generation: Generation = Field(default_factory=Generation)
+    webhook: Webhook | None = Field(default=None, description="signed POST of the record when the job ends")
 
     @field_validator("question")
     @classmethod
@@ -117,6 +143,7 @@ class StoredRequest(BaseModel):
     images: list[MediaSource]
     sampling: Sampling
     generation: Generation
+    webhook: Webhook | None = None
 
 
 def check_limits(

@@ -6,7 +6,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+import base64
+import binascii
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "llava-hf/llava-interleave-qwen-7b-hf"
@@ -101,6 +104,17 @@ class Settings(BaseSettings):
     )
     sweep_interval_s: float = Field(default=3600.0, gt=0, description="how often CPU workers delete expired objects")
 
+    # Webhooks and idempotent submission (see docs/webhooks.md)
+    webhook_secret: SecretStr | None = Field(
+        default=None, description="whsec_ + base64 key signing webhook deliveries; unset, webhooks are refused"
+    )
+    webhook_retry_s: float = Field(
+        default=24 * 3600, gt=0, description="a delivery is retried for this long after the job ended"
+    )
+    webhook_backoff_s: float = Field(default=5.0, gt=0, description="first retry of a delivery, doubling")
+    webhook_timeout_s: float = Field(default=10.0, gt=0, description="connect and read timeout of one delivery")
+    idempotency_ttl_s: int = Field(default=24 * 3600, ge=1, description="how long an Idempotency-Key names its job")
+
     # Reliability
     visibility_timeout_s: int = Field(default=3600, ge=5)
     task_time_limit_s: int = Field(default=1800, ge=10)
@@ -142,6 +156,24 @@ class Settings(BaseSettings):
                 raise ValueError(
                     f"entry {parts[0] or '?'!r} must be tenant:sha256-hex-of-key (see `videoqa api-key`)"
                 )
+        return value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _webhook_secret_format(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        raw = value.get_secret_value()
+        try:
+            # Padding is optional in the Standard Webhooks format.
+            encoded = raw.removeprefix("whsec_").rstrip("=")
+            key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+        except (binascii.Error, ValueError):
+            key = b""
+        if not raw.startswith("whsec_") or len(key) < 16:
+            raise ValueError(
+                "must be whsec_ followed by at least 16 bytes in base64 (e.g. whsec_$(openssl rand -base64 32))"
+            )
         return value
 
     @field_validator("rate_limit")

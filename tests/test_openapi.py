@@ -14,7 +14,7 @@ from openapi_spec_validator import validate
 
 from api.app import create_app
 from api.openapi import REF
-from api.submission import GENERATION_FIELDS, SAMPLING_FIELDS
+from api.submission import GENERATION_FIELDS, SAMPLING_FIELDS, WEBHOOK_FIELDS
 from common.schemas import JobRequest
 from common.settings import Settings
 
@@ -69,7 +69,9 @@ def test_request_bodies_come_from_the_validating_models(spec: dict[str, Any]) ->
     assert content["application/json"]["schema"] == {"$ref": REF.format(model="JobRequest")}
     # The multipart form lists exactly the fields the parser accepts.
     form = content["multipart/form-data"]["schema"]["properties"]
-    assert set(form) == {"question", "prompt", "videos", "images", *SAMPLING_FIELDS, *GENERATION_FIELDS}
+    assert set(form) == {
+        "question", "prompt", "videos", "images", *SAMPLING_FIELDS, *GENERATION_FIELDS, *WEBHOOK_FIELDS
+    }  # fmt: skip
     assert form["num_frames"] == spec["components"]["schemas"]["Sampling"]["properties"]["num_frames"]
 
 

@@ -21,11 +21,14 @@ from common.jobs import JobStore
 from common.readiness import WorkerReadiness
 from common.settings import Settings
 from common.storage import ObjectStore, open_store
+from common.url_policy import UrlPolicy
+from common.webhooks import webhook_sender
 from worker.batch_queue import GpuQueue
 from worker.generate import GenerateContext
 from worker.geometry import FrameGeometry, load_geometry
 from worker.inference import LoadedModel, load_model
 from worker.ingest import IngestContext
+from worker.webhooks import WebhookContext
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +64,8 @@ class WorkerRuntime:
 
     @cached_property
     def jobs(self) -> JobStore:
-        return JobStore(redis_client(self.settings), ttl_s=self.settings.job_ttl_s)
+        client = redis_client(self.settings)
+        return JobStore(client, ttl_s=self.settings.job_ttl_s, on_terminal=webhook_sender(client, self.celery))
 
     @cached_property
     def store(self) -> ObjectStore:
@@ -120,6 +124,13 @@ class WorkerRuntime:
             store=self.store,
             geometry=lambda: self.geometry,
             enqueue_generate=lambda job_id: self.celery.send_task(GENERATE_TASK, args=[job_id]),
+        )
+
+    def webhook_context(self) -> WebhookContext:
+        return WebhookContext(
+            settings=self.settings,
+            jobs=self.jobs,
+            policy=UrlPolicy.from_allowlist(self.settings.fetch_allowlist_entries),
         )
 
     def generate_context(self) -> GenerateContext:

@@ -1,4 +1,4 @@
-"""HTTP downloads that cannot be turned against the internal network.
+"""HTTP downloads (and webhook POSTs) that cannot be turned against the internal network.
 
 Each hop's URL is checked by the ``UrlPolicy`` and the connection goes to the one address that
 was checked (so a DNS answer that changes between check and connect is never used); redirects
@@ -24,7 +24,14 @@ _CHUNK = 1 << 20
 _REDIRECTS = {301, 302, 303, 307, 308}
 
 
-def _open(target: Target, connect_s: float, read_s: float, extra_headers: dict[str, str]) -> urllib3.BaseHTTPResponse:
+def _open(
+    target: Target,
+    connect_s: float,
+    read_s: float,
+    extra_headers: dict[str, str],
+    method: str = "GET",
+    body: bytes | None = None,
+) -> urllib3.BaseHTTPResponse:
     timeout = urllib3.Timeout(connect=connect_s, read=read_s)
     address = str(target.address)
     pool: urllib3.HTTPConnectionPool
@@ -42,7 +49,7 @@ def _open(target: Target, connect_s: float, read_s: float, extra_headers: dict[s
     default_port = 443 if target.scheme == "https" else 80
     host_header = target.host if target.port == default_port else f"{target.host}:{target.port}"
     return pool.urlopen(
-        "GET", path,
+        method, path, body=body,
         headers={"Host": host_header, "User-Agent": "videoqa", "Accept-Encoding": "identity", **extra_headers},
         redirect=False, retries=False, preload_content=False,
     )  # fmt: skip
@@ -102,6 +109,41 @@ def download(
             return dict(response.headers)
         except urllib3.exceptions.HTTPError as exc:
             raise TransientError(f"download of {public_url(url)} broke off: {exc.__class__.__name__}") from None
+        finally:
+            response.release_conn()
+            response.close()
+    raise FetchFailed(f"{public_url(url)} redirects more than {max_redirects} times")
+
+
+def post(
+    url: str,
+    body: bytes,
+    headers: dict[str, str],
+    *,
+    policy: UrlPolicy,
+    timeout_s: float,
+    max_redirects: int = 3,
+) -> int:
+    """POST ``body`` to ``url``; returns the final answer's HTTP status.
+
+    Redirects are followed by hand with the same POST (a webhook has nothing to GET), each hop
+    checked by ``policy`` (``BlockedUrl`` otherwise). The answer's body is not read: a receiver
+    cannot make the caller hold a large or slow response.
+    """
+    for _hop in range(max_redirects + 1):
+        target = policy.check(url)
+        try:
+            response = _open(target, timeout_s, timeout_s, headers, method="POST", body=body)
+        except urllib3.exceptions.HTTPError as exc:
+            raise TransientError(f"could not connect to {target.host}: {exc.__class__.__name__}") from None
+        try:
+            if response.status in _REDIRECTS:
+                location = response.headers.get("Location")
+                if not location:
+                    raise FetchFailed(f"{public_url(url)} redirects without a Location")
+                url = urljoin(url, location)
+                continue
+            return int(response.status)
         finally:
             response.release_conn()
             response.close()

@@ -8,11 +8,12 @@ from typing import Any
 from celery import Celery, Task
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 
-from common.celery_config import GENERATE_TASK, INGEST_TASK
+from common.celery_config import GENERATE_TASK, INGEST_TASK, WEBHOOK_TASK
 from common.errors import TransientError, VideoQAError
 from worker.batch_queue import generate_batch
 from worker.ingest import ingest_job
 from worker.runtime import WorkerRuntime
+from worker.webhooks import deliver
 
 log = logging.getLogger(__name__)
 
@@ -62,3 +63,10 @@ def register_tasks(app: Celery, runtime: WorkerRuntime) -> None:
             wait_s=runtime.settings.batch_wait_ms / 1000,
             fail_job=fail_job,
         )
+
+    # Not a JobTask: a delivery that fails never changes the job's outcome.
+    @app.task(name=WEBHOOK_TASK, bind=True, max_retries=None)
+    def webhook(self: Task, job_id: str) -> None:
+        delay = deliver(job_id, runtime.webhook_context())
+        if delay is not None:
+            raise self.retry(countdown=delay)
