@@ -10,6 +10,8 @@ signature.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
@@ -55,6 +57,33 @@ def _open(
     )  # fmt: skip
 
 
+@contextmanager
+def _final_response(
+    url: str, policy: UrlPolicy, max_redirects: int, open_hop: Callable[[Target], urllib3.BaseHTTPResponse]
+) -> Iterator[tuple[str, urllib3.BaseHTTPResponse]]:
+    """The first answer that is not a redirect, and the URL that gave it. Every hop is checked by
+    ``policy`` before ``open_hop`` connects to the address it checked."""
+    for _hop in range(max_redirects + 1):
+        target = policy.check(url)
+        try:
+            response = open_hop(target)
+        except urllib3.exceptions.HTTPError as exc:
+            raise TransientError(f"could not connect to {target.host}: {exc.__class__.__name__}") from None
+        try:
+            if response.status in _REDIRECTS:
+                location = response.headers.get("Location")
+                if not location:
+                    raise FetchFailed(f"{public_url(url)} redirects without a Location")
+                url = urljoin(url, location)
+                continue
+            yield url, response
+            return
+        finally:
+            response.release_conn()
+            response.close()
+    raise FetchFailed(f"{public_url(url)} redirects more than {max_redirects} times")
+
+
 def download(
     url: str,
     target_path: Path,
@@ -74,19 +103,12 @@ def download(
     """
     deadline = time.monotonic() + deadline_s
     extra_headers = {"If-None-Match": if_none_match} if if_none_match else {}
-    for _hop in range(max_redirects + 1):
-        target = policy.check(url)
+
+    def open_hop(target: Target) -> urllib3.BaseHTTPResponse:
+        return _open(target, connect_timeout_s, read_timeout_s, extra_headers)
+
+    with _final_response(url, policy, max_redirects, open_hop) as (url, response):
         try:
-            response = _open(target, connect_timeout_s, read_timeout_s, extra_headers)
-        except urllib3.exceptions.HTTPError as exc:
-            raise TransientError(f"could not connect to {target.host}: {exc.__class__.__name__}") from None
-        try:
-            if response.status in _REDIRECTS:
-                location = response.headers.get("Location")
-                if not location:
-                    raise FetchFailed(f"{public_url(url)} redirects without a Location")
-                url = urljoin(url, location)
-                continue
             if response.status == 304 and if_none_match:
                 return None
             if response.status >= 500 or response.status == 429:
@@ -109,10 +131,6 @@ def download(
             return dict(response.headers)
         except urllib3.exceptions.HTTPError as exc:
             raise TransientError(f"download of {public_url(url)} broke off: {exc.__class__.__name__}") from None
-        finally:
-            response.release_conn()
-            response.close()
-    raise FetchFailed(f"{public_url(url)} redirects more than {max_redirects} times")
 
 
 def post(
@@ -130,21 +148,9 @@ def post(
     checked by ``policy`` (``BlockedUrl`` otherwise). The answer's body is not read: a receiver
     cannot make the caller hold a large or slow response.
     """
-    for _hop in range(max_redirects + 1):
-        target = policy.check(url)
-        try:
-            response = _open(target, timeout_s, timeout_s, headers, method="POST", body=body)
-        except urllib3.exceptions.HTTPError as exc:
-            raise TransientError(f"could not connect to {target.host}: {exc.__class__.__name__}") from None
-        try:
-            if response.status in _REDIRECTS:
-                location = response.headers.get("Location")
-                if not location:
-                    raise FetchFailed(f"{public_url(url)} redirects without a Location")
-                url = urljoin(url, location)
-                continue
-            return int(response.status)
-        finally:
-            response.release_conn()
-            response.close()
-    raise FetchFailed(f"{public_url(url)} redirects more than {max_redirects} times")
+
+    def open_hop(target: Target) -> urllib3.BaseHTTPResponse:
+        return _open(target, timeout_s, timeout_s, headers, method="POST", body=body)
+
+    with _final_response(url, policy, max_redirects, open_hop) as (_url, response):
+        return int(response.status)
