@@ -16,6 +16,7 @@ from werkzeug.datastructures import FileStorage
 
 from api.auth import PUBLIC, Tenant
 from api.errors import invalid, validation_problems
+from api.problems import flat_problems, unknown_field_message
 from common.errors import InvalidRequest, ServiceUnavailable, TooManyActiveJobs, VideoQAError
 from common.jobs import Job, JobStore
 from common.logging_config import job_id_var
@@ -46,10 +47,14 @@ def parse_json_body(req: Request, settings: Settings) -> tuple[JobRequest, list[
 
 def parse_multipart_body(req: Request, settings: Settings) -> tuple[JobRequest, list[FileStorage], list[FileStorage]]:
     """Multipart carries files in ``videos``/``images`` and options as flat text fields."""
-    unknown = [name for name in req.form if name not in ("question", "prompt", *SAMPLING_FIELDS, *GENERATION_FIELDS)]
+    text_fields = ("question", "prompt", *SAMPLING_FIELDS, *GENERATION_FIELDS)
+    unknown = [name for name in req.form if name not in text_fields]
     unknown += [name for name in req.files if name not in FILE_FIELDS]
     if unknown:
-        raise invalid([{"field": name, "message": "unknown field"} for name in sorted(set(unknown))])
+        allowed = (*text_fields, *FILE_FIELDS)
+        raise invalid(
+            [{"field": name, "message": unknown_field_message(name, allowed, flat=True)} for name in sorted(set(unknown))]
+        )
     body: dict[str, Any] = {
         "sampling": {name: req.form[name] for name in SAMPLING_FIELDS if req.form.get(name, "") != ""},
         "generation": {name: req.form[name] for name in GENERATION_FIELDS if req.form.get(name, "") != ""},
@@ -60,7 +65,7 @@ def parse_multipart_body(req: Request, settings: Settings) -> tuple[JobRequest, 
     try:
         parsed = JobRequest.parse(body, settings)
     except ValidationError as exc:
-        raise invalid(validation_problems(exc)) from None
+        raise invalid(validation_problems(exc, flat=True)) from None
     return parsed, req.files.getlist("videos"), req.files.getlist("images")
 
 
@@ -137,6 +142,8 @@ def submit_job(
             f"unsupported content type {req.mimetype or 'none'!r}: send application/json or multipart/form-data"
         )
     problems = check_limits(parsed, settings, uploaded_videos=len(video_files), uploaded_images=len(image_files))
+    if req.mimetype == "multipart/form-data":
+        problems = flat_problems(problems)
     problems += _blocked_urls(parsed, UrlPolicy.from_allowlist(settings.fetch_allowlist_entries))
     if tenant.key_sha256:
         problems += _foreign_s3_keys(parsed, tenant)
