@@ -136,7 +136,7 @@ def load_model(settings: Settings) -> LoadedModel:
         hint = ""
         if os.environ.get("HF_HUB_OFFLINE") and isinstance(exc, OSError):
             hint = " (HF_HUB_OFFLINE is set: the weights must already be in the cache under HF_HOME)"
-        if isinstance(exc, OSError):
+        if isinstance(exc, (OSError, ValueError)):  # not found, or not a hub id either
             hint += f"; {MODEL_HINT}"
         raise ModelLoadError(f"cannot load {settings.model}: {first_line}{hint}") from exc
 
