@@ -138,3 +138,21 @@ def test_job_records_carry_iso_8601_timestamps_next_to_the_epoch(client: FlaskCl
         assert abs(datetime.fromisoformat(text).timestamp() - job[name]) < 0.001
     listed = client.get("/v1/jobs").get_json()["jobs"][0]
     assert listed["created_at_iso"] == job["created_at_iso"]
+
+
+def test_decoder_errors_read_without_errno_or_worker_paths() -> None:
+    import av
+
+    from worker.media_errors import plain_reason
+
+    cases = {
+        av.error.FFmpegError(5, "Input/output error", "/tmp/videoqa-x1/video-0.mp4"): "input/output error",
+        av.error.InvalidDataError(1094995529, "Invalid data found when processing input", "/tmp/v.mp4"): (
+            "its data is damaged or in no format this service reads"
+        ),
+        OSError("cannot identify image file '/tmp/videoqa-x1/image-0.png'"): "cannot identify image file",
+        RuntimeError("decoder state at /tmp/videoqa-x1: 0x1f"): "the decoder failed on it",
+        MemoryError(): "it needs more memory to decode than the limit allows",
+    }
+    for exc, reason in cases.items():
+        assert plain_reason(exc) == reason
