@@ -18,7 +18,12 @@ from common.schemas import Generation, JobRequest, MediaInput, Sampling
 SAMPLING_FIELDS = tuple(Sampling.model_fields)
 GENERATION_FIELDS = tuple(Generation.model_fields)
 # Where an unknown field inside a JSON body was found, and which fields belong there.
-_NESTED: dict[str, type[BaseModel]] = {"videos": MediaInput, "images": MediaInput, "sampling": Sampling, "generation": Generation}
+_NESTED: dict[str, type[BaseModel]] = {
+    "videos": MediaInput,
+    "images": MediaInput,
+    "sampling": Sampling,
+    "generation": Generation,
+}
 
 _SHAPES: dict[str, str] = {
     "MediaInput": 'must be an object such as {"url": "https://example.com/video.mp4"}',

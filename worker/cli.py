@@ -63,7 +63,9 @@ def _interrupt(*_: object) -> None:
 @click.option("--gpu-workers", default=1, show_default=True, help="GPU worker processes (one per GPU)")
 @click.option("--flower/--no-flower", default=False, help="also start Flower on 127.0.0.1:5555")
 @click.option("--tiny", is_flag=True, help=f"run on the tiny random-weight model (built once into {TINY_MODEL_DIR})")
-def up(host: str, port: int, api_workers: int, cpu_concurrency: int, gpu_workers: int, flower: bool, tiny: bool) -> None:
+def up(
+    host: str, port: int, api_workers: int, cpu_concurrency: int, gpu_workers: int, flower: bool, tiny: bool
+) -> None:
     """Run the API, a CPU worker and GPU workers in the foreground until Ctrl-C."""
     env = dict(os.environ)
     if tiny:

@@ -11,7 +11,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-MODEL_HINT = "set VIDEOQA_MODEL to a local model folder or a hub id, or build a test model with `videoqa tiny-model DIR`"
+MODEL_HINT = (
+    "set VIDEOQA_MODEL to a local model folder or a hub id, or build a test model with `videoqa tiny-model DIR`"
+)
+UP_TINY = "(or run `videoqa up --tiny`)"
 HUB_TIMEOUT_S = 5.0
 
 
@@ -29,9 +32,9 @@ def model_problem(model: str) -> str | None:
     if _looks_local(model):
         folder = Path(model).expanduser()
         if not folder.is_dir():
-            return f"no model folder at {model}: {MODEL_HINT} (or run `videoqa up --tiny`)"
+            return f"no model folder at {model}: {MODEL_HINT} {UP_TINY}"
         if not (folder / "config.json").is_file():
-            return f"{model} holds no config.json, so it is not a model folder: {MODEL_HINT} (or run `videoqa up --tiny`)"
+            return f"{model} holds no config.json, so it is not a model folder: {MODEL_HINT} {UP_TINY}"
         return None
     from huggingface_hub import try_to_load_from_cache
     from huggingface_hub.errors import HFValidationError
@@ -40,7 +43,7 @@ def model_problem(model: str) -> str | None:
         if isinstance(try_to_load_from_cache(model, "config.json"), str):
             return None
     except HFValidationError:
-        return f"{model} is neither a model folder nor a hub id: {MODEL_HINT} (or run `videoqa up --tiny`)"
+        return f"{model} is neither a model folder nor a hub id: {MODEL_HINT} {UP_TINY}"
     where = "the hub cache (HF_HOME)"
     if _offline():
         reason = f"{model} is not in {where} and HF_HUB_OFFLINE is set"
@@ -48,7 +51,7 @@ def model_problem(model: str) -> str | None:
         reason = _hub_problem(model)
         if reason is None:
             return None
-    return f"{reason}: {MODEL_HINT} (or run `videoqa up --tiny`)"
+    return f"{reason}: {MODEL_HINT} {UP_TINY}"
 
 
 def _hub_problem(model: str) -> str | None:
