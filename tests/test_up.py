@@ -162,3 +162,18 @@ def test_a_cpu_worker_for_a_hub_model_ingests_without_asking_the_hub(
     # HF_HUB_OFFLINE makes any hub request raise, and DEBUG shows every request made.
     for trace in ("huggingface.co", "OfflineModeIsEnabled", "huggingface_hub", "Traceback"):
         assert trace not in log, log[-4000:]
+
+
+def test_a_hub_model_in_the_cache_passes_the_check_offline(tmp_path: Path) -> None:
+    # The hub cache's own layout, as huggingface_hub writes it; only config.json is looked for.
+    repo = tmp_path / "hf" / "hub" / "models--owner--cached-model"
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    (repo / "snapshots" / "abc123" / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    check = "from worker.model_check import model_problem as p; print(p('owner/cached-model')); print(p('owner/other'))"
+    out = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=60)
+    cached, other = out.stdout.splitlines()
+    assert cached == "None", out.stderr
+    assert "owner/other is not in the hub cache (HF_HOME) and HF_HUB_OFFLINE is set" in other
