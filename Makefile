@@ -4,16 +4,26 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 
 .PHONY: install demo test up torchcodec-env
+# `make` alone installs; the command is then .venv/bin/videoqa.
+.DEFAULT_GOAL := install
 
 $(BIN)/python:
+	@echo "==> [1/3] creating $(VENV)"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
 # The CPU build of torch goes in first, so the range in pyproject is already satisfied and no
 # multi-GB CUDA build is pulled in. torchvision is never installed on CPU machines.
-install: $(BIN)/python
-	$(BIN)/pip install -q "torch==2.13.0"
-	$(BIN)/pip install -q -e ".[test]"
+# pip runs without -q so its downloads show; the stamp skips it until pyproject.toml changes.
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	@echo "==> [2/3] torch, CPU build (about 200 MB)"
+	$(BIN)/pip install --progress-bar on "torch==2.13.0"
+	@echo "==> [3/3] videoqa with its workers and test extras"
+	$(BIN)/pip install --progress-bar on -e ".[test]"
+	@touch $@
+	@echo "==> installed: run $(BIN)/videoqa (try: $(BIN)/videoqa up --tiny)"
 
 demo: install
 	$(BIN)/videoqa demo

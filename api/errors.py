@@ -21,13 +21,11 @@ def error_response(status: int, code: str, message: str, details: object = None)
     return jsonify({"error": body}), status
 
 
-def validation_problems(exc: ValidationError, prefix: str = "") -> list[dict[str, str]]:
-    problems = []
-    for error in exc.errors():
-        field = ".".join(str(part) for part in error["loc"]) or "body"
-        message = "unknown field" if error["type"] == "extra_forbidden" else error["msg"]
-        problems.append({"field": prefix + field, "message": message})
-    return problems
+def validation_problems(exc: ValidationError, *, flat: bool = False) -> list[dict[str, str]]:
+    """``{field, message}`` per error, in plain words (``api.problems``)."""
+    from api.problems import validation_problems as plain_problems
+
+    return plain_problems(exc, flat=flat)
 
 
 def invalid(problems: list[dict[str, str]]) -> InvalidRequest:

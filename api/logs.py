@@ -1,5 +1,5 @@
-"""The API's logs: gunicorn's logger writing JSON lines (``--logger-class api.logs.JsonLogger``)
-and the job id bound while a request about a job is handled.
+"""The API's logs: gunicorn's logger writing JSON lines (``--logger-class api.logs.JsonLogger``;
+console lines instead per ``VIDEOQA_LOG_FORMAT``) and the job id bound while a request about a job is handled.
 
 The access log keeps structured fields (method, path, status, duration) and the job id of the
 request, read from its path or from the ``Location`` of a job just created. Request headers and
@@ -13,23 +13,23 @@ from typing import Any
 from flask import Flask, g, request
 from gunicorn.glogging import Logger
 
-from common.logging_config import JOB_ID_PATTERN, JsonFormatter, configure_logging, job_id_var
+from common.logging_config import JOB_ID_PATTERN, configure_logging, job_id_var, make_formatter
 from common.settings import SettingsError, load_settings
 
 
 class JsonLogger(Logger):  # type: ignore[misc]
     def setup(self, cfg: Any) -> None:
         super().setup(cfg)
-        formatter = JsonFormatter()
+        try:
+            settings = load_settings()
+            level, log_format = settings.log_level, settings.log_format
+        except SettingsError:
+            level, log_format = "INFO", "json"  # create_app stops the worker with the settings' own message
         for log in (self.error_log, self.access_log):
             for handler in log.handlers:
-                handler.setFormatter(formatter)
+                handler.setFormatter(make_formatter(log_format, getattr(handler, "stream", None)))
         # The application's own loggers propagate to the root logger, at VIDEOQA_LOG_LEVEL.
-        try:
-            level = load_settings().log_level
-        except SettingsError:
-            level = "INFO"  # create_app stops the worker with the settings' own message
-        configure_logging(level)
+        configure_logging(level, log_format=log_format)
 
     def access(self, resp: Any, req: Any, environ: dict[str, Any], request_time: Any) -> None:
         if not self.access_log_enabled:

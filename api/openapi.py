@@ -90,8 +90,10 @@ class JobView(_View):
     id: str
     tenant: str
     status: JobStatus
-    created_at: float
+    created_at: float = Field(description="seconds since the epoch")
     updated_at: float
+    created_at_iso: str = Field(description="`created_at` in ISO 8601 (UTC)")
+    updated_at_iso: str
     attempts: int
     request: StoredRequest
     result: JobResult | None
@@ -215,10 +217,16 @@ def _operations() -> dict[str, dict[str, Any]]:
                         "schema": {"type": "number", "minimum": 0, "maximum": LATEST_TIMESTAMP},
                         "description": "`next_before` of the previous page",
                     },
+                    {
+                        "name": "status",
+                        "in": "query",
+                        "schema": {"type": "string"},
+                        "description": "only jobs in these statuses, comma-separated (e.g. `succeeded,failed`)",
+                    },
                 ],
                 "responses": {
                     "200": {"description": "one page", "content": _json("JobPage")},
-                    "400": _error("bad limit or before"),
+                    "400": _error("bad limit, before or status"),
                     **common_errors,
                 },
             },

@@ -10,7 +10,7 @@ from flask import Blueprint, Response, current_app, jsonify, request, url_for
 from api.auth import current_tenant
 from api.submission import submit_job
 from common.errors import Conflict, InvalidRequest, NotFound
-from common.jobs import Job, JobStore
+from common.jobs import Job, JobStatus, JobStore
 
 bp = Blueprint("v1", __name__)
 # The end of year 9999: a cursor past it is not a creation time of this service.
@@ -81,9 +81,25 @@ def list_jobs() -> Response:
     # float() also reads nan, inf and 1e999; Redis refuses them as a bound (a 503 otherwise).
     if before is not None and not (math.isfinite(before) and 0 <= before <= LATEST_TIMESTAMP):
         raise InvalidRequest(f"before must be a timestamp in seconds between 0 and {LATEST_TIMESTAMP}")
-    jobs = _services().jobs.list(limit=limit, before=before, tenant=current_tenant().name)
+    jobs = _services().jobs.list(
+        limit=limit, before=before, tenant=current_tenant().name, statuses=_statuses(request.args.get("status"))
+    )
     next_cursor = jobs[-1].created_at if len(jobs) == limit else None
     return jsonify({"jobs": [_job_body(job) for job in jobs], "next_before": next_cursor})
+
+
+def _statuses(value: str | None) -> frozenset[JobStatus] | None:
+    """``?status=succeeded,failed``; an unknown status is a 400 rather than an empty page."""
+    if value is None:
+        return None
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = [name for name in names if name not in {str(status) for status in JobStatus}]
+    if unknown or not names:
+        raise InvalidRequest(
+            f"status must be one or more of {', '.join(JobStatus)} (comma-separated); got {value!r}",
+            details=[{"field": "status", "message": f"unknown status {', '.join(map(repr, unknown)) or repr(value)}"}],
+        )
+    return frozenset(JobStatus(name) for name in names)
 
 
 @bp.get("/healthz")

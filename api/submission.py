@@ -17,6 +17,7 @@ from werkzeug.datastructures import FileStorage
 from api.auth import PUBLIC, Tenant
 from api.errors import invalid, validation_problems
 from api.idempotency import Claim, IdempotencyKeys, check_key, fingerprint
+from api.problems import flat_problems, unknown_field_message
 from common.errors import InvalidRequest, ServiceUnavailable, TooManyActiveJobs, VideoQAError
 from common.jobs import Job, JobStore
 from common.logging_config import job_id_var
@@ -52,7 +53,10 @@ def parse_multipart_body(req: Request, settings: Settings) -> tuple[JobRequest, 
     unknown = [name for name in req.form if name not in text_fields]
     unknown += [name for name in req.files if name not in FILE_FIELDS]
     if unknown:
-        raise invalid([{"field": name, "message": "unknown field"} for name in sorted(set(unknown))])
+        allowed = (*text_fields, *FILE_FIELDS)
+        raise invalid(
+            [{"field": name, "message": unknown_field_message(name, allowed, flat=True)} for name in sorted(set(unknown))]
+        )
     body: dict[str, Any] = {
         "sampling": {name: req.form[name] for name in SAMPLING_FIELDS if req.form.get(name, "") != ""},
         "generation": {name: req.form[name] for name in GENERATION_FIELDS if req.form.get(name, "") != ""},
@@ -69,7 +73,7 @@ def parse_multipart_body(req: Request, settings: Settings) -> tuple[JobRequest, 
     try:
         parsed = JobRequest.parse(body, settings)
     except ValidationError as exc:
-        raise invalid(validation_problems(exc)) from None
+        raise invalid(validation_problems(exc, flat=True)) from None
     return parsed, req.files.getlist("videos"), req.files.getlist("images")
 
 
@@ -166,6 +170,8 @@ def submit_job(
     policy = UrlPolicy.from_allowlist(settings.fetch_allowlist_entries)
     problems += _blocked_urls(parsed, policy)
     problems += _webhook_problems(parsed, settings, policy)
+    if req.mimetype == "multipart/form-data":
+        problems = flat_problems(problems)
     if tenant.key_sha256:
         problems += _foreign_s3_keys(parsed, tenant)
     if problems:

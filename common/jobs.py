@@ -8,6 +8,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
@@ -110,6 +111,9 @@ class Job:
             "status": str(self.status),
             "created_at": self.created_at,
             "updated_at": self.updated_at,
+            # The same instants for people and for tools that parse ISO 8601.
+            "created_at_iso": iso8601(self.created_at),
+            "updated_at_iso": iso8601(self.updated_at),
             "attempts": self.attempts,
             "request": self.request,
             "result": self.result,
@@ -120,6 +124,11 @@ class Job:
             },
             "webhook": self.webhook,
         }
+
+
+def iso8601(timestamp: float) -> str:
+    """``2026-12-01T12:04:05.123Z``: UTC, to the millisecond."""
+    return datetime.fromtimestamp(timestamp, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _decode(raw: dict[str, str]) -> Job:
@@ -305,14 +314,41 @@ class JobStore:
         """Jobs of ``tenant`` not yet ended (each leaves the set in its terminal transition)."""
         return int(self._redis.scard(ACTIVE_PREFIX + tenant))
 
-    def list(self, *, limit: int, before: float | None = None, tenant: str | None = None) -> list[Job]:
+    def list(
+        self,
+        *,
+        limit: int,
+        before: float | None = None,
+        tenant: str | None = None,
+        statuses: frozenset[JobStatus] | None = None,
+    ) -> list[Job]:
         """Newest first; ``before`` is the ``created_at`` of the last job of the previous page.
-        With ``tenant``, only that tenant's jobs."""
+        With ``tenant``, only that tenant's jobs; with ``statuses``, only jobs in one of them."""
         index = INDEX_KEY if tenant is None else TENANT_INDEX_PREFIX + tenant
         cutoff = time.time() - self._ttl_s
         self._redis.zremrangebyscore(index, "-inf", cutoff)
         upper = f"({before}" if before is not None else "+inf"
-        ids = self._redis.zrevrangebyscore(index, upper, "-inf", start=0, num=limit)
+        if not statuses:
+            ids = self._redis.zrevrangebyscore(index, upper, "-inf", start=0, num=limit)
+            return self._load(ids)
+        # The index holds no status: walk it newest first, a chunk at a time, until the page is full.
+        wanted = {str(status) for status in statuses}
+        found: list[str] = []
+        chunk = max(limit, 100)
+        while len(found) < limit:
+            scored = self._redis.zrevrangebyscore(index, upper, "-inf", start=0, num=chunk, withscores=True)
+            if not scored:
+                break
+            with self._redis.pipeline(transaction=False) as pipe:
+                for job_id, _ in scored:
+                    pipe.hget(self.key(job_id), "status")
+                current = pipe.execute()
+            found += [job_id for (job_id, _), status in zip(scored, current) if status in wanted]
+            # A score cursor, not an offset: jobs created meanwhile do not shift what comes next.
+            upper = f"({scored[-1][1]!r}"
+        return [job for job in self._load(found[:limit]) if job.status in statuses]
+
+    def _load(self, ids: list[str]) -> list[Job]:
         with self._redis.pipeline(transaction=False) as pipe:
             for job_id in ids:
                 pipe.hgetall(self.key(job_id))

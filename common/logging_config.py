@@ -1,4 +1,5 @@
-"""Logs as one JSON object a line, for the API and the workers alike.
+"""Logs for the API and the workers alike: one JSON object a line, or short human-readable lines
+on a terminal (``VIDEOQA_LOG_FORMAT``: ``auto`` picks console when stderr is a terminal).
 
 Every line that concerns a job carries ``job_id``: code running for a job binds it in a context
 variable, and lines written by Celery or gunicorn about a job's task or request have it read from
@@ -82,17 +83,49 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str, ensure_ascii=False)
 
 
+class ConsoleFormatter(logging.Formatter):
+    """``12:04:05 INFO  worker.ingest  message  job=...`` for a person at a terminal: local time,
+    the same masking as the JSON lines, and the exception (if any) below the line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        when = datetime.fromtimestamp(record.created).strftime("%H:%M:%S")
+        line = f"{when} {record.levelname:<7} {record.name}  {redact(record.getMessage())}"
+        job_id = _job_id_of(record)
+        if job_id:
+            line += f"  job={job_id}"
+        if record.exc_info:
+            line += "\n" + redact(self.formatException(record.exc_info))
+        elif record.exc_text:
+            line += "\n" + redact(record.exc_text)
+        return line
+
+
+def use_console(log_format: str, stream: TextIO | None = None) -> bool:
+    """Whether ``log_format`` (``auto``, ``json`` or ``console``) means console lines on ``stream``."""
+    if log_format == "auto":
+        isatty = getattr(stream or sys.stderr, "isatty", None)
+        return bool(isatty and isatty())
+    return log_format == "console"
+
+
+def make_formatter(log_format: str = "json", stream: TextIO | None = None) -> logging.Formatter:
+    return ConsoleFormatter() if use_console(log_format, stream) else JsonFormatter()
+
+
 def json_handler(stream: TextIO | None = None) -> logging.Handler:
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter())
     return handler
 
 
-def configure_logging(level: str = "INFO", stream: TextIO | None = None) -> None:
-    """The root logger writes JSON lines; warnings become log records too."""
+def configure_logging(level: str = "INFO", stream: TextIO | None = None, log_format: str = "json") -> None:
+    """The root logger writes JSON lines (or console lines, see ``make_formatter``); warnings
+    become log records too."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
-    root.addHandler(json_handler(stream))
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(make_formatter(log_format, stream))
+    root.addHandler(handler)
     root.setLevel(level)
     logging.captureWarnings(True)

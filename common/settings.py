@@ -41,6 +41,15 @@ class Settings(BaseSettings):
     device: Literal["auto", "cuda", "cpu"] = "auto"
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["auto", "json", "console"] = Field(
+        default="auto", description="json lines, or console lines for people; auto: console when stderr is a terminal"
+    )
+    image_size: int = Field(
+        default=384,
+        ge=1,
+        description="side of the square frames CPU workers store for a hub model (a local model folder's "
+        "processor config says it instead)",
+    )
 
     # Limits
     max_videos: int = Field(default=8, ge=1)

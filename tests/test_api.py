@@ -112,7 +112,7 @@ def test_unknown_multipart_fields_and_empty_files(client: FlaskClient) -> None:
         content_type="multipart/form-data",
     )  # fmt: skip
     assert response.status_code == 400
-    assert response.get_json()["error"]["details"] == [{"field": "frames", "message": "unknown field"}]
+    assert response.get_json()["error"]["details"] == [{"field": "frames", "message": "unknown field; did you mean `num_frames`?"}]
     response = client.post(
         "/v1/jobs", data={"question": QUESTION, "videos": [(io.BytesIO(b""), "a.mp4")]}, content_type="multipart/form-data"
     )

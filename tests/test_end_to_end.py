@@ -150,6 +150,8 @@ def test_a_file_that_is_not_a_video_fails_with_invalid_media(service: RunningSer
     assert job["status"] == "failed"
     assert job["error"]["code"] == "invalid_media"
     assert job["error"]["message"].startswith("not a readable media file")
+    # Plain words: no FFmpeg errno, no path on the worker.
+    assert job["error"]["message"] == "not a readable media file: its data is damaged or in no format this service reads"
     assert job["result"] is None
 
 

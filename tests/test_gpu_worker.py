@@ -180,4 +180,7 @@ def test_a_model_that_cannot_load_stops_the_worker_with_a_clear_message(worker_e
     assert code == EX_CONFIG, log[-3000:]
     assert f"cannot load {tmp_path / 'no-such-model'}" in log
     assert "this worker stops" in log
+    # One line that says what to set.
+    (line,) = [text for text in log.splitlines() if "this worker stops" in text]
+    assert "VIDEOQA_MODEL" in line and "videoqa tiny-model" in line
     assert readiness.ready_workers(redis_client(settings)) == []

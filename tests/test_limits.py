@@ -50,7 +50,7 @@ def test_question_and_prompt_share_one_limit_in_json_and_multipart(spare_redis_u
     client = _client(settings)
     prompt = "<video> " + "p" * 600
     error = _error(client.post("/v1/jobs", json={"question": "q" * 500, "prompt": prompt, "videos": [VIDEO]}))
-    assert error["details"] == [{"field": "prompt", "message": "Value error, 1108 characters with the question; at most 1000"}]
+    assert error["details"] == [{"field": "prompt", "message": "1108 characters with the question; at most 1000"}]
     form = {"question": "q" * 500, "prompt": prompt, "videos": [(io.BytesIO(b"video"), "a.mp4")]}
     _error(client.post("/v1/jobs", data=form, content_type="multipart/form-data"))
     _error(client.post("/v1/jobs", json={"question": "q" * 1001, "videos": [VIDEO]}))

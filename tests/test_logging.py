@@ -87,3 +87,42 @@ def test_configure_logging_sends_the_root_logger_through_the_formatter() -> None
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
         logging.captureWarnings(False)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_console_lines_for_a_terminal_json_otherwise_or_as_asked() -> None:
+    from common.logging_config import ConsoleFormatter, make_formatter
+
+    assert isinstance(make_formatter("auto", _Terminal()), ConsoleFormatter)
+    assert isinstance(make_formatter("auto", io.StringIO()), JsonFormatter)
+    assert isinstance(make_formatter("json", _Terminal()), JsonFormatter)
+    assert isinstance(make_formatter("console", io.StringIO()), ConsoleFormatter)
+    with job_context(JOB):
+        line = ConsoleFormatter().format(_record("fetching %s", ("redis://u:p4ss@h/0",)))
+    assert line.endswith(f"INFO    videoqa.test  fetching redis://u:***@h/0  job={JOB}")
+    assert not line.startswith("{")
+
+
+def test_the_log_format_setting_reaches_the_root_logger() -> None:
+    from common.settings import load_settings
+
+    assert load_settings({}).log_format == "auto"
+    stream = _Terminal()
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    try:
+        configure_logging("INFO", stream, log_format=load_settings({"VIDEOQA_LOG_FORMAT": "auto"}).log_format)
+        logging.getLogger("videoqa.anything").info("hello")
+        configure_logging("INFO", stream, log_format=load_settings({"VIDEOQA_LOG_FORMAT": "json"}).log_format)
+        logging.getLogger("videoqa.anything").info("again")
+        console, json_line = stream.getvalue().splitlines()
+        assert console.endswith("INFO    videoqa.anything  hello")
+        assert json.loads(json_line)["message"] == "again"
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+        logging.captureWarnings(False)

@@ -20,7 +20,7 @@ from worker.tasks import register_tasks
 def build_worker_app(role: str) -> Celery:
     """``role`` is ``cpu`` or ``gpu``: a GPU worker loads its model before taking jobs."""
     settings = load_settings()
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     app = make_celery(settings)
     runtime = WorkerRuntime(settings, app)
     register_tasks(app, runtime)

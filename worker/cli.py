@@ -10,8 +10,8 @@ from pathlib import Path
 
 import click
 
-from worker.demo import DEMO_QUESTION, run_demo
-from worker.stack import Stack, api_command, cpu_worker_command, flower_command, flower_env, gpu_worker_command
+from worker.demo import DEMO_QUESTION, TINY_MODEL_DIR, ensure_tiny_model, run_demo
+from worker.stack import Stack, api_command, cpu_worker_command, flower_command, flower_env, gpu_worker_command, http_ok
 
 
 @click.group()
@@ -62,9 +62,16 @@ def _interrupt(*_: object) -> None:
 @click.option("--cpu-concurrency", default=2, show_default=True, help="ingest processes")
 @click.option("--gpu-workers", default=1, show_default=True, help="GPU worker processes (one per GPU)")
 @click.option("--flower/--no-flower", default=False, help="also start Flower on 127.0.0.1:5555")
-def up(host: str, port: int, api_workers: int, cpu_concurrency: int, gpu_workers: int, flower: bool) -> None:
+@click.option("--tiny", is_flag=True, help=f"run on the tiny random-weight model (built once into {TINY_MODEL_DIR})")
+def up(
+    host: str, port: int, api_workers: int, cpu_concurrency: int, gpu_workers: int, flower: bool, tiny: bool
+) -> None:
     """Run the API, a CPU worker and GPU workers in the foreground until Ctrl-C."""
-    stack = Stack(env=dict(os.environ))
+    env = dict(os.environ)
+    if tiny:
+        env["VIDEOQA_MODEL"] = str(ensure_tiny_model(TINY_MODEL_DIR))
+    check_startup(env)
+    stack = Stack(env=env)
     stack.start("api", api_command(host, port, api_workers))
     stack.start("cpu", cpu_worker_command(cpu_concurrency))
     for gpu in range(gpu_workers):
@@ -78,16 +85,44 @@ def up(host: str, port: int, api_workers: int, cpu_concurrency: int, gpu_workers
             click.echo(f"Flower on http://127.0.0.1:5555 as {auth} (set FLOWER_BASIC_AUTH=user:password to choose)")
         user, password = auth.split(":", 1)
         stack.start("flower", flower_command(), extra_env=flower_env(user, password))
-    click.echo(f"videoqa is up: http://{host}:{port}/v1/jobs (Ctrl-C stops it)")
     signal.signal(signal.SIGTERM, _interrupt)
+    failed = False
     try:
+        click.echo("starting the API, the CPU worker and the GPU worker; waiting until /readyz answers 200")
+        ready_url = f"http://{_local(host)}:{port}/readyz"
+        ready = False
         while not (dead := stack.exited()):
+            if not ready and http_ok(ready_url):
+                ready = True
+                click.echo(f"videoqa is ready: http://{host}:{port}/v1/jobs (Ctrl-C stops it)")
             time.sleep(0.5)
+        failed = True
         click.echo(f"stopping: {', '.join(f'{n} exited with {c}' for n, c in dead.items())}", err=True)
     except KeyboardInterrupt:
         click.echo("stopping")
     finally:
         stack.stop()
+    if failed:
+        raise SystemExit(1)
+
+
+def _local(host: str) -> str:
+    # A wildcard bind answers on loopback too.
+    return {"0.0.0.0": "127.0.0.1", "::": "[::1]", "": "127.0.0.1"}.get(host, host)
+
+
+def check_startup(env: dict[str, str]) -> None:
+    """Refuse to start, in one line, what could only fail later: bad settings, no model."""
+    from common.settings import SettingsError, load_settings
+    from worker.model_check import model_problem
+
+    try:
+        settings = load_settings(env)
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from None
+    problem = model_problem(settings.model)
+    if problem is not None:
+        raise click.ClickException(problem)
 
 
 @main.command("gpu-workers")

@@ -20,6 +20,7 @@ from worker.stack import Stack, api_command, cpu_worker_command, free_port, gpu_
 
 DEMO_QUESTION = "Are these two cats in these two videos doing the same thing?"
 CACHE_DIR = Path.home() / ".cache" / "videoqa"
+TINY_MODEL_DIR = CACHE_DIR / "tiny-model"
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
 
@@ -36,7 +37,7 @@ def demo_environment(env: dict[str, str], stack: Stack, workdir: Path) -> dict[s
     """Fill in what the user left unset: a model, a reachable Redis, storage."""
     env = dict(env)
     if not env.get("VIDEOQA_MODEL"):
-        env["VIDEOQA_MODEL"] = str(ensure_tiny_model(CACHE_DIR / "tiny-model"))
+        env["VIDEOQA_MODEL"] = str(ensure_tiny_model(TINY_MODEL_DIR))
     redis_url = env.setdefault("VIDEOQA_REDIS_URL", "redis://127.0.0.1:6379/0")
     if not redis_answers(redis_url):
         parsed = urlparse(redis_url)

@@ -25,6 +25,7 @@ from PIL import Image
 
 from common.errors import InvalidMedia, InvalidRequest
 from common.schemas import Sampling
+from worker.media_errors import plain_reason
 from worker.mp4_index import has_sample_tables, read_timestamps
 from worker.seeking import packets_from
 
@@ -111,7 +112,7 @@ def open_input(path: Path) -> av.container.InputContainer:
     try:
         return av.open(str(path), mode="r", options=dict(OPEN_OPTIONS))
     except (av.FFmpegError, UnicodeDecodeError, ValueError) as exc:
-        raise InvalidMedia(f"not a readable media file: {exc}") from None
+        raise InvalidMedia(f"not a readable media file: {plain_reason(exc)}") from None
 
 
 def video_stream(container: av.container.InputContainer) -> av.video.stream.VideoStream:
@@ -173,7 +174,7 @@ def _demuxed_index(
     except av.FFmpegError as exc:
         # A damaged tail still leaves the frames before it usable, as a player would show them.
         if not pts:
-            raise InvalidMedia(f"the video stream cannot be read: {exc}") from None
+            raise InvalidMedia(f"the video stream cannot be read: {plain_reason(exc)}") from None
     if unstamped > len(pts):
         # Frames are chosen and found by their timestamps; a stray packet without one is left out.
         raise InvalidMedia(
@@ -390,7 +391,7 @@ def _decode_on_one(
         except av.FFmpegError as exc:
             if exc.errno == errno.ENOMEM:
                 raise InvalidMedia("the video needs more memory to decode than the limit allows") from None
-            raise InvalidMedia(f"the video cannot be decoded: {exc}") from None
+            raise InvalidMedia(f"the video cannot be decoded: {plain_reason(exc)}") from None
         except MemoryError:
             raise InvalidMedia("the video needs more memory to decode than the limit allows") from None
     return found

@@ -1,13 +1,23 @@
 """The model's image geometry, so frames are stored already resized exactly as its image
-processor would resize them and the GPU side only normalises."""
+processor would resize them and the GPU side only normalises.
+
+CPU workers never reach the model hub: a local model folder's processor config gives the geometry,
+and for a hub id the settings do (``VIDEOQA_IMAGE_SIZE``; the GPU worker, which has the processor,
+warns when they disagree).
+"""
 
 from __future__ import annotations
 
 import io
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
+from typing import Any
 
 from PIL import Image
+
+# What SigLIP's image processor (the served model's) resizes with.
+DEFAULT_RESAMPLE = int(Image.Resampling.BICUBIC)
 
 
 @dataclass(frozen=True)
@@ -26,11 +36,18 @@ class FrameGeometry:
 
 
 @lru_cache(maxsize=4)
-def load_geometry(model: str) -> FrameGeometry:
-    """Read size and resample from the model's image processor config (no weights)."""
+def load_geometry(model: str, image_size: int = 384) -> FrameGeometry:
+    """Size and resample from a local model folder's image processor config (no weights), else
+    ``image_size`` square with the served model's filter; never a hub request."""
+    if not Path(model).is_dir():
+        return FrameGeometry(width=image_size, height=image_size, resample=DEFAULT_RESAMPLE)
     from transformers import AutoImageProcessor
 
-    processor = AutoImageProcessor.from_pretrained(model)
+    return processor_geometry(AutoImageProcessor.from_pretrained(model), model)
+
+
+def processor_geometry(processor: Any, model: str) -> FrameGeometry:
+    """The geometry an image processor resizes to."""
     size = processor.size
     if isinstance(size, dict):
         height, width = size.get("height"), size.get("width")

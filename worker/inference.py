@@ -20,6 +20,7 @@ from PIL import Image
 
 from common.schemas import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Generation, StoredRequest
 from common.settings import Settings
+from worker.model_check import MODEL_HINT
 from worker.prompt_ids import Span, prompt_ids
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,8 @@ def resolve_attention(setting: str, device: str) -> str:
     return "sdpa"
 
 
+
+
 class ModelLoadError(RuntimeError):
     """The model cannot be loaded on this worker; retrying each job would fail the same way."""
 
@@ -133,6 +136,8 @@ def load_model(settings: Settings) -> LoadedModel:
         hint = ""
         if os.environ.get("HF_HUB_OFFLINE") and isinstance(exc, OSError):
             hint = " (HF_HUB_OFFLINE is set: the weights must already be in the cache under HF_HOME)"
+        if isinstance(exc, (OSError, ValueError)):  # not found, or not a hub id either
+            hint += f"; {MODEL_HINT}"
         raise ModelLoadError(f"cannot load {settings.model}: {first_line}{hint}") from exc
 
 

@@ -1,5 +1,5 @@
-"""Process-wide logging for workers and command-line tools: JSON lines, the job id on each line
-written while a job's task runs."""
+"""Process-wide logging for workers and command-line tools: JSON lines (or console lines, per
+``VIDEOQA_LOG_FORMAT``), the job id on each line written while a job's task runs."""
 
 from __future__ import annotations
 
@@ -9,16 +9,19 @@ from typing import Any
 
 from celery.signals import after_setup_logger, after_setup_task_logger, task_postrun, task_prerun
 
-from common.logging_config import JOB_ID_PATTERN, JsonFormatter, configure_logging as configure_json_logging
-from common.logging_config import job_id_var
+from common.logging_config import JOB_ID_PATTERN, configure_logging as configure_root_logging
+from common.logging_config import job_id_var, make_formatter
 
 _TOKEN_ATTR = "_videoqa_job_token"
 
 
-def _json_handlers(logger: logging.Logger | None = None, **_: Any) -> None:
-    # Celery gives its task logger a handler of its own; it writes JSON like the rest.
-    for handler in (logger.handlers if logger is not None else []):
-        handler.setFormatter(JsonFormatter())
+def _formatting_handlers(log_format: str) -> Any:
+    def _reformat(logger: logging.Logger | None = None, **_: Any) -> None:
+        # Celery gives its task logger a handler of its own; it writes like the rest.
+        for handler in (logger.handlers if logger is not None else []):
+            handler.setFormatter(make_formatter(log_format, getattr(handler, "stream", None)))
+
+    return _reformat
 
 
 def _bind_job(task: Any = None, args: Any = None, **_: Any) -> None:
@@ -48,10 +51,11 @@ def _quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
 
 
-def configure_logging(level: str = "INFO") -> None:
-    configure_json_logging(level)
+def configure_logging(level: str = "INFO", log_format: str = "json") -> None:
+    configure_root_logging(level, log_format=log_format)
     _quiet_libraries()
-    after_setup_logger.connect(_json_handlers, weak=False)
-    after_setup_task_logger.connect(_json_handlers, weak=False)
+    reformat = _formatting_handlers(log_format)
+    after_setup_logger.connect(reformat, weak=False)
+    after_setup_task_logger.connect(reformat, weak=False)
     task_prerun.connect(_bind_job, weak=False)
     task_postrun.connect(_unbind_job, weak=False)

@@ -73,7 +73,7 @@ class WorkerRuntime:
 
     @cached_property
     def geometry(self) -> FrameGeometry:
-        return load_geometry(self.settings.model)
+        return load_geometry(self.settings.model, self.settings.image_size)
 
     @cached_property
     def readiness_client(self) -> redis.Redis:
@@ -109,8 +109,24 @@ class WorkerRuntime:
         log.info("warm-up generation took %.2f s", time.perf_counter() - started)
         for problem in size_setting_mismatches(loaded.model.config, self.settings):
             log.warning("%s", problem)
+        self._check_geometry(loaded)
         self.batch_size = self.settings.batch_size or default_batch_size(loaded)
         self.ready_since = time.time()
+
+    def _check_geometry(self, loaded: LoadedModel) -> None:
+        # CPU workers size frames for a hub model from VIDEOQA_IMAGE_SIZE, never asking the hub.
+        from worker.geometry import processor_geometry
+
+        try:
+            served = processor_geometry(loaded.processor.image_processor, loaded.model_id)
+        except (AttributeError, RuntimeError):
+            return
+        stored = load_geometry(self.settings.model, self.settings.image_size)
+        if (served.width, served.height) != (stored.width, stored.height):
+            log.warning(
+                "CPU workers store frames of %dx%d but %s resizes to %dx%d: set VIDEOQA_IMAGE_SIZE on the workers",
+                stored.width, stored.height, loaded.model_id, served.width, served.height,
+            )  # fmt: skip
 
     def describe_readiness(self) -> WorkerReadiness:
         from worker.gpu_lifecycle import describe

@@ -526,7 +526,9 @@ def _answer(conn: socket.socket, fn: Callable[..., Any], args: tuple[Any, ...]) 
         _send(conn, ("error", InvalidMedia, "the video needs more memory to decode than the limit allows"))
         return
     except Exception as exc:  # noqa: BLE001 - a decoder bug must end the job, not the worker
-        _send(conn, ("error", InvalidMedia, f"the video cannot be decoded: {type(exc).__name__}: {exc}"))
+        from worker.media_errors import plain_reason
+
+        _send(conn, ("error", InvalidMedia, f"the video cannot be decoded: {plain_reason(exc)}"))
         return
     _send_answer(conn, "last", payload, arrays)
 

@@ -13,6 +13,7 @@ from PIL import Image
 from common.errors import InvalidMedia, MediaTooLarge
 from common.settings import Settings
 from worker.geometry import FrameGeometry
+from worker.media_errors import plain_reason
 from worker.sandbox import Answer, run_isolated
 
 
@@ -43,5 +44,5 @@ def _decode(path: Path, geometry: FrameGeometry, max_pixels: int) -> Answer:
             image.load()
             rgb = image.convert("RGB")
     except (OSError, ValueError, SyntaxError) as exc:
-        raise InvalidMedia(f"not a readable image: {exc}") from None
+        raise InvalidMedia(f"not a readable image: {plain_reason(exc)}") from None
     return None, [np.asarray(geometry.resize(rgb))]
