@@ -30,6 +30,8 @@ REDIS_HOST = os.environ.get("VIDEOQA_TEST_REDIS_HOST", "127.0.0.1:6379")
 REDIS_DB = int(os.environ.get("VIDEOQA_TEST_REDIS_DB", "13"))
 SPARE_REDIS_DB = REDIS_DB - 1
 BUCKET = "videoqa-test"
+# Standard Webhooks' form: whsec_ and the base64 of the key's bytes.
+WEBHOOK_SECRET = "whsec_dGVzdC13ZWJob29rLXNpZ25pbmcta2V5LTMyYnl0ZXM="
 
 
 def _flushed(url: str) -> redis.Redis:
@@ -116,6 +118,7 @@ def service_env(redis_url: str, aws_env: dict[str, str], model_dir: Path, **extr
         "VIDEOQA_MODEL": str(model_dir),
         # The tests' own media servers listen on loopback, which the service refuses by default.
         "VIDEOQA_FETCH_ALLOWLIST": "127.0.0.1",
+        "VIDEOQA_WEBHOOK_SECRET": WEBHOOK_SECRET,
     }
     return offline_cpu_env(os.environ, **{**settings, **extra})
 
