@@ -8,7 +8,11 @@ the client's behaviour with older servers and broken connections.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -18,7 +22,8 @@ import pytest
 from common.client import APIError, Client, EventsUnavailable
 
 RECORD = {"id": "j1", "status": "queued", "created_at": 1.0, "updated_at": 1.0, "result": None, "error": None}
-DONE = {**RECORD, "status": "succeeded", "result": {"answer": "ab", "model": "m", "frames": [], "usage": {}}}
+FRAMES = [{"video": 0, "index": 0, "time": 0.0}, {"video": 0, "index": 45, "time": 1.5}]
+DONE = {**RECORD, "status": "succeeded", "result": {"answer": "ab", "model": "m", "frames": FRAMES, "usage": {}}}
 
 
 class StandIn(BaseHTTPRequestHandler):
@@ -36,6 +41,10 @@ class StandIn(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
         self.wfile.write(payload)
+
+    def do_POST(self) -> None:  # noqa: N802
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self._json(202, RECORD)
 
     def do_GET(self) -> None:  # noqa: N802
         self.seen.append((self.path, dict(self.headers)))
@@ -98,3 +107,15 @@ def test_wait_polls_a_server_that_answers_at_once(stand_in: type[StandIn]) -> No
     polls = [path for path, _ in stand_in.seen if path.startswith("/v1/jobs/j1?")]
     # Each request asked the server to hold it; this one answered at once, so the client asked again.
     assert len(polls) == 3 and all("wait=" in path for path in polls)
+
+
+def test_videoqa_ask_streams_the_answer_as_it_comes(stand_in: type[StandIn]) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VIDEOQA_")}
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("videoqa")), "ask", "https://example.com/a.mp4", "-q", "What?",
+         "--server", stand_in.url],  # type: ignore[attr-defined]
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["Answer: ab", "Frames:", "  video 0, frame 0 at 0.00 s", "  video 0, frame 45 at 1.50 s"]
+    assert "job j1: queued" in done.stderr and "job j1: succeeded" in done.stderr
