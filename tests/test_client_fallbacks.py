@@ -118,4 +118,33 @@ def test_videoqa_ask_streams_the_answer_as_it_comes(stand_in: type[StandIn]) -> 
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["Answer: ab", "Frames:", "  video 0, frame 0 at 0.00 s", "  video 0, frame 45 at 1.50 s"]
-    assert "job j1: queued" in done.stderr and "job j1: succeeded" in done.stderr
+    # Progress stops once the answer is being written, so that the two never interleave.
+    assert "job j1: queued" in done.stderr and "succeeded" not in done.stderr
+
+
+def test_videoqa_ask_on_a_terminal_shows_a_spinner(stand_in: type[StandIn]) -> None:
+    import pty
+
+    leader, follower = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VIDEOQA_")}
+    process = subprocess.Popen(
+        [str(Path(sys.executable).with_name("videoqa")), "ask", "https://example.com/a.mp4", "-q", "What?",
+         "--server", stand_in.url],  # type: ignore[attr-defined]
+        env=env, stdin=follower, stdout=follower, stderr=follower,
+    )  # fmt: skip
+    os.close(follower)
+    screen = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the terminal closed with the process
+            break
+        if not chunk:
+            break
+        screen += chunk
+    os.close(leader)
+    assert process.wait(timeout=60) == 0
+    text = screen.decode()
+    assert "\x1b[?25l" in text  # rich hid the cursor for its spinner, and showed it again
+    assert "\x1b[?25h" in text
+    assert "Answer: ab\r\nFrames:\r\n  video 0, frame 0 at 0.00 s\r\n" in text

@@ -31,12 +31,13 @@ class _Progress:
         self.job_id = job_id
         self.started = time.monotonic()
         self.shown: str | None = None
+        self.stopped = False
         self.spinner = self.console.status("submitted") if self.console.is_terminal else None
         if self.spinner:
             self.spinner.start()
 
     def show(self, status: str) -> None:
-        if status == self.shown:
+        if status == self.shown or self.stopped:
             return
         self.shown = status
         line = f"job {self.job_id}: {status} ({time.monotonic() - self.started:.1f} s)"
@@ -46,6 +47,8 @@ class _Progress:
             click.echo(line, err=True)
 
     def stop(self) -> None:
+        """No progress from here on: the answer is being written to the same terminal."""
+        self.stopped = True
         if self.spinner:
             self.spinner.stop()
             self.spinner = None
