@@ -43,6 +43,10 @@ def _split_media(items: Sequence[Media], kind: str) -> tuple[list[Path], list[di
     return files, refs
 
 
+def _content_type(path: Path) -> str:
+    return mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+
+
 def _form_value(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
@@ -121,29 +125,30 @@ class Client:
         if wait:
             headers["Prefer"] = f"wait={min(int(wait), MAX_WAIT_S)}"
         hook = {"url": webhook} if isinstance(webhook, str) else dict(webhook) if webhook else None
-        if not (video_files or image_files):
-            body: dict[str, Any] = {"question": question, "videos": video_refs, "images": image_refs}
-            extra = {"prompt": prompt, "sampling": sampling, "generation": generation, "webhook": hook}
-            body.update({name: dict(value) if isinstance(value, Mapping) else value
-                         for name, value in extra.items() if value is not None})  # fmt: skip
-            return Job.from_json(self._request("POST", "/v1/jobs", json=body, headers=headers).json())
-        if video_refs or image_refs:
-            raise ValueError("one job takes uploaded files or URLs, not both")
-        if hook and set(hook) - {"url"}:
-            raise ValueError("a job with uploaded files takes a webhook URL only (no events list)")
-        fields = {"question": question, "prompt": prompt, **(sampling or {}), **(generation or {})}
-        if hook:
-            fields["webhook_url"] = hook["url"]
-        with ExitStack() as stack:
-            parts = [
-                (kind, (path.name, stack.enter_context(open(path, "rb")), mimetypes.guess_type(path.name)[0]
-                        or "application/octet-stream"))
-                for kind, paths in (("videos", video_files), ("images", image_files))
-                for path in paths
-            ]  # fmt: skip
+        if video_files or image_files:
+            if video_refs or image_refs:
+                raise ValueError("one job takes uploaded files or URLs, not both")
+            if hook and set(hook) - {"url"}:
+                raise ValueError("a job with uploaded files takes a webhook URL only (no events list)")
+            # Multipart carries the options as flat text fields, as curl users send them.
+            fields = {"question": question, "prompt": prompt, **(sampling or {}), **(generation or {})}
+            if hook:
+                fields["webhook_url"] = hook["url"]
             data = {name: _form_value(value) for name, value in fields.items() if value is not None}
-            response = self._request("POST", "/v1/jobs", files=parts, data=data, headers=headers)
-        return Job.from_json(response.json())
+            with ExitStack() as files:
+                parts = [
+                    (kind, (path.name, files.enter_context(open(path, "rb")), _content_type(path)))
+                    for kind, paths in (("videos", video_files), ("images", image_files))
+                    for path in paths
+                ]
+                response = self._request("POST", "/v1/jobs", files=parts, data=data, headers=headers)
+            return Job.from_json(response.json())
+        body: dict[str, Any] = {"question": question, "videos": video_refs, "images": image_refs}
+        options = {"prompt": prompt, "sampling": sampling, "generation": generation, "webhook": hook}
+        for name, value in options.items():
+            if value is not None:
+                body[name] = dict(value) if isinstance(value, Mapping) else value
+        return Job.from_json(self._request("POST", "/v1/jobs", json=body, headers=headers).json())
 
     def get(self, job_id: str) -> Job:
         return Job.from_json(self._request("GET", f"/v1/jobs/{job_id}").json())
