@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import redis
-import requests
 
+from api.submission import GENERATION_FIELDS, SAMPLING_FIELDS
+from common.client import Client
 from common.settings import load_settings
 from worker.demo import CACHE_DIR, ensure_tiny_model
 from worker.stack import Stack, offline_cpu_env, wait_for_http, wait_for_workers
@@ -66,18 +67,18 @@ class Running:
     env: dict[str, str]
     logs: Path
 
+    def __post_init__(self) -> None:
+        self.client = Client(self.base_url)
+
     def submit(self, video: Path, **fields: str) -> tuple[str, float]:
-        """Posts one multipart job; returns its id and the wall-clock time just before sending."""
-        with open(video, "rb") as handle:
-            sent = time.time()
-            response = requests.post(
-                f"{self.base_url}/v1/jobs",
-                files=[("videos", (video.name, handle, "video/mp4"))],
-                data={"question": "What is the cat doing?", **fields},
-                timeout=30,
-            )
-        response.raise_for_status()
-        return str(response.json()["id"]), sent
+        """Posts one multipart job (flat ``fields``, as curl sends them); returns its id and the
+        wall-clock time just before sending."""
+        sampling = {name: fields.pop(name) for name in SAMPLING_FIELDS if name in fields}
+        generation = {name: fields.pop(name) for name in GENERATION_FIELDS if name in fields}
+        fields.setdefault("question", "What is the cat doing?")
+        sent = time.time()
+        job = self.client.submit([video], sampling=sampling, generation=generation, **fields)
+        return job.id, sent
 
     def wait(
         self, job_ids: Sequence[str], timeout_s: float = 600.0, poll_s: float = 0.25
@@ -107,10 +108,10 @@ class Running:
                 raise TimeoutError(f"{len(pending)} jobs not there yet; logs in {self.logs}")
             seen: dict[str, dict] = {}  # type: ignore[type-arg]
             if len(pending) > 2:
-                listed = requests.get(f"{self.base_url}/v1/jobs", params={"limit": 100}, timeout=10).json()["jobs"]
-                seen = {job["id"]: job for job in listed if job["id"] in pending}
+                listed = self.client.list(limit=100).jobs
+                seen = {job.id: job.raw for job in listed if job.id in pending}
             for job_id in pending - seen.keys():
-                seen[job_id] = requests.get(f"{self.base_url}/v1/jobs/{job_id}", timeout=10).json()
+                seen[job_id] = self.client.get(job_id).raw
             for job_id, job in seen.items():
                 if job["status"] in TERMINAL and job["status"] != "succeeded":
                     raise RuntimeError(f"job {job_id} {job['status']}: {job['error']}")

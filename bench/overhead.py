@@ -35,7 +35,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import redis
-import requests
 
 from bench.floors import LATENCIES_KEY, celery_app
 from bench.harness import REDIS_URL, flush, percentile, running, sample_video, service_env
@@ -103,17 +102,16 @@ def service_overhead(count: int, workdir: Path, video_url: str) -> dict[str, lis
         "cpu": cpu_worker_command(concurrency=1),
         "gpu0": gpu_worker_command("gpu0"),
     }
-    body = {"question": "What is the cat doing?", "videos": [{"url": video_url}],
-            "sampling": {"num_frames": 2}, "generation": {"max_new_tokens": 1}}  # fmt: skip
     parts: dict[str, list[float]] = {"overhead": [], "post": [], "queue_wait": [], "ingest_bookkeeping": [], "handoff": []}
     with running(processes, env, workers=["cpu", "gpu0"]) as service:
         for i in range(count + 5):
             sent = time.time()
-            response = requests.post(f"{service.base_url}/v1/jobs", json=body, timeout=30)
+            job_id = service.client.submit(
+                [video_url], "What is the cat doing?", sampling={"num_frames": 2}, generation={"max_new_tokens": 1}
+            ).id
             answered = time.time()
-            response.raise_for_status()
             # One job at a time: quick polls cost little and keep the run short.
-            job = service.wait([response.json()["id"]], poll_s=0.02)[response.json()["id"]]
+            job = service.wait([job_id], poll_s=0.02)[job_id]
             if i < 5:  # warm-up: the first job also samples and stores the frames
                 continue
             stages = job["stages"]

@@ -149,6 +149,10 @@ class Settings(BaseSettings):
         default=5.0, gt=0, description="readiness refresh of a GPU worker; its key expires after three"
     )
 
+    # Clients: `videoqa ask` and `Client.from_settings()`
+    server: str = Field(default="http://127.0.0.1:8000", description="the API that clients send requests to")
+    api_key: str | None = Field(default=None, repr=False, description="the key clients send (from `videoqa api-key`)")
+
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, value: str) -> str:

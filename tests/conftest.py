@@ -6,15 +6,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
 import pytest
 import redis
-import requests
 
+from api.submission import GENERATION_FIELDS, SAMPLING_FIELDS
+from common.client import Client, WaitTimedOut
 from common.settings import Settings, load_settings
 from worker.stack import (
     Stack,
@@ -131,27 +131,22 @@ class RunningService:
         self.stack = stack
         self.logs = logs
         self.settings: Settings = load_settings(env)
+        self.client = Client(base_url)
 
     def url(self, path: str) -> str:
         return self.base_url + path
 
     def upload(self, video: Path, **fields: str) -> str:
-        """Submit ``video`` as a multipart upload with text ``fields``; the new job's id."""
-        with open(video, "rb") as handle:
-            response = requests.post(
-                self.url("/v1/jobs"), files=[("videos", (video.name, handle, "video/mp4"))], data=fields, timeout=30
-            )
-        assert response.status_code == 202, response.text
-        return str(response.json()["id"])
+        """Submit ``video`` as a multipart upload with flat text ``fields``; the new job's id."""
+        sampling = {name: fields.pop(name) for name in SAMPLING_FIELDS if name in fields}
+        generation = {name: fields.pop(name) for name in GENERATION_FIELDS if name in fields}
+        return self.client.submit([video], sampling=sampling, generation=generation, **fields).id
 
     def wait(self, job_id: str, timeout_s: float = 120.0) -> dict:  # type: ignore[type-arg]
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            job = requests.get(self.url(f"/v1/jobs/{job_id}"), timeout=10).json()
-            if job["status"] in {"succeeded", "failed", "cancelled"}:
-                return job
-            time.sleep(0.1)
-        raise AssertionError(f"job {job_id} did not finish: {job}\n{self.tail_logs()}")
+        try:
+            return self.client.wait(job_id, timeout_s, poll_interval=0.1).raw
+        except WaitTimedOut as exc:
+            raise AssertionError(f"job {job_id} did not finish: {exc.job.raw}\n{self.tail_logs()}") from None
 
     def tail_logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(self.logs.glob("*.log")))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from worker.ask import ask
 from worker.demo import DEMO_QUESTION, TINY_MODEL_DIR, ensure_tiny_model, run_demo
 from worker.stack import Stack, api_command, cpu_worker_command, flower_command, flower_env, gpu_worker_command, http_ok
 
@@ -17,6 +18,9 @@ from worker.stack import Stack, api_command, cpu_worker_command, flower_command,
 @click.group()
 def main() -> None:
     """videoqa: ask questions about videos."""
+
+
+main.add_command(ask)
 
 
 @main.command("tiny-model")

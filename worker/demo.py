@@ -9,19 +9,17 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlparse
 
 import click
-import requests
 
+from common.client import Client, Job, VideoQAError, WaitTimedOut
 from common.settings import DEFAULT_STORAGE_DIR, load_settings
 from worker.stack import Stack, api_command, cpu_worker_command, free_port, gpu_worker_command, redis_answers, wait_for_http, wait_for_workers
 
 DEMO_QUESTION = "Are these two cats in these two videos doing the same thing?"
 CACHE_DIR = Path.home() / ".cache" / "videoqa"
 TINY_MODEL_DIR = CACHE_DIR / "tiny-model"
-TERMINAL = {"succeeded", "failed", "cancelled"}
 
 
 def ensure_tiny_model(directory: Path) -> Path:
@@ -62,43 +60,30 @@ def demo_environment(env: dict[str, str], stack: Stack, workdir: Path) -> dict[s
     return env
 
 
-def submit_and_wait(base_url: str, videos: list[Path], question: str, num_frames: int, timeout_s: float) -> dict[str, Any]:
-    handles = [open(path, "rb") for path in videos]
+def submit_and_wait(base_url: str, videos: list[Path], question: str, num_frames: int, timeout_s: float) -> Job:
+    client = Client(base_url, timeout=60)
     try:
-        response = requests.post(
-            f"{base_url}/v1/jobs",
-            files=[("videos", (path.name, handle, "video/mp4")) for path, handle in zip(videos, handles)],
-            data={"question": question, "num_frames": str(num_frames)},
-            timeout=60,
-        )
-    finally:
-        for handle in handles:
-            handle.close()
-    if response.status_code != 202:
-        raise click.ClickException(f"submission refused: {response.status_code} {response.text}")
-    job_url = base_url + response.headers["Location"]
-    click.echo(f"job {response.json()['id']} accepted; polling {job_url}")
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        job = requests.get(job_url, timeout=10).json()
-        if job["status"] in TERMINAL:
-            return job
-        time.sleep(0.2)
-    raise click.ClickException(f"the job did not finish within {timeout_s:.0f} s")
+        job = client.submit(videos, question, sampling={"num_frames": num_frames})
+        click.echo(f"job {job.id} accepted; waiting for it at {base_url}/v1/jobs/{job.id}")
+        return client.wait(job.id, timeout_s)
+    except WaitTimedOut:
+        raise click.ClickException(f"the job did not finish within {timeout_s:.0f} s") from None
+    except VideoQAError as exc:
+        raise click.ClickException(f"submission refused: {exc}") from None
 
 
-def print_outcome(job: dict[str, Any]) -> None:
-    if job["status"] != "succeeded":
-        raise click.ClickException(f"job {job['status']}: {job.get('error')}")
-    result = job["result"]
-    click.echo(f"\nQuestion: {job['request']['question']}")
-    click.echo(f"Answer:   {result['answer']!r}")
-    click.echo(f"Model:    {result['model']}")
-    frames = ", ".join(f"v{f['video']}#{f['index']}@{f['time']:.2f}s" for f in result["frames"])
+def print_outcome(job: Job) -> None:
+    if job.status != "succeeded" or job.result is None:
+        raise click.ClickException(f"job {job.status}: {job.error}")
+    result = job.result
+    click.echo(f"\nQuestion: {job.raw['request']['question']}")
+    click.echo(f"Answer:   {result.answer!r}")
+    click.echo(f"Model:    {result.model}")
+    frames = ", ".join(f"v{f.video}#{f.index}@{f.time:.2f}s" for f in result.frames)
     click.echo(f"Frames:   {frames}")
-    click.echo(f"Tokens:   {result['usage']}")
+    click.echo(f"Tokens:   {result.raw['usage']}")
     click.echo("Timings (s):")
-    for stage, seconds in result["timings"].items():
+    for stage, seconds in result.timings.items():
         click.echo(f"  {stage:<14}{seconds:8.3f}")
 
 
