@@ -139,6 +139,9 @@ class Settings(BaseSettings):
     reconcile_after_s: float = Field(
         default=300.0, gt=0, description="a job unchanged this long with no queue message is sent again"
     )
+    worker_start_timeout_s: float = Field(
+        default=60.0, gt=0, description="how long a new CPU worker pool process may take to start before it is replaced"
+    )
 
     # GPU workers
     batch_size: int = Field(

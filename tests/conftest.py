@@ -63,7 +63,7 @@ def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         stderr=subprocess.STDOUT,
     )
     endpoint = f"http://127.0.0.1:{port}"
-    wait_for_http(f"{endpoint}/moto-api/", timeout_s=30)
+    wait_for_http(f"{endpoint}/moto-api/", timeout_s=120)
     yield endpoint
     process.terminate()
     process.wait(10)
@@ -174,7 +174,7 @@ def service(
     """The API under gunicorn, a CPU worker and a GPU worker, as README starts them."""
     running = start_service(service_env(redis_url, aws_env, tiny_model_dir), tmp_path_factory.mktemp("service-logs"))
     try:
-        wait_for_http(running.url("/healthz"), timeout_s=30)
+        wait_for_http(running.url("/healthz"), timeout_s=120)
         yield running
     finally:
         running.stack.stop()

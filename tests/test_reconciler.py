@@ -72,7 +72,7 @@ def test_a_deleted_queue_message_does_not_lose_the_job(
     start_process(stack, tmp_path, "gpu", gpu_worker_command())
     jobs = JobStore(redis_client(settings), ttl_s=60)
     try:
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 300  # two workers start first, on a machine that may be loaded
         while time.monotonic() < deadline:
             job = jobs.get(job_id)
             if job is not None and job.status.terminal:

@@ -20,7 +20,12 @@ def test_redelivered_message_of_a_finished_job_is_a_no_op(service: RunningServic
 
     make_celery(service.settings).send_task(GENERATE_TASK, args=[job_id])
     broker = redis.Redis.from_url(service.settings.redis_url)
-    deadline = time.monotonic() + 60
+    handled = f"generate: job {job_id} is succeeded; nothing to do"
+    deadline = time.monotonic() + 120
+    while handled not in (service.logs / "gpu.log").read_text(errors="replace"):
+        assert time.monotonic() < deadline, service.tail_logs()
+        time.sleep(0.1)
+    # The worker acknowledges the message once the task returns, right after that line.
     while (broker.llen("gpu") or broker.hlen("unacked")) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert broker.llen("gpu") == 0 and broker.hlen("unacked") == 0

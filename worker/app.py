@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import worker_init, worker_process_init
 
 from common.celery_config import make_celery
 from common.settings import load_settings
@@ -15,6 +16,8 @@ from worker.reconciler import ReconcilerStep
 from worker.runtime import WorkerRuntime
 from worker.sweeper import SweeperStep
 from worker.tasks import register_tasks
+
+log = logging.getLogger(__name__)
 
 
 def build_worker_app(role: str) -> Celery:
@@ -37,12 +40,22 @@ def build_worker_app(role: str) -> Celery:
         # reach (each prefork child inherits this; each also protects itself in worker.sandbox).
         confinement.protect_caller()
 
+        def _load_geometry(**_: Any) -> None:
+            # In the main process, before the pool forks: every child, the ones replacing dead
+            # children included, inherits the geometry and starts in about a second, well within
+            # the pool's start timeout even on a loaded machine (reading it is many seconds there).
+            try:
+                runtime.geometry
+            except Exception:  # each child tries again; its jobs fail if it cannot either
+                log.exception("could not read the image geometry of %s", settings.model)
+
         def _prepare(**_: Any) -> None:
-            # Runs in each prefork child, never at import, so the first job does not pay for the
-            # model's image geometry or for starting the decode sandbox.
+            # Runs in each prefork child, never at import, so the first job does not pay for
+            # starting the decode sandbox (nor for the geometry, when the main process failed).
             runtime.geometry
             sandbox.warm_up()
 
+        worker_init.connect(_load_geometry, weak=False)
         worker_process_init.connect(_prepare, weak=False)
         app.steps["worker"].add(ReconcilerStep)
         app.steps["worker"].add(SweeperStep)
