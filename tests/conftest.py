@@ -140,7 +140,12 @@ class RunningService:
         """Submit ``video`` as a multipart upload with flat text ``fields``; the new job's id."""
         sampling = {name: fields.pop(name) for name in SAMPLING_FIELDS if name in fields}
         generation = {name: fields.pop(name) for name in GENERATION_FIELDS if name in fields}
-        return self.client.submit([video], sampling=sampling, generation=generation, **fields).id
+        webhook: dict[str, object] | None = None
+        if "webhook_url" in fields:
+            webhook = {"url": fields.pop("webhook_url")}
+            if "webhook_events" in fields:
+                webhook["events"] = fields.pop("webhook_events").split(",")
+        return self.client.submit([video], sampling=sampling, generation=generation, webhook=webhook, **fields).id
 
     def wait(self, job_id: str, timeout_s: float = 120.0) -> dict:  # type: ignore[type-arg]
         try:

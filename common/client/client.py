@@ -128,12 +128,12 @@ class Client:
         if video_files or image_files:
             if video_refs or image_refs:
                 raise ValueError("one job takes uploaded files or URLs, not both")
-            if hook and set(hook) - {"url"}:
-                raise ValueError("a job with uploaded files takes a webhook URL only (no events list)")
             # Multipart carries the options as flat text fields, as curl users send them.
             fields = {"question": question, "prompt": prompt, **(sampling or {}), **(generation or {})}
             if hook:
                 fields["webhook_url"] = hook["url"]
+                if hook.get("events"):
+                    fields["webhook_events"] = ",".join(hook["events"])
             data = {name: _form_value(value) for name, value in fields.items() if value is not None}
             with ExitStack() as files:
                 parts = [
