@@ -15,6 +15,7 @@ from typing import Any
 import redis
 
 from common.errors import TransientError, VideoQAError
+from common.events import JobEvents
 from common.jobs import Job, JobStatus, JobStore
 from common.logging_config import job_context
 from common.schemas import StoredRequest
@@ -22,6 +23,7 @@ from common.storage import ObjectStore
 from worker.batching import BatchItem, Outcome, describe, run_batch
 from worker.geometry import decode_png
 from worker.inference import Completion, LoadedModel, Prompt, encode_prompt, render_prompt
+from worker.token_stream import TokenStream
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +197,9 @@ def generate_jobs(job_ids: list[str], ctx: GenerateContext) -> dict[str, Transie
         on_outcome=settle,
         cancelled=_CancelPoll(jobs),
         deadline=started + ctx.time_limit_s if ctx.time_limit_s else None,
+        tokens=TokenStream(
+            ctx.model.processor.tokenizer, ctx.model.eos_token_ids, JobEvents(jobs.client).publish_tokens
+        ),
     )
     log.info("generated a batch of %d in %.2f s: %s", size, time.time() - started, describe(outcomes.values()))
     return retry
