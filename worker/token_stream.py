@@ -2,15 +2,24 @@
 new text and published in one round trip for all rows.
 
 A row's text is its tokens decoded as the final answer is (``skip_special_tokens``, cut at the
-first eos), and a token event carries only what that text gained since the last one. Text that
-ends inside a character (a multi-byte character split over tokens decodes to U+FFFD) or that
-would rewrite what was already sent is held back until it settles; ``finish`` sends the rest of
-the final answer, so a job's token texts always concatenate to exactly its answer.
+first eos), and a token event carries only what that text gained since the last one. Each step
+decodes only a short window, the tokens since the last text sent plus the ones before them as
+context (a tokenizer may spell a token differently at the start of a text), so a step's cost does
+not grow with the answer. Text that ends inside a character (a multi-byte character split over
+tokens decodes to U+FFFD) is held back until it is complete; ``finish`` sends whatever of the
+final answer is not sent yet, so a job's token texts always concatenate to exactly its answer.
+
+Publishing happens on a thread of its own, so a generation step never waits for Redis; texts
+that pile up while a round trip is under way go out together in the next one. ``finish`` waits
+until everything of its job is out, so a job's tokens are all in Redis before its outcome is
+written. ``close`` ends the thread.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -26,15 +35,26 @@ class TokenStream:
         self.eos = eos_token_ids
         self.publish = publish
         self.tokens: dict[str, list[int]] = {}
+        # Per job: where the context window starts, and where the text already sent ends.
+        self.offsets: dict[str, tuple[int, int]] = {}
         self.sent: dict[str, str] = {}
         self.ended: set[str] = set()
         self.failing = False
+        self.pending: queue.Queue[dict[str, str] | None] = queue.Queue()
+        self.publisher = threading.Thread(target=self._publish_loop, name="token-stream", daemon=True)
+        self.publisher.start()
+
+    def close(self) -> None:
+        """Publish what is pending, then end the publishing thread."""
+        self.pending.put(None)
+        self.publisher.join()
 
     def restart(self, keys: Iterable[str]) -> None:
         """The jobs ``keys`` generate again from their first token (a batch split after running
         out of memory); greedy rows repeat their tokens, so nothing is sent twice."""
         for key in keys:
             self.tokens[key] = []
+            self.offsets[key] = (0, 0)
             self.ended.discard(key)
 
     def step(self, new_tokens: dict[str, int]) -> None:
@@ -48,7 +68,7 @@ class TokenStream:
                 continue
             row = self.tokens.setdefault(key, [])
             row.append(token)
-            new = self._new_text(key, self.tokenizer.decode(row, skip_special_tokens=True))
+            new = self._new_text(key, row)
             if new:
                 texts[key] = new
         self._send(texts)
@@ -62,17 +82,50 @@ class TokenStream:
             self._send({key: answer[len(sent) :]})
         elif not answer.startswith(sent):
             log.warning("job %s: streamed text is not a prefix of its answer", key)
+        self.pending.join()
 
-    def _new_text(self, key: str, text: str) -> str:
-        sent = self.sent.get(key, "")
-        if text.endswith(INCOMPLETE) or len(text) <= len(sent) or not text.startswith(sent):
+    def _new_text(self, key: str, row: list[int]) -> str:
+        context, read = self.offsets.get(key, (0, 0))
+        decode = self.tokenizer.decode
+        known = decode(row[context:read], skip_special_tokens=True)
+        text = decode(row[context:], skip_special_tokens=True)
+        if text.endswith(INCOMPLETE) or len(text) <= len(known) or not text.startswith(known):
             return ""
-        self.sent[key] = text
-        return text[len(sent) :]
+        new = text[len(known) :]
+        self.offsets[key] = (read, len(row))
+        self.sent[key] = self.sent.get(key, "") + new
+        return new
 
     def _send(self, texts: dict[str, str]) -> None:
-        if not texts:
-            return
+        if texts:
+            self.pending.put(texts)
+
+    def _publish_loop(self) -> None:
+        while True:
+            texts = self.pending.get()
+            if texts is None:
+                self.pending.task_done()
+                return
+            batched, taken = dict(texts), 1
+            closing = False
+            while True:
+                try:
+                    more = self.pending.get_nowait()
+                except queue.Empty:
+                    break
+                taken += 1
+                if more is None:
+                    closing = True
+                    break
+                for key, text in more.items():
+                    batched[key] = batched.get(key, "") + text
+            self._publish(batched)
+            for _ in range(taken):
+                self.pending.task_done()
+            if closing:
+                return
+
+    def _publish(self, texts: dict[str, str]) -> None:
         # Watchers are a convenience next to the answer itself: an unreachable Redis must not end
         # the batch (the result is written, or fails, on its own path).
         try:
