@@ -56,6 +56,21 @@ def test_characters_split_over_tokens_are_held_back_until_complete(loaded: Loade
     assert all("\ufffd" not in call["job"] for call in published.calls)
 
 
+def test_a_row_generated_again_after_a_split_sends_nothing_twice(loaded: LoadedModel) -> None:
+    tokenizer = loaded.processor.tokenizer
+    ids = tokenizer.encode("one two three four", add_special_tokens=False)
+    published = Published()
+    stream = TokenStream(tokenizer, loaded.eos_token_ids, published)
+    for token in ids[:3]:
+        stream.step({"job": token})
+    stream.restart(["job"])  # out of memory: the row starts over, in a smaller batch
+    for token in ids:
+        stream.step({"job": token})
+    stream.finish("job", tokenizer.decode(ids))
+    stream.close()
+    assert published.text("job") == "one two three four"
+
+
 def test_a_publish_that_fails_does_not_end_the_generation(loaded: LoadedModel) -> None:
     def unreachable(texts: dict[str, str]) -> None:
         raise ConnectionError("Redis is down")
@@ -90,8 +105,7 @@ def test_a_batch_publishes_once_per_step_and_each_jobs_texts_make_its_answer(loa
         completion = outcomes[item.key].completion
         assert completion is not None
         assert published.text(item.key) == completion.text == finished_with[item.key]
-    # One round trip per step for all rows (16 steps at most; fewer when texts pile up behind a
-    # round trip), never one per row, and at most one more per job for text held back until its
-    # answer was complete.
+    # One round trip for all rows (at most one per step, fewer as texts gather between round
+    # trips), never one per row, and at most one more per job for its answer's last text.
     assert len(published.calls) <= 16 + len(items)
     assert max(len(call) for call in published.calls) > 1

@@ -9,10 +9,11 @@ not grow with the answer. Text that ends inside a character (a multi-byte charac
 tokens decodes to U+FFFD) is held back until it is complete; ``finish`` sends whatever of the
 final answer is not sent yet, so a job's token texts always concatenate to exactly its answer.
 
-Publishing happens on a thread of its own, so a generation step never waits for Redis; texts
-that pile up while a round trip is under way go out together in the next one. ``finish`` waits
-until everything of its job is out, so a job's tokens are all in Redis before its outcome is
-written. ``close`` ends the thread.
+Publishing happens on a thread of its own, at most one round trip every ``PUBLISH_EVERY_S`` with
+what the steps meanwhile produced (a watcher reads text, not tokens: 50 ms is below what a reader
+notices, and a step then spends almost nothing on watchers). ``finish`` publishes at once and
+waits until everything of its job is out, so a job's tokens are all in Redis before its outcome
+is written. ``close`` ends the thread.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -27,17 +29,23 @@ log = logging.getLogger(__name__)
 
 Publish = Callable[[dict[str, str]], None]
 INCOMPLETE = "\ufffd"
+PUBLISH_EVERY_S = 0.05
 
 
 class TokenStream:
-    def __init__(self, tokenizer: Any, eos_token_ids: set[int], publish: Publish) -> None:
+    def __init__(
+        self, tokenizer: Any, eos_token_ids: set[int], publish: Publish, every_s: float = PUBLISH_EVERY_S
+    ) -> None:
         self.tokenizer = tokenizer
+        self.every_s = every_s
+        self.now = threading.Event()  # publish what is pending without waiting for the interval
         self.eos = eos_token_ids
         self.publish = publish
         self.tokens: dict[str, list[int]] = {}
         # Per job: where the context window starts, and where the text already sent ends.
         self.offsets: dict[str, tuple[int, int]] = {}
         self.sent: dict[str, str] = {}
+        self.replay: dict[str, int] = {}  # characters sent before a restart, not to send again
         self.ended: set[str] = set()
         self.failing = False
         self.pending: queue.Queue[dict[str, str] | None] = queue.Queue()
@@ -47,14 +55,16 @@ class TokenStream:
     def close(self) -> None:
         """Publish what is pending, then end the publishing thread."""
         self.pending.put(None)
+        self.now.set()
         self.publisher.join()
 
     def restart(self, keys: Iterable[str]) -> None:
         """The jobs ``keys`` generate again from their first token (a batch split after running
-        out of memory); greedy rows repeat their tokens, so nothing is sent twice."""
+        out of memory): the text they repeat (greedy rows repeat their tokens) is not sent again."""
         for key in keys:
             self.tokens[key] = []
             self.offsets[key] = (0, 0)
+            self.replay[key] = len(self.sent.get(key, ""))
             self.ended.discard(key)
 
     def step(self, new_tokens: dict[str, int]) -> None:
@@ -82,6 +92,7 @@ class TokenStream:
             self._send({key: answer[len(sent) :]})
         elif not answer.startswith(sent):
             log.warning("job %s: streamed text is not a prefix of its answer", key)
+        self.now.set()
         self.pending.join()
 
     def _new_text(self, key: str, row: list[int]) -> str:
@@ -93,6 +104,10 @@ class TokenStream:
             return ""
         new = text[len(known) :]
         self.offsets[key] = (read, len(row))
+        repeated = min(self.replay.get(key, 0), len(new))
+        if repeated:
+            self.replay[key] -= repeated
+            new = new[repeated:]
         self.sent[key] = self.sent.get(key, "") + new
         return new
 
@@ -101,11 +116,14 @@ class TokenStream:
             self.pending.put(texts)
 
     def _publish_loop(self) -> None:
+        last = 0.0
         while True:
             texts = self.pending.get()
             if texts is None:
                 self.pending.task_done()
                 return
+            self.now.wait(max(0.0, last + self.every_s - time.monotonic()))
+            self.now.clear()
             batched, taken = dict(texts), 1
             closing = False
             while True:
@@ -120,6 +138,7 @@ class TokenStream:
                 for key, text in more.items():
                     batched[key] = batched.get(key, "") + text
             self._publish(batched)
+            last = time.monotonic()
             for _ in range(taken):
                 self.pending.task_done()
             if closing:
