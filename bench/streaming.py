@@ -7,7 +7,11 @@
    ``--jobs`` jobs are queued as the CPU stage leaves them (frames stored, status ``queued_gpu``,
    one generate message each), alternately with no one watching and with one Server-Sent Events
    client per job on ``GET /v1/jobs/{id}/events`` reading every event to ``done``; jobs/s and new
-   tokens/s from the records' own times, median of ``--rounds`` rounds each, and their ratio.
+   tokens/s from the records' own times, median of ``--rounds`` rounds each, and their ratio. Also
+   the CPU seconds each side used per round (from /proc): the GPU worker's own (what streaming
+   adds to generation, whatever else runs on the machine), the API's and the listeners'. On a
+   machine with few cores the tiny model on the CPU shares them with the API and the listeners,
+   so wall-clock figures there include that competition; the CPU seconds separate it out.
 2. In this process: the same batch through ``worker.batching.run_batch`` without a token stream
    and with one publishing each step's text to Redis (``common.events``), alternately, median
    seconds per batch, the ratio, and the time spent in the per-step publish itself.
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -37,6 +42,24 @@ from common.events import JobEvents
 from common.jobs import JobStatus, JobStore
 from common.settings import Settings, load_settings
 from worker.stack import Stack, api_command, free_port, gpu_worker_command, wait_for_http
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process and its children, living or reaped (Linux /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # After the command: state, ppid, ..., utime (12), stime (13), cutime (14), cstime (15).
+        if int(entry) == pid or int(fields[1]) == pid:
+            total += sum(int(value) for value in fields[11:15]) / tick
+    return total
 
 
 def _create(jobs: JobStore, media: list[list[dict[str, object]]], new_tokens: int, status: JobStatus) -> list[str]:
@@ -82,8 +105,12 @@ class Listener(threading.Thread):
                     return
 
 
-def stack_round(settings: Settings, base_url: str, media: list[list[dict[str, object]]], new_tokens: int, listen: bool) -> dict[str, float]:
+def stack_round(
+    settings: Settings, base_url: str, media: list[list[dict[str, object]]], new_tokens: int, listen: bool, pids: dict[str, int]
+) -> dict[str, float]:
     client = redis_client(settings)
+    cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    own_before = time.process_time()
     jobs = JobStore(client, ttl_s=3600)
     ids = _create(jobs, media, new_tokens, JobStatus.QUEUED_GPU)
     listeners = [Listener(f"{base_url}/v1/jobs/{job_id}/events") for job_id in ids] if listen else []
@@ -102,6 +129,7 @@ def stack_round(settings: Settings, base_url: str, media: list[list[dict[str, ob
         time.sleep(0.05)
     for listener in listeners:
         listener.join(60)
+    cpu = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
     if any(job is None or job.status is not JobStatus.SUCCEEDED for job in current):
         raise SystemExit(f"a job did not succeed: {current}")
     if listeners and not all(listener.done for listener in listeners):
@@ -113,6 +141,9 @@ def stack_round(settings: Settings, base_url: str, media: list[list[dict[str, ob
         "tokens_per_s": tokens / (finished - started),
         "mean_batch": statistics.mean(job.result["batch_size"] for job in current if job and job.result),
         "events_read": sum(listener.tokens for listener in listeners),
+        "gpu_worker_cpu_s": cpu["gpu"],
+        "api_cpu_s": cpu["api"],
+        "listeners_cpu_s": time.process_time() - own_before,
     }
 
 
@@ -120,8 +151,9 @@ def through_the_stack(env: dict[str, str], settings: Settings, args: argparse.Na
     port = free_port()
     stack = Stack(env=env)
     with open(logs / "api.log", "ab") as api_log, open(logs / "gpu.log", "ab") as gpu_log:
-        stack.start("api", api_command(port=port), stdout=api_log, stderr=api_log)
-        stack.start("gpu", gpu_worker_command(), extra_env={"VIDEOQA_BATCH_SIZE": str(args.batch)}, stdout=gpu_log, stderr=gpu_log)
+        api = stack.start("api", api_command(port=port), stdout=api_log, stderr=api_log)
+        gpu = stack.start("gpu", gpu_worker_command(), extra_env={"VIDEOQA_BATCH_SIZE": str(args.batch)}, stdout=gpu_log, stderr=gpu_log)
+    pids = {"api": api.pid, "gpu": gpu.pid}
     try:
         base_url = f"http://127.0.0.1:{port}"
         wait_for_http(f"{base_url}/healthz")
@@ -131,20 +163,24 @@ def through_the_stack(env: dict[str, str], settings: Settings, args: argparse.Na
                 raise SystemExit(f"the GPU worker did not become ready; see {logs}")
             time.sleep(0.2)
         results: dict[bool, list[dict[str, float]]] = {False: [], True: []}
-        stack_round(settings, base_url, media, args.new_tokens, False)  # warm-up, not counted
+        stack_round(settings, base_url, media, args.new_tokens, False, pids)  # warm-up, not counted
         for _ in range(args.rounds):
             for listen in (False, True):
-                results[listen].append(stack_round(settings, base_url, media, args.new_tokens, listen))
+                results[listen].append(stack_round(settings, base_url, media, args.new_tokens, listen, pids))
     finally:
         stack.stop()
-    print(f"{'listeners':<10} {'jobs/s':>8} {'tokens/s':>9} {'mean batch':>10} {'token events read':>18}")
+    print(f"{'listeners':<10} {'jobs/s':>8} {'tokens/s':>9} {'mean batch':>10} {'token events read':>18} "
+          f"{'CPU s: GPU worker':>18} {'API':>6} {'listeners':>10}")  # fmt: skip
     medians = {}
     for listen, rounds in results.items():
         medians[listen] = {name: statistics.median(r[name] for r in rounds) for name in rounds[0]}
         m = medians[listen]
         label = f"{args.jobs} SSE" if listen else "none"
-        print(f"{label:<10} {m['jobs_per_s']:>8.2f} {m['tokens_per_s']:>9.1f} {m['mean_batch']:>10.1f} {m['events_read']:>18.0f}")
-    print(f"with / without listeners: {medians[True]['tokens_per_s'] / medians[False]['tokens_per_s']:.3f}x tokens/s")
+        print(f"{label:<10} {m['jobs_per_s']:>8.2f} {m['tokens_per_s']:>9.1f} {m['mean_batch']:>10.1f} {m['events_read']:>18.0f} "
+              f"{m['gpu_worker_cpu_s']:>18.2f} {m['api_cpu_s']:>6.2f} {m['listeners_cpu_s']:>10.2f}")  # fmt: skip
+    on, off = medians[True], medians[False]
+    print(f"with / without listeners: {on['tokens_per_s'] / off['tokens_per_s']:.3f}x tokens/s, "
+          f"{on['gpu_worker_cpu_s'] / off['gpu_worker_cpu_s']:.3f}x GPU worker CPU seconds")  # fmt: skip
 
 
 def in_process(settings: Settings, args: argparse.Namespace) -> None:
