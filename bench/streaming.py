@@ -228,8 +228,10 @@ def in_process(settings: Settings, args: argparse.Namespace) -> None:
             tokens_stream.close()
         return time.perf_counter() - started, sum(o.generated_tokens for o in outcomes.values())
 
-    one_batch(False), one_batch(True)  # warm-up, not counted
-    publish_s.clear(), step_s.clear()
+    for stream in (False, True):
+        one_batch(stream)  # warm-up, not counted
+    publish_s.clear()
+    step_s.clear()
     times: dict[bool, list[float]] = {False: [], True: []}
     tokens = 0
     for _ in range(args.rounds):

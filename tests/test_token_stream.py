@@ -12,7 +12,7 @@ from PIL import Image
 
 from common.schemas import Generation
 from common.settings import load_settings
-from worker.batching import BatchItem, run_batch
+from worker.batching import BatchItem, Outcome, run_batch
 from worker.inference import LoadedModel, Prompt, load_model
 from worker.token_stream import TokenStream
 
@@ -94,7 +94,7 @@ def test_a_batch_publishes_once_per_step_and_each_jobs_texts_make_its_answer(loa
     published = Published()
     finished_with: dict[str, str] = {}
 
-    def settled(outcome) -> None:  # type: ignore[no-untyped-def]
+    def settled(outcome: Outcome) -> None:
         # Every token of a job is out before the job's outcome is handed over.
         finished_with[outcome.key] = published.text(outcome.key)
 
