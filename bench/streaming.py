@@ -14,7 +14,7 @@
    so wall-clock figures there include that competition; the CPU seconds separate it out.
 2. In this process: the same batch through ``worker.batching.run_batch`` without a token stream
    and with one publishing each step's text to Redis (``common.events``), alternately, median
-   seconds per batch, the ratio, and the time spent in the per-step publish itself.
+   seconds per batch, the ratio, the time the token stream takes per step and per round trip.
 
 Redis: ``bench.harness`` (its database is flushed).
 """
@@ -241,9 +241,9 @@ def in_process(settings: Settings, args: argparse.Namespace) -> None:
     without, with_stream = statistics.median(times[False]), statistics.median(times[True])
     print(f"batch of {args.batch}, {tokens} new tokens: without token stream {without:.3f} s, with {with_stream:.3f} s "
           f"(median of {args.rounds}); ratio {with_stream / without:.3f}x")  # fmt: skip
-    print(f"on the generation thread, per step (decode + hand-over): {statistics.median(step_s) * 1e3:.3f} ms median, "
-          f"{sum(step_s) / args.rounds / with_stream:.1%} of a batch")  # fmt: skip
-    print(f"on the publishing thread, per round trip: {statistics.median(publish_s) * 1e3:.3f} ms median, "
+    print(f"token stream per step (decode, and a round trip when one is due): {statistics.median(step_s) * 1e3:.3f} ms "
+          f"median, {sum(step_s) / args.rounds / with_stream:.1%} of a batch")  # fmt: skip
+    print(f"per round trip: {statistics.median(publish_s) * 1e3:.3f} ms median, "
           f"{len(publish_s) / args.rounds:.0f} round trips per batch of {len(step_s) / args.rounds:.0f} steps")  # fmt: skip
 
 

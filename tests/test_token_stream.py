@@ -44,12 +44,12 @@ def test_characters_split_over_tokens_are_held_back_until_complete(loaded: Loade
     # The byte-level vocabulary spells the emoji and the euro sign byte by byte.
     assert any("\ufffd" in tokenizer.decode(ids[:cut]) for cut in range(1, len(ids)))
     published = Published()
-    stream = TokenStream(tokenizer, loaded.eos_token_ids, published)
+    stream = TokenStream(tokenizer, loaded.eos_token_ids, published, every_s=0)  # each step's text at once
     eos = min(loaded.eos_token_ids)
     for token in [*ids, eos, ids[0], ids[1]]:  # after an eos, a finished row's padding
         stream.step({"job": token})
-    stream.pending.join()
     assert published.text("job") == answer  # streamed as it came, not at the end
+    assert len(published.calls) > 5
     stream.finish("job", tokenizer.decode(ids, skip_special_tokens=True))
     stream.close()
     assert published.text("job") == answer

@@ -9,18 +9,15 @@ not grow with the answer. Text that ends inside a character (a multi-byte charac
 tokens decodes to U+FFFD) is held back until it is complete; ``finish`` sends whatever of the
 final answer is not sent yet, so a job's token texts always concatenate to exactly its answer.
 
-Publishing happens on a thread of its own, at most one round trip every ``PUBLISH_EVERY_S`` with
-what the steps meanwhile produced (a watcher reads text, not tokens: 50 ms is below what a reader
-notices, and a step then spends almost nothing on watchers). ``finish`` publishes at once and
-waits until everything of its job is out, so a job's tokens are all in Redis before its outcome
-is written. ``close`` ends the thread.
+Texts go out at most one round trip every ``PUBLISH_EVERY_S``, with what the steps produced
+meanwhile (a watcher reads text, not tokens: 50 ms is below what a reader notices, and most steps
+then spend nothing on Redis). ``finish`` sends at once, so a job's tokens are all in Redis before
+its outcome is written; ``close`` sends what is left.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -30,6 +27,9 @@ log = logging.getLogger(__name__)
 Publish = Callable[[dict[str, str]], None]
 INCOMPLETE = "\ufffd"
 PUBLISH_EVERY_S = 0.05
+# After a failed round trip (Redis out of reach), the next try waits this long, so an outage costs
+# the batch one timeout every few seconds, not one every step.
+RETRY_AFTER_S = 5.0
 
 
 class TokenStream:
@@ -38,7 +38,8 @@ class TokenStream:
     ) -> None:
         self.tokenizer = tokenizer
         self.every_s = every_s
-        self.now = threading.Event()  # publish what is pending without waiting for the interval
+        self.last = 0.0
+        self.pending: dict[str, str] = {}
         self.eos = eos_token_ids
         self.publish = publish
         self.tokens: dict[str, list[int]] = {}
@@ -48,15 +49,10 @@ class TokenStream:
         self.replay: dict[str, int] = {}  # characters sent before a restart, not to send again
         self.ended: set[str] = set()
         self.failing = False
-        self.pending: queue.Queue[dict[str, str] | None] = queue.Queue()
-        self.publisher = threading.Thread(target=self._publish_loop, name="token-stream", daemon=True)
-        self.publisher.start()
 
     def close(self) -> None:
-        """Publish what is pending, then end the publishing thread."""
-        self.pending.put(None)
-        self.now.set()
-        self.publisher.join()
+        """Publish what is pending."""
+        self._send({}, now=True)
 
     def restart(self, keys: Iterable[str]) -> None:
         """The jobs ``keys`` generate again from their first token (a batch split after running
@@ -87,13 +83,13 @@ class TokenStream:
         """The job's answer is complete: send what of it is not sent yet."""
         self.ended.add(key)
         sent = self.sent.get(key, "")
+        rest = {}
         if answer.startswith(sent) and len(answer) > len(sent):
             self.sent[key] = answer
-            self._send({key: answer[len(sent) :]})
+            rest = {key: answer[len(sent) :]}
         elif not answer.startswith(sent):
             log.warning("job %s: streamed text is not a prefix of its answer", key)
-        self.now.set()
-        self.pending.join()
+        self._send(rest, now=True)
 
     def _new_text(self, key: str, row: list[int]) -> str:
         context, read = self.offsets.get(key, (0, 0))
@@ -111,38 +107,14 @@ class TokenStream:
         self.sent[key] = self.sent.get(key, "") + new
         return new
 
-    def _send(self, texts: dict[str, str]) -> None:
-        if texts:
-            self.pending.put(texts)
-
-    def _publish_loop(self) -> None:
-        last = 0.0
-        while True:
-            texts = self.pending.get()
-            if texts is None:
-                self.pending.task_done()
-                return
-            self.now.wait(max(0.0, last + self.every_s - time.monotonic()))
-            self.now.clear()
-            batched, taken = dict(texts), 1
-            closing = False
-            while True:
-                try:
-                    more = self.pending.get_nowait()
-                except queue.Empty:
-                    break
-                taken += 1
-                if more is None:
-                    closing = True
-                    break
-                for key, text in more.items():
-                    batched[key] = batched.get(key, "") + text
-            self._publish(batched)
-            last = time.monotonic()
-            for _ in range(taken):
-                self.pending.task_done()
-            if closing:
-                return
+    def _send(self, texts: dict[str, str], *, now: bool = False) -> None:
+        for key, text in texts.items():
+            self.pending[key] = self.pending.get(key, "") + text
+        wait_s = RETRY_AFTER_S if self.failing else self.every_s
+        if self.pending and (now and not self.failing or time.monotonic() >= self.last + wait_s):
+            texts, self.pending = self.pending, {}
+            self.last = time.monotonic()
+            self._publish(texts)
 
     def _publish(self, texts: dict[str, str]) -> None:
         # Watchers are a convenience next to the answer itself: an unreachable Redis must not end
