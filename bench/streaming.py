@@ -164,8 +164,8 @@ def through_the_stack(env: dict[str, str], settings: Settings, args: argparse.Na
             time.sleep(0.2)
         results: dict[bool, list[dict[str, float]]] = {False: [], True: []}
         stack_round(settings, base_url, media, args.new_tokens, False, pids)  # warm-up, not counted
-        for _ in range(args.rounds):
-            for listen in (False, True):
+        for round_ in range(args.rounds):
+            for listen in (False, True) if round_ % 2 == 0 else (True, False):
                 results[listen].append(stack_round(settings, base_url, media, args.new_tokens, listen, pids))
     finally:
         stack.stop()
@@ -234,8 +234,9 @@ def in_process(settings: Settings, args: argparse.Namespace) -> None:
     step_s.clear()
     times: dict[bool, list[float]] = {False: [], True: []}
     tokens = 0
-    for _ in range(args.rounds):
-        for stream in (False, True):
+    for round_ in range(args.rounds):
+        # Alternating which goes first, so neither always runs on a cache the other warmed.
+        for stream in (False, True) if round_ % 2 == 0 else (True, False):
             seconds, tokens = one_batch(stream)
             times[stream].append(seconds)
     without, with_stream = statistics.median(times[False]), statistics.median(times[True])

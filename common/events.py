@@ -101,11 +101,18 @@ class JobEvents:
         """One token event per job of ``texts`` (job id -> new text), in one round trip."""
         if not texts:
             return
+        try:
+            self._append_tokens(texts)
+        except redis.exceptions.NoScriptError:
+            # First use, or Redis restarted since: load the script once, not before every call.
+            self._redis.script_load(_TOKEN)
+            self._append_tokens(texts)
+
+    def _append_tokens(self, texts: dict[str, str]) -> None:
+        # EVALSHA by hand: a Script object in a pipeline asks SCRIPT EXISTS before each execute,
+        # a second round trip per step.
         with self._redis.pipeline(transaction=False) as pipe:
             for job_id, text in texts.items():
-                self._token(
-                    keys=[_RECORD_PREFIX + job_id, events_key(job_id)],
-                    args=[json.dumps({"text": text}), EVENTS_MAXLEN],
-                    client=pipe,
-                )
+                keys = [_RECORD_PREFIX + job_id, events_key(job_id)]
+                pipe.evalsha(self._token.sha, len(keys), *keys, json.dumps({"text": text}), EVENTS_MAXLEN)
             pipe.execute()
