@@ -15,6 +15,7 @@ from pydantic.json_schema import models_json_schema
 from api.routes import LATEST_TIMESTAMP
 from api.idempotency import MAX_KEY_CHARS
 from api.submission import GENERATION_FIELDS, SAMPLING_FIELDS
+from api.waiting import MAX_WAIT_S
 from common.jobs import JobStatus
 from common.schemas import WEBHOOK_EVENTS, Generation, JobRequest, Sampling, StoredRequest, Webhook
 
@@ -150,6 +151,25 @@ def _error(description: str) -> dict[str, Any]:
 
 
 JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
+WAIT_SCHEMA = {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_WAIT_S}
+PREFER = {
+    "name": "Prefer",
+    "in": "header",
+    "schema": {"type": "string", "examples": ["wait=30"]},
+    "description": f"`wait=N` (0 < N <= {MAX_WAIT_S}): answer once the job ended (200) or after N s (202)",
+}
+LAST_EVENT_ID = {
+    "name": "Last-Event-ID",
+    "in": "header",
+    "schema": {"type": "string", "pattern": "^[0-9]+-[0-9]+$"},
+    "description": "the id of the last event received: the stream resumes after it",
+}
+EVENT_STREAM = (
+    "Server-Sent Events, each with an `id:`. `status`: the job record, at once and on each change of "
+    "status; `token`: `{\"text\": ...}`, the answer's new text as it is generated (all of them "
+    "concatenate to the answer); `done`: the final record, after which the stream ends. Comment "
+    "lines keep an idle stream open."
+)
 # Either no credentials (authentication off) or a bearer API key.
 BEARER: list[dict[str, list[str]]] = [{}, {"bearerAuth": []}]
 
@@ -167,13 +187,14 @@ def _operations() -> dict[str, dict[str, Any]]:
                 "summary": "Submit a question about videos (JSON with URLs, or multipart with files)",
                 "security": BEARER,
                 "parameters": [
+                    PREFER,
                     {
                         "name": "Idempotency-Key",
                         "in": "header",
                         "schema": {"type": "string", "minLength": 1, "maxLength": MAX_KEY_CHARS},
                         "description": "the same key with the same request (per API key, for "
                         "VIDEOQA_IDEMPOTENCY_TTL_S) answers with the job the first one created",
-                    }
+                    },
                 ],
                 "requestBody": {
                     "required": True,
@@ -183,14 +204,26 @@ def _operations() -> dict[str, dict[str, Any]]:
                     },
                 },
                 "responses": {
+                    "200": {
+                        **job,
+                        "description": "with `Prefer: wait=N`: the job ended within N s",
+                        "headers": {
+                            "Location": {"schema": {"type": "string"}, "description": "the job's URL"},
+                            "Preference-Applied": {"schema": {"type": "string"}, "description": "`wait=N`"},
+                        },
+                    },
                     "202": {
                         **job,
-                        "description": "accepted; poll the Location",
+                        "description": "accepted; poll the Location (with `Prefer: wait=N`: not ended after N s)",
                         "headers": {
                             "Location": {"schema": {"type": "string"}, "description": "the job's URL"},
                             "Idempotent-Replayed": {
                                 "schema": {"type": "string", "enum": ["true"]},
                                 "description": "the job an earlier request with this Idempotency-Key created",
+                            },
+                            "Preference-Applied": {
+                                "schema": {"type": "string"},
+                                "description": "`wait=N`, when that preference was sent",
                             },
                         },
                     },
@@ -236,8 +269,21 @@ def _operations() -> dict[str, dict[str, Any]]:
                 "operationId": "getJob",
                 "summary": "A job: status, stage times, result or error",
                 "security": BEARER,
-                "parameters": [JOB_ID],
-                "responses": {"200": job, "404": _error("unknown, expired, or another tenant's"), **common_errors},
+                "parameters": [
+                    JOB_ID,
+                    {
+                        "name": "wait",
+                        "in": "query",
+                        "schema": WAIT_SCHEMA,
+                        "description": "answer once the job ended, or after this many seconds as it is then",
+                    },
+                ],
+                "responses": {
+                    "200": job,
+                    "400": _error("bad wait"),
+                    "404": _error("unknown, expired, or another tenant's"),
+                    **common_errors,
+                },
             },
             "delete": {
                 "operationId": "cancelJob",
@@ -251,6 +297,23 @@ def _operations() -> dict[str, dict[str, Any]]:
                     **common_errors,
                 },
             },
+        },
+        "/v1/jobs/{job_id}/events": {
+            "get": {
+                "operationId": "jobEvents",
+                "summary": "A job's events as they happen, from its start or after Last-Event-ID",
+                "security": BEARER,
+                "parameters": [JOB_ID, LAST_EVENT_ID],
+                "responses": {
+                    "200": {
+                        "description": EVENT_STREAM,
+                        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                    },
+                    "400": _error("Last-Event-ID is not an event id"),
+                    "404": _error("unknown, expired, or another tenant's"),
+                    **common_errors,
+                },
+            }
         },
         "/healthz": {
             "get": {

@@ -5,11 +5,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from flask import Blueprint, Response, current_app, jsonify, request, url_for
+from flask import Blueprint, Response, current_app, jsonify, request, stream_with_context, url_for
 
 from api.auth import current_tenant
+from api.streaming import event_stream, resume_after
 from api.submission import submit_job
+from api.waiting import preferred_wait, wait_for_end, wait_seconds
 from common.errors import Conflict, InvalidRequest, NotFound
+from common.events import JobEvents
 from common.jobs import Job, JobStatus, JobStore
 
 bp = Blueprint("v1", __name__)
@@ -35,9 +38,17 @@ def _load(job_id: str) -> Job:
     return job
 
 
+def _wait(job: Job, seconds: float) -> Job:
+    services = _services()
+    return wait_for_end(services.jobs, JobEvents(services.redis), job.id, seconds) or job
+
+
 @bp.post("/v1/jobs")
 def create_job() -> tuple[Response, int, dict[str, str]]:
     services = _services()
+    # Checked before the job exists: a bad preference must not leave a job behind.
+    prefer = preferred_wait(request.headers.getlist("Prefer"))
+    wait = wait_seconds(prefer, "Prefer: wait") if prefer is not None else None
     job, replayed = submit_job(
         request,
         settings=services.settings,
@@ -50,12 +61,35 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
     headers = {"Location": url_for("v1.get_job", job_id=job.id)}
     if replayed:
         headers["Idempotent-Replayed"] = "true"
-    return jsonify(_job_body(job)), 202, headers
+    if wait is None:
+        return jsonify(_job_body(job)), 202, headers
+    job = _wait(job, wait)
+    headers["Preference-Applied"] = f"wait={prefer}"
+    return jsonify(_job_body(job)), 200 if job.status.terminal else 202, headers
 
 
 @bp.get("/v1/jobs/<job_id>")
 def get_job(job_id: str) -> Response:
-    return jsonify(_job_body(_load(job_id)))
+    wait = request.args.get("wait")
+    seconds = wait_seconds(wait, "wait") if wait is not None else None
+    job = _load(job_id)
+    return jsonify(_job_body(job if seconds is None else _wait(job, seconds)))
+
+
+@bp.get("/v1/jobs/<job_id>/events")
+def job_events(job_id: str) -> Response:
+    services = _services()
+    after = resume_after(request.headers.get("Last-Event-ID"))
+    job = _load(job_id)
+    stream = event_stream(
+        services.jobs, JobEvents(services.redis), job, after, _job_body, services.settings.events_heartbeat_s
+    )
+    return Response(
+        stream_with_context(stream),
+        mimetype="text/event-stream",
+        # No cache may keep it and no proxy buffer it (nginx reads X-Accel-Buffering).
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
 
 
 @bp.delete("/v1/jobs/<job_id>")

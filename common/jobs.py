@@ -1,4 +1,8 @@
-"""Job records in Redis: our own keys, guarded state transitions, a terminal state written once."""
+"""Job records in Redis: our own keys, guarded state transitions, a terminal state written once.
+
+Every status change also appends an event to the job's stream (common.events) in the same step,
+so a watcher never misses a change nor sees one twice.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from typing import Any
 import redis
 
 from common.errors import TooManyActiveJobs
+from common.events import EVENTS_MAXLEN, STATUS_EVENT_LUA, events_key
 from common.metrics import METRICS_KEY, SUBMITTED_FIELD, TERMINAL_HOOK_LUA
 
 KEY_PREFIX = "videoqa:job:"
@@ -47,7 +52,8 @@ ACTIVE = frozenset(JobStatus) - TERMINAL
 
 # Compare-and-set in one round trip: the status moves only from an allowed one, so a redelivered
 # or late task can never overwrite a terminal state or move a job backwards. A terminal transition
-# also updates the metrics hash (KEYS[2]) in the same script, so each job is counted exactly once.
+# also updates the metrics hash (KEYS[2]) in the same script, so each job is counted exactly once,
+# and a change of status appends its event to the job's stream (KEYS[3]).
 _TRANSITION = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return -1 end
@@ -60,7 +66,7 @@ for _, s in ipairs(allowed) do
       local tenant = redis.call('HGET', KEYS[1], 'tenant') or ''
       redis.call('SREM', ARGV[4] .. tenant, redis.call('HGET', KEYS[1], 'id'))
     end
-""" + TERMINAL_HOOK_LUA + """
+""" + TERMINAL_HOOK_LUA + STATUS_EVENT_LUA + """
     return 1
   end
 end
@@ -155,6 +161,9 @@ def _decode(raw: dict[str, str]) -> Job:
     )
 
 
+decode_job = _decode
+
+
 class JobStore:
     """All reads and writes of job records go through here."""
 
@@ -221,6 +230,13 @@ class JobStore:
                     pipe.hincrby(METRICS_KEY, SUBMITTED_FIELD, 1)
                     pipe.zadd(TENANT_INDEX_PREFIX + tenant, {job_id: now})
                     pipe.sadd(active, job_id)
+                    pipe.xadd(
+                        events_key(job_id),
+                        {"event": "status", "data": json.dumps(fields)},
+                        maxlen=EVENTS_MAXLEN,
+                        approximate=True,
+                    )
+                    pipe.expire(events_key(job_id), self._ttl_s)
                     pipe.execute()
                     break
                 except redis.WatchError:
@@ -249,8 +265,14 @@ class JobStore:
             encoded["status"] = str(to)
         ends = "1" if to is not None and to in TERMINAL else "0"
         outcome = self._transition(
-            keys=[self.key(job_id), METRICS_KEY],
-            args=[json.dumps(sorted(str(s) for s in allowed_from)), json.dumps(encoded), ends, ACTIVE_PREFIX],
+            keys=[self.key(job_id), METRICS_KEY, events_key(job_id)],
+            args=[
+                json.dumps(sorted(str(s) for s in allowed_from)),
+                json.dumps(encoded),
+                ends,
+                ACTIVE_PREFIX,
+                EVENTS_MAXLEN,
+            ],
         )
         if outcome == 1 and ends == "1" and self._on_terminal is not None:
             try:

@@ -101,6 +101,9 @@ class Settings(BaseSettings):
     )
     rate_limit: str = Field(default="120/minute", description="job submissions per API key (or client address)")
     max_active_jobs_per_tenant: int = Field(default=500, ge=1)
+    events_heartbeat_s: float = Field(
+        default=15.0, gt=0, description="a comment line on an idle event stream this often, so proxies keep it open"
+    )
     share_frames_across_tenants: bool = Field(
         default=False,
         description="reuse frames, images and ETag records of the same bytes across tenants "

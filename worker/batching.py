@@ -12,6 +12,9 @@
   ``cancelled`` which jobs were cancelled (their rows stop at the next step), and ends every row
   once the deadline passes. Reading the tokens only every ~100 ms keeps the host
   from waiting on the device at each step for this.
+* With a ``TokenStream`` (worker.token_stream), the monitor also hands it each step's new token of
+  every open row: one read of the last column, one publish for the whole batch. A row's remaining
+  text is sent before its outcome, so a watcher sees every token before the job ends.
 * A CUDA out-of-memory error splits the prompts still unfinished into halves and runs them one
   after the other; a single prompt that still does not fit ends with ``resource_exhausted``.
   ``generate_fn`` is the one place that touches the model, so the split is testable anywhere.
@@ -38,6 +41,7 @@ from worker.inference import (
     memory_info,
     sampling_key,
 )
+from worker.token_stream import TokenStream
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +77,10 @@ def run_batch(
     deadline: float | None = None,
     check_every_s: float = CHECK_EVERY_S,
     generate_fn: GenerateFn = generate_group,
+    tokens: TokenStream | None = None,
 ) -> dict[str, Outcome]:
     """Generate every item's answer; see the module docstring. ``deadline`` is a ``time.time()``."""
-    runner = _Runner(loaded, on_outcome, cancelled, deadline, check_every_s, generate_fn)
+    runner = _Runner(loaded, on_outcome, cancelled, deadline, check_every_s, generate_fn, tokens)
     groups: dict[tuple[Any, ...], list[BatchItem]] = {}
     for item in items:
         groups.setdefault(sampling_key(item.prompt.generation), []).append(item)
@@ -98,8 +103,10 @@ class _Runner:
         deadline: float | None,
         check_every_s: float,
         generate_fn: GenerateFn,
+        tokens: TokenStream | None = None,
     ) -> None:
         self.loaded = loaded
+        self.tokens = tokens
         self.on_outcome = on_outcome
         self.cancelled = cancelled
         self.deadline = deadline
@@ -113,6 +120,8 @@ class _Runner:
             self.on_outcome(outcome)
 
     def finish(self, key: str, completion: Completion) -> None:
+        if self.tokens is not None:
+            self.tokens.finish(key, completion.text)
         self.settle(Outcome(key, completion=completion, generated_tokens=completion.completion_tokens))
 
     def stop(self, key: str, *, cancelled: bool = False, error: VideoQAError | None = None, tokens: int = 0) -> None:
@@ -178,6 +187,8 @@ class BatchMonitor:
         self.limits: Any = None  # per-row max_new_tokens, on the device
         self.stopped: Any = None  # rows ended by a cancel or the deadline, on the device
         self.next_check = 0.0
+        if runner.tokens is not None:
+            runner.tokens.restart(item.key for item in items)
 
     def bind(self, prompt_length: int, prompt_tokens: list[int]) -> None:
         self.prompt_length = prompt_length
@@ -191,13 +202,27 @@ class BatchMonitor:
                 [item.prompt.generation.max_new_tokens for item in self.items], device=input_ids.device
             )
             self.stopped = torch.zeros(len(self.items), dtype=torch.bool, device=input_ids.device)
-        done = self.stopped | (self.limits <= input_ids.shape[1] - self.prompt_length)
+        generated = input_ids.shape[1] - self.prompt_length
+        done = self.stopped | (self.limits <= generated)
+        if self.runner.tokens is not None:
+            self.stream(input_ids[:, -1].tolist(), generated)
         now = time.monotonic()
         if now >= self.next_check:
             self.next_check = now + self.runner.check_every_s
             self.check(input_ids)
             done = done | self.stopped
         return done
+
+    def stream(self, last: list[int], generated: int) -> None:
+        """Each open row's newest token to the token stream (rows past their own limit or ended
+        produce padding)."""
+        outcomes = self.runner.outcomes
+        assert self.runner.tokens is not None
+        self.runner.tokens.step({
+            item.key: token
+            for item, token in zip(self.items, last, strict=True)
+            if item.key not in outcomes and generated <= item.prompt.generation.max_new_tokens
+        })  # fmt: skip
 
     def check(self, input_ids: Any) -> None:
         """Hand over finished rows, stop cancelled ones, and all of them past the deadline."""

@@ -1,5 +1,6 @@
-"""The GPU stage of jobs: load their stored frames, generate them as one batch, write each result
-once, as soon as that job's answer is complete.
+"""The GPU stage of jobs: load their stored frames, generate them as one batch, publish each
+answer's text as it is generated (worker.token_stream), write each result once, as soon as that
+job's answer is complete.
 
 Everything done for one job alone (its frames, its prompt, the processor's work on it) happens
 before the batch forms, so a job that fails there ends alone with its own error.
@@ -15,6 +16,7 @@ from typing import Any
 import redis
 
 from common.errors import TransientError, VideoQAError
+from common.events import JobEvents
 from common.jobs import Job, JobStatus, JobStore
 from common.logging_config import job_context
 from common.schemas import StoredRequest
@@ -22,6 +24,7 @@ from common.storage import ObjectStore
 from worker.batching import BatchItem, Outcome, describe, run_batch
 from worker.geometry import decode_png
 from worker.inference import Completion, LoadedModel, Prompt, encode_prompt, render_prompt
+from worker.token_stream import TokenStream
 
 log = logging.getLogger(__name__)
 
@@ -189,12 +192,17 @@ def generate_jobs(job_ids: list[str], ctx: GenerateContext) -> dict[str, Transie
             if outcome.error is not None:
                 jobs.fail(outcome.key, outcome.error.code, outcome.error.message)
 
-    outcomes = run_batch(
-        ctx.model,
-        [BatchItem(job_id, ready.prompt) for job_id, ready in prepared.items()],
-        on_outcome=settle,
-        cancelled=_CancelPoll(jobs),
-        deadline=started + ctx.time_limit_s if ctx.time_limit_s else None,
-    )
+    tokens = TokenStream(ctx.model.processor.tokenizer, ctx.model.eos_token_ids, JobEvents(jobs.client).publish_tokens)
+    try:
+        outcomes = run_batch(
+            ctx.model,
+            [BatchItem(job_id, ready.prompt) for job_id, ready in prepared.items()],
+            on_outcome=settle,
+            cancelled=_CancelPoll(jobs),
+            deadline=started + ctx.time_limit_s if ctx.time_limit_s else None,
+            tokens=tokens,
+        )
+    finally:
+        tokens.close()
     log.info("generated a batch of %d in %.2f s: %s", size, time.time() - started, describe(outcomes.values()))
     return retry

@@ -38,11 +38,15 @@ def offline_cpu_env(base: Mapping[str, str], **overrides: str) -> dict[str, str]
     return env
 
 
-def api_command(host: str = "127.0.0.1", port: int = 8000, workers: int = 2) -> list[str]:
+def api_command(host: str = "127.0.0.1", port: int = 8000, workers: int = 2, threads: int = 32) -> list[str]:
+    # Threads, so that clients waiting on a job (``?wait=``, event streams) each hold a thread
+    # blocked on Redis, not a whole process, and submissions still find one free.
     return [
         sys.executable, "-m", "gunicorn",
         "--bind", f"{host}:{port}",
         "--workers", str(workers),
+        "--worker-class", "gthread",
+        "--threads", str(threads),
         "--access-logfile", "-",
         "--logger-class", "api.logs.JsonLogger",
         "api.app:create_app()",
