@@ -12,6 +12,7 @@ tests=(tests/test_worker_faults.py tests/test_kill_moments.py tests/test_redeliv
        tests/test_reconciler.py tests/test_broker_restart.py)
 command -v stress-ng >/dev/null || { echo "needs stress-ng (apt-get install -y stress-ng)" >&2; exit 2; }
 logs=${FAULT_LOOP_LOGS:-$(mktemp -d -t fault-loop.XXXX)}
+mkdir -p "$logs"
 stress-ng --cpu "$(nproc)" --timeout 0 --quiet &
 load=$!
 trap 'kill "$load" 2>/dev/null; wait "$load" 2>/dev/null' EXIT
