@@ -34,7 +34,7 @@ from pathlib import Path
 import requests
 
 from bench.harness import flush, service_env
-from bench.throughput import stored_frames
+from bench.throughput import create_gpu_jobs, stored_frames
 from common import readiness
 from common.celery_config import GENERATE_TASK, make_celery
 from common.connections import redis_client
@@ -60,25 +60,6 @@ def cpu_seconds(pid: int) -> float:
         if int(entry) == pid or int(fields[1]) == pid:
             total += sum(int(value) for value in fields[11:15]) / tick
     return total
-
-
-def _create(jobs: JobStore, media: list[list[dict[str, object]]], new_tokens: int, status: JobStatus) -> list[str]:
-    ids = []
-    for number, job_media in enumerate(media):
-        request = {
-            "question": f"What happens in clip {number}?",
-            "prompt": None,
-            "videos": [{"kind": "upload", "location": "bench"}],
-            "images": [],
-            "sampling": {"num_frames": len(job_media[0]["frames"])},  # type: ignore[arg-type]
-            "generation": {"max_new_tokens": new_tokens},
-        }
-        job = jobs.create(request)
-        jobs.transition(job.id, JobStatus.QUEUED_GPU, media=job_media)
-        if status is JobStatus.GENERATING:
-            jobs.transition(job.id, JobStatus.GENERATING)
-        ids.append(job.id)
-    return ids
 
 
 class Listener(threading.Thread):
@@ -112,7 +93,7 @@ def stack_round(
     cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
     own_before = time.process_time()
     jobs = JobStore(client, ttl_s=3600)
-    ids = _create(jobs, media, new_tokens, JobStatus.QUEUED_GPU)
+    ids = create_gpu_jobs(jobs, media, new_tokens, JobStatus.QUEUED_GPU)
     listeners = [Listener(f"{base_url}/v1/jobs/{job_id}/events") for job_id in ids] if listen else []
     for listener in listeners:
         listener.start()
@@ -219,7 +200,7 @@ def in_process(settings: Settings, args: argparse.Namespace) -> None:
             step_s.append(time.perf_counter() - started)
 
     def one_batch(stream: bool) -> tuple[float, int]:
-        ids = _create(jobs, [[{"kind": "video", "position": 0, "frames": []}]] * args.batch, args.new_tokens, JobStatus.GENERATING)
+        ids = create_gpu_jobs(jobs, [[{"kind": "video", "position": 0, "frames": []}]] * args.batch, args.new_tokens, JobStatus.GENERATING)
         batch = [BatchItem(job_id, item.prompt) for job_id, item in zip(ids, items, strict=True)]
         tokens_stream = TimedStream(loaded.processor.tokenizer, loaded.eos_token_ids, timed_publish) if stream else None
         started = time.perf_counter()

@@ -50,9 +50,10 @@ def stored_frames(settings: Settings, jobs: int, frames: int) -> list[list[dict[
     return media
 
 
-def queue_jobs(settings: Settings, media: list[list[dict[str, object]]], new_tokens: int) -> tuple[list[str], float]:
-    jobs = JobStore(redis_client(settings), ttl_s=3600)
-    app = make_celery(settings)
+def create_gpu_jobs(
+    jobs: JobStore, media: list[list[dict[str, object]]], new_tokens: int, status: JobStatus = JobStatus.QUEUED_GPU
+) -> list[str]:
+    """Job records whose frames are already stored, at ``status`` (queued for or in generation)."""
     ids = []
     for number, job_media in enumerate(media):
         request = {
@@ -65,7 +66,16 @@ def queue_jobs(settings: Settings, media: list[list[dict[str, object]]], new_tok
         }
         job = jobs.create(request)
         jobs.transition(job.id, JobStatus.QUEUED_GPU, media=job_media)
+        if status is JobStatus.GENERATING:
+            jobs.transition(job.id, JobStatus.GENERATING)
         ids.append(job.id)
+    return ids
+
+
+def queue_jobs(settings: Settings, media: list[list[dict[str, object]]], new_tokens: int) -> tuple[list[str], float]:
+    jobs = JobStore(redis_client(settings), ttl_s=3600)
+    app = make_celery(settings)
+    ids = create_gpu_jobs(jobs, media, new_tokens)
     started = time.time()
     for job_id in ids:
         app.send_task(GENERATE_TASK, args=[job_id])
