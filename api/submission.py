@@ -14,17 +14,19 @@ from flask import Request
 from pydantic import ValidationError
 from werkzeug.datastructures import FileStorage
 
+from api import stored_media
 from api.auth import PUBLIC, Tenant
 from api.errors import invalid, validation_problems
 from api.idempotency import Claim, IdempotencyKeys, check_key, fingerprint
 from api.problems import flat_problems, unknown_field_message
 from common.errors import InvalidRequest, ServiceUnavailable, TooManyActiveJobs, VideoQAError
-from common.jobs import Job, JobStore
+from common.jobs import Job, JobStatus, JobStore
 from common.logging_config import job_id_var
 from common.schemas import JobRequest, MediaSource, StoredRequest, check_limits
 from common.settings import Settings
 from common.storage import UPLOADS_PREFIX, ObjectStore
 from common.url_policy import BlockedUrl, UrlPolicy
+from common.videos import VideoStore
 
 SAMPLING_FIELDS = ("num_frames", "fps", "start", "end", "fast")
 GENERATION_FIELDS = ("max_new_tokens", "do_sample", "temperature", "top_p")
@@ -114,7 +116,7 @@ def _blocked_urls(request: JobRequest, policy: UrlPolicy) -> list[dict[str, str]
     problems = []
     for kind, items in (("videos", request.videos), ("images", request.images)):
         for position, item in enumerate(items):
-            if item.url.lower().startswith(("http://", "https://")):
+            if item.url is not None and item.url.lower().startswith(("http://", "https://")):
                 try:
                     policy.check(item.url)
                 except BlockedUrl as exc:
@@ -141,7 +143,7 @@ def _foreign_s3_keys(request: JobRequest, tenant: Tenant) -> list[dict[str, str]
     problems = []
     for kind, items in (("videos", request.videos), ("images", request.images)):
         for position, item in enumerate(items):
-            if item.url.lower().startswith("s3://") and not tenant.may_read_s3(item.url):
+            if item.url is not None and item.url.lower().startswith("s3://") and not tenant.may_read_s3(item.url):
                 problems.append({"field": f"{kind}.{position}.url", "message": "outside the s3 prefixes of this API key"})
     return problems
 
@@ -155,6 +157,8 @@ def submit_job(
     enqueue_ingest: Any,
     tenant: Tenant = PUBLIC,
     idempotency: IdempotencyKeys | None = None,
+    videos: VideoStore | None = None,
+    enqueue_generate: Any = None,
 ) -> tuple[Job, bool]:
     """The job created, and whether it is one an earlier request with the same
     ``Idempotency-Key`` created (nothing new is stored then)."""
@@ -166,7 +170,18 @@ def submit_job(
         raise InvalidRequest(
             f"unsupported content type {req.mimetype or 'none'!r}: send application/json or multipart/form-data"
         )
-    problems = check_limits(parsed, settings, uploaded_videos=len(video_files), uploaded_images=len(image_files))
+    stored = stored_media.StoredMedia()
+    if videos is not None and (parsed.parent is not None or any(item.video_id for item in parsed.videos)):
+        stored = stored_media.peek(parsed, tenant=tenant.name, videos=videos, jobs=jobs, store=store)
+    elif parsed.parent is not None or any(item.video_id for item in parsed.videos):
+        raise InvalidRequest("this service keeps no stored videos")
+    problems = check_limits(
+        parsed,
+        settings,
+        uploaded_videos=len(video_files),
+        uploaded_images=len(image_files),
+        stored_frames=stored.frame_count,
+    )
     policy = UrlPolicy.from_allowlist(settings.fetch_allowlist_entries)
     problems += _blocked_urls(parsed, policy)
     problems += _webhook_problems(parsed, settings, policy)
@@ -195,6 +210,7 @@ def submit_job(
         return _create(
             parsed, video_files, image_files,
             job_id=job_id, settings=settings, jobs=jobs, store=store, enqueue_ingest=enqueue_ingest, tenant=tenant,
+            stored=stored, videos=videos, enqueue_generate=enqueue_generate,
         ), False  # fmt: skip
     except Exception:
         if claim is not None and idempotency is not None:
@@ -213,22 +229,28 @@ def _create(
     store: ObjectStore,
     enqueue_ingest: Any,
     tenant: Tenant,
+    stored: stored_media.StoredMedia,
+    videos: VideoStore | None,
+    enqueue_generate: Any,
 ) -> Job:
-    videos, images = _store_uploads(store, job_id, video_files, image_files)
-    videos += [MediaSource.from_url(item.url) for item in parsed.videos]
-    images += [MediaSource.from_url(item.url) for item in parsed.images]
-    stored = StoredRequest(
+    if videos is not None and (stored.parent is not None or stored.frames_by_position):
+        stored = stored_media.claim(parsed, stored, job_id=job_id, tenant=tenant.name, videos=videos)
+    uploaded_videos, uploaded_images = _store_uploads(store, job_id, video_files, image_files)
+    sources, images, media = stored_media.sources_and_media(parsed, stored, uploaded_videos, uploaded_images)
+    request = StoredRequest(
         question=parsed.question,
         prompt=parsed.prompt,
-        videos=videos,
+        videos=sources,
         images=images,
-        sampling=parsed.sampling,
+        # A follow-up's media were sampled as its parent asked.
+        sampling=StoredRequest.model_validate(stored.parent.request).sampling if stored.parent else parsed.sampling,
         generation=parsed.generation,
         webhook=parsed.webhook,
+        parent=parsed.parent,
     )
     try:
         job = jobs.create(
-            json.loads(stored.model_dump_json()),
+            json.loads(request.model_dump_json()),
             job_id=job_id,
             tenant=tenant.name,
             max_active=settings.max_active_jobs_per_tenant,
@@ -240,8 +262,22 @@ def _create(
         _discard_uploads(store, job_id)
         raise
     try:
-        enqueue_ingest(job.id)
+        if media is None:
+            enqueue_ingest(job.id)
+        else:
+            _queue_for_gpu(job, media, jobs, enqueue_generate)
     except Exception as exc:
         jobs.fail(job.id, "service_unavailable", "the job could not be queued")
         raise ServiceUnavailable("the job queue is unavailable; try again") from exc
-    return job
+    # The record as it is now (queued for the GPU) only when it moved: no extra read otherwise.
+    return job if media is None else jobs.get(job.id) or job
+
+
+def _queue_for_gpu(job: Job, media: list[dict[str, Any]], jobs: JobStore, enqueue_generate: Any) -> None:
+    """Every frame is stored already: no CPU stage, the job waits for a GPU at once."""
+    moved = jobs.transition(
+        job.id, JobStatus.QUEUED_GPU, allowed_from={JobStatus.QUEUED}, media=media, attempts="0", retries="0"
+    )
+    if moved:
+        jobs.mark(job.id, "queue_gpu", "start")
+        enqueue_generate(job.id)

@@ -22,12 +22,14 @@ from common.readiness import WorkerReadiness
 from common.settings import Settings
 from common.storage import ObjectStore, open_store
 from common.url_policy import UrlPolicy
+from common.videos import VideoStore
 from common.webhooks import webhook_sender
 from worker.batch_queue import GpuQueue
 from worker.generate import GenerateContext
 from worker.geometry import FrameGeometry, load_geometry
 from worker.inference import LoadedModel, load_model
 from worker.ingest import IngestContext
+from worker.stored_videos import VideoContext
 from worker.webhooks import WebhookContext
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,10 @@ class WorkerRuntime:
     def jobs(self) -> JobStore:
         client = redis_client(self.settings)
         return JobStore(client, ttl_s=self.settings.job_ttl_s, on_terminal=webhook_sender(client, self.celery))
+
+    @cached_property
+    def videos(self) -> VideoStore:
+        return VideoStore(self.jobs.client, ttl_s=self.settings.storage_retention_s)
 
     @cached_property
     def store(self) -> ObjectStore:
@@ -140,7 +146,11 @@ class WorkerRuntime:
             store=self.store,
             geometry=lambda: self.geometry,
             enqueue_generate=lambda job_id: self.celery.send_task(GENERATE_TASK, args=[job_id]),
+            videos=self.videos,
         )
+
+    def video_context(self) -> VideoContext:
+        return VideoContext(settings=self.settings, videos=self.videos, store=self.store, geometry=lambda: self.geometry)
 
     def webhook_context(self) -> WebhookContext:
         return WebhookContext(

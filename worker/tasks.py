@@ -8,11 +8,12 @@ from typing import Any
 from celery import Celery, Task
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 
-from common.celery_config import GENERATE_TASK, INGEST_TASK, WEBHOOK_TASK
+from common.celery_config import GENERATE_TASK, INGEST_TASK, VIDEO_TASK, WEBHOOK_TASK
 from common.errors import TransientError, VideoQAError
 from worker.batch_queue import generate_batch
 from worker.ingest import ingest_job
 from worker.runtime import WorkerRuntime
+from worker.stored_videos import ingest_stored_video
 from worker.webhooks import deliver
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,18 @@ def register_tasks(app: Celery, runtime: WorkerRuntime) -> None:
     @app.task(name=INGEST_TASK, base=JobTask, **retry_policy)
     def ingest(job_id: str) -> None:
         ingest_job(job_id, runtime.ingest_context())
+
+    class VideoTask(Task):  # type: ignore[misc]
+        """Ends the stored video as failed when its task gives up."""
+
+        def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+            video_id = args[0] if args else kwargs.get("video_id")
+            if video_id:
+                runtime.videos.fail(video_id, *failure_of(exc))
+
+    @app.task(name=VIDEO_TASK, base=VideoTask, **retry_policy)
+    def ingest_video(video_id: str) -> None:
+        ingest_stored_video(video_id, runtime.video_context())
 
     def fail_job(job_id: str, exc: BaseException) -> None:
         runtime.jobs.fail(job_id, *failure_of(exc))
