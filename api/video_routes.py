@@ -123,21 +123,22 @@ def delete_video(video_id: str) -> tuple[str, int]:
     return "", 204
 
 
-@videos_bp.get("/v1/videos/<video_id>/frames/<int(signed=True):n>")
-def get_frame(video_id: str, n: int) -> Response:
+@videos_bp.get("/v1/videos/<video_id>/frames/<n>")
+def get_frame(video_id: str, n: str) -> Response:
     video = _load(video_id)
-    if not 0 <= n < len(video.frames):
+    position = int(n) if n.isdigit() and len(n) < 6 else -1
+    if not 0 <= position < len(video.frames):
         if video.status is not VideoStatus.READY:
             raise NotFound(f"video {video_id} is {video.status}: it has no frames")
-        raise NotFound(f"video {video_id} has frames 0 to {len(video.frames) - 1}, not {n}")
-    key = video.frames[n]["key"]
+        raise NotFound(f"video {video_id} has frames 0 to {len(video.frames) - 1}, not {n!r}")
+    key = video.frames[position]["key"]
     try:
         data = _services().store.get_bytes(key)
     except NotFound:
-        raise NotFound(f"frame {n} of video {video_id} is no longer stored") from None
+        raise NotFound(f"frame {position} of video {video_id} is no longer stored") from None
     response = Response(data, mimetype="image/png")
     # A frame never changes under its URL: cache it (privately: it is a tenant's) until it expires.
     max_age = max(0, int(video.expires_at - time.time()))
     response.headers["Cache-Control"] = f"private, max-age={max_age}, immutable"
-    response.set_etag(f"{video.id}-{n}")
+    response.set_etag(f"{video.id}-{position}")
     return response.make_conditional(request)
