@@ -50,10 +50,6 @@ class MediaInput(_Strict):
             raise ValueError("give exactly one of url and video_id")
         return self
 
-    @property
-    def is_url(self) -> bool:
-        return self.url is not None
-
 
 class Sampling(_Strict):
     num_frames: int = Field(default=8, ge=1, description="frames sampled from each video")
