@@ -202,3 +202,32 @@ def test_a_video_that_cannot_be_decoded_fails_and_jobs_are_told_why(service: Run
     assert job.status_code == 400
     assert job.json()["error"]["code"] == "video_not_ready"
     assert job.json()["error"]["message"].startswith(f"video {video['id']} failed (invalid_media): not a readable media file")
+
+
+def test_another_tenants_video_is_404_everywhere(service: RunningService, sample_videos: list[Path]) -> None:
+    """A video stored with an API key (an API process of its own on the same Redis, storage and
+    workers) is invisible to the service's keyless tenant."""
+    from api.app import create_app
+    from common.api_keys import hash_key
+    from common.settings import load_settings
+
+    key = "vqa_key_of_tenant_acme_012345"
+    keyed = create_app(load_settings({**service.env, "VIDEOQA_API_KEYS": f"acme:{hash_key(key)}"})).test_client()
+    auth = {"Authorization": f"Bearer {key}"}
+    with open(sample_videos[0], "rb") as handle:
+        created = keyed.post("/v1/videos", data={"video": (handle, "cats_1.mp4"), "num_frames": "2"}, headers=auth)
+    assert created.status_code == 202, created.get_json()
+    video_id = created.get_json()["id"]
+    deadline = time.monotonic() + 180
+    while (video := keyed.get(f"/v1/videos/{video_id}?wait=20", headers=auth).get_json())["status"] == "processing":
+        assert time.monotonic() < deadline, service.tail_logs()
+    assert video["status"] == "ready"
+
+    for path in (f"/v1/videos/{video_id}", f"/v1/videos/{video_id}/frames/0"):
+        assert requests.get(service.url(path), timeout=10).status_code == 404
+    assert requests.delete(service.url(f"/v1/videos/{video_id}"), timeout=10).status_code == 404
+    assert video_id not in [v["id"] for v in requests.get(service.url("/v1/videos"), timeout=10).json()["videos"]]
+    job = requests.post(service.url("/v1/jobs"), json={"question": "?", "videos": [{"video_id": video_id}]}, timeout=10)
+    assert job.status_code == 404 and job.json()["error"]["code"] == "not_found"
+    assert keyed.get(f"/v1/videos/{video_id}/frames/1", headers=auth).status_code == 200
+    assert keyed.delete(f"/v1/videos/{video_id}", headers=auth).status_code == 204
