@@ -295,10 +295,3 @@ class VideoStore:
                 pipe.hgetall(self.key(video_id))
             raws = pipe.execute()
         return [_decode(raw) for raw in raws if raw]
-
-    def present_ids(self) -> set[str]:
-        """The ids of every video record (for the sweeper: their frames and uploads stay)."""
-        return {
-            key.removeprefix(VIDEO_KEY_PREFIX)
-            for key in (k.decode() if isinstance(k, bytes) else k for k in self._redis.scan_iter(match=VIDEO_KEY_PREFIX + "*", count=500))
-        }

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from api.app import create_app
 from common.api_keys import hash_key
 from common.jobs import JobStore
-from common.schemas import JobRequest, MediaInput, VideoRequest
+from common.schemas import JobRequest, MediaInput, VideoRequest, check_limits
 from common.settings import load_settings
 from common.storage import StoredObject
 from common.videos import CLAIM_SETTLE_S, VideoInUse, VideoStore
@@ -235,3 +235,17 @@ def test_idempotent_video_submission_answers_the_first_video(client: FlaskClient
     assert other.status_code == 422
     assert first.get_json()["source"] == {"kind": "http", "url": body["url"]}
 
+
+
+def test_a_jobs_size_counts_the_frames_its_stored_videos_hold() -> None:
+    settings = load_settings({"VIDEOQA_MAX_FRAMES": "32"})
+    by_url = JobRequest.model_validate(
+        {"question": "q", "videos": [{"url": "https://a/v.mp4"}] * 8, "sampling": {"num_frames": 32}}
+    )
+    by_id = JobRequest.model_validate({"question": "q", "videos": [{"video_id": VIDEO_ID}] * 8, "sampling": {"num_frames": 32}})
+    assert [p["field"] for p in check_limits(by_url, settings)] == ["size"]
+    # Stored videos count what they hold, not the job's num_frames.
+    assert check_limits(by_id, settings, stored_frames=8 * 2) == []
+    assert [p["field"] for p in check_limits(by_id, settings, stored_frames=8 * 32)] == ["size"]
+    follow_up = JobRequest.model_validate({"question": "q", "parent": VIDEO_ID})
+    assert check_limits(follow_up, settings, stored_frames=4) == []
