@@ -25,6 +25,8 @@ VIDEO_KEY_PREFIX = "videoqa:video:"
 # The jobs that claimed a video: a sorted set of job ids scored by when they claimed it.
 VIDEO_JOBS_PREFIX = "videoqa:video-jobs:"
 VIDEO_INDEX_PREFIX = "videoqa:videos:"
+# Ids of the videos still processing, for the reconciler (a video whose message was lost).
+PROCESSING_KEY = "videoqa:video-processing"
 # Where a video's frames are stored: videos/<id>/NNNN.png.
 VIDEOS_PREFIX = "videos/"
 # A claim whose job record does not exist (yet) holds the video this long: the API claims a video
@@ -118,6 +120,7 @@ _FINISH = """
 if redis.call('HGET', KEYS[1], 'status') ~= 'processing' then return 0 end
 local fields = cjson.decode(ARGV[1])
 for k, v in pairs(fields) do redis.call('HSET', KEYS[1], k, v) end
+if fields['status'] ~= 'processing' then redis.call('SREM', KEYS[2], redis.call('HGET', KEYS[1], 'id')) end
 return 1
 """
 
@@ -151,6 +154,7 @@ end
 local id = redis.call('HGET', KEYS[1], 'id')
 redis.call('DEL', KEYS[1], KEYS[2])
 redis.call('ZREM', KEYS[3], id)
+redis.call('SREM', KEYS[4], id)
 return {'deleted'}
 """
 
@@ -211,6 +215,7 @@ class VideoStore:
             pipe.hset(self.key(video_id), mapping=fields)
             pipe.expire(self.key(video_id), self._ttl_s)
             pipe.zadd(VIDEO_INDEX_PREFIX + tenant, {video_id: now})
+            pipe.sadd(PROCESSING_KEY, video_id)
             pipe.execute()
         return _decode(fields)
 
@@ -238,7 +243,7 @@ class VideoStore:
     def _finish_with(self, video_id: str, fields: dict[str, Any]) -> bool:
         encoded = {k: v if isinstance(v, str) else json.dumps(v) for k, v in fields.items()}
         encoded["updated_at"] = repr(time.time())
-        return bool(self._finish(keys=[self.key(video_id)], args=[json.dumps(encoded)]) == 1)
+        return bool(self._finish(keys=[self.key(video_id), PROCESSING_KEY], args=[json.dumps(encoded)]) == 1)
 
     def mark_ready(
         self, video_id: str, frames: list[dict[str, Any]], *, frame_count: int, duration: float
@@ -248,6 +253,24 @@ class VideoStore:
             video_id,
             {"status": str(VideoStatus.READY), "frames": frames, "frame_count": str(frame_count), "duration": repr(duration)},
         )
+
+    def touch(self, video_id: str) -> bool:
+        """Refresh ``updated_at`` of a video still processing (sent again: the next scan waits)."""
+        return self._finish_with(video_id, {"status": str(VideoStatus.PROCESSING)})
+
+    def stale_processing(self, *, older_than_s: float, now: float | None = None) -> list[Video]:
+        """Videos processing with no change for ``older_than_s``; ids whose record ended or
+        expired leave the set."""
+        now = time.time() if now is None else now
+        stale = []
+        for video_id in self._redis.smembers(PROCESSING_KEY):
+            video_id = video_id.decode() if isinstance(video_id, bytes) else video_id
+            video = self.get(video_id)
+            if video is None or video.status is not VideoStatus.PROCESSING:
+                self._redis.srem(PROCESSING_KEY, video_id)
+            elif now - video.updated_at >= older_than_s:
+                stale.append(video)
+        return stale
 
     def fail(self, video_id: str, code: str, message: str) -> bool:
         return self._finish_with(video_id, {"status": str(VideoStatus.FAILED), "error": {"code": code, "message": message}})
@@ -276,7 +299,7 @@ class VideoStore:
         if not is_video_id(video_id):
             return False
         outcome = self._delete(
-            keys=[self.key(video_id), VIDEO_JOBS_PREFIX + video_id, VIDEO_INDEX_PREFIX + tenant],
+            keys=[self.key(video_id), VIDEO_JOBS_PREFIX + video_id, VIDEO_INDEX_PREFIX + tenant, PROCESSING_KEY],
             args=[tenant, JOB_KEY_PREFIX, repr(time.time()), CLAIM_SETTLE_S, json.dumps(sorted(map(str, ACTIVE)))],
         )
         status = [part.decode() if isinstance(part, bytes) else str(part) for part in outcome]

@@ -249,3 +249,24 @@ def test_a_jobs_size_counts_the_frames_its_stored_videos_hold() -> None:
     assert [p["field"] for p in check_limits(by_id, settings, stored_frames=8 * 32)] == ["size"]
     follow_up = JobRequest.model_validate({"question": "q", "parent": VIDEO_ID})
     assert check_limits(follow_up, settings, stored_frames=4) == []
+
+
+def test_a_processing_video_without_a_message_is_sent_again(spare_redis_url: str) -> None:
+    from common.celery_config import make_celery
+    from worker.video_reconciler import reconcile_videos
+
+    settings = load_settings({"VIDEOQA_REDIS_URL": spare_redis_url})
+    client = redis.Redis.from_url(spare_redis_url, decode_responses=True)
+    videos = VideoStore(client, ttl_s=600)
+    lost, queued, ready = (videos.create({"kind": "s3", "location": "s3://b/k"}, {}) for _ in range(3))
+    make_celery(settings).send_task("videoqa.ingest_video", args=[queued.id])
+    videos.mark_ready(ready.id, [], frame_count=1, duration=0.0)
+    sent: list[tuple[str, str]] = []
+    later = time.time() + 120
+
+    assert reconcile_videos(client, videos, lambda *a: sent.append(a), stale_after_s=60) == []  # not stale yet
+    assert reconcile_videos(client, videos, lambda *a: sent.append(a), stale_after_s=60, now=later) == [lost.id]
+    assert sent == [("videoqa.ingest_video", lost.id)]
+    # Sent again: its record changed then, so a scan within stale_after_s of that leaves it.
+    assert reconcile_videos(client, videos, lambda *a: sent.append(a), stale_after_s=60, now=time.time() + 30) == []
+    assert client.smembers("videoqa:video-processing") == {lost.id, queued.id}

@@ -112,6 +112,14 @@ class ReconcilerStep(bootsteps.StartStopStep):
                     lambda task, job_id: worker.app.send_task(task, args=[job_id]),
                     stale_after_s=settings.reconcile_after_s,
                 )
+                from worker.video_reconciler import reconcile_videos  # it builds on this module
+
+                reconcile_videos(
+                    runtime.jobs.client,
+                    runtime.videos,
+                    lambda task, video_id: worker.app.send_task(task, args=[video_id]),
+                    stale_after_s=settings.reconcile_after_s,
+                )
             except redis.RedisError as exc:
                 log.warning("reconciler: Redis unavailable (%s); next scan later", exc.__class__.__name__)
 
