@@ -20,7 +20,7 @@ from api.errors import invalid, validation_problems
 from api.idempotency import Claim, IdempotencyKeys, check_key, fingerprint
 from api.problems import flat_problems, unknown_field_message
 from common.errors import InvalidRequest, ServiceUnavailable, TooManyActiveJobs, VideoQAError
-from common.jobs import Job, JobStatus, JobStore
+from common.jobs import Job, JobStore
 from common.logging_config import job_id_var
 from common.schemas import JobRequest, MediaSource, StoredRequest, check_limits
 from common.settings import Settings
@@ -255,6 +255,7 @@ def _create(
             tenant=tenant.name,
             max_active=settings.max_active_jobs_per_tenant,
             webhook=parsed.webhook is not None,
+            media=media,
         )
     except Exception:
         # Redis refused the record (full, unreachable, the tenant's cap reached meanwhile):
@@ -262,22 +263,9 @@ def _create(
         _discard_uploads(store, job_id)
         raise
     try:
-        if media is None:
-            enqueue_ingest(job.id)
-        else:
-            _queue_for_gpu(job, media, jobs, enqueue_generate)
+        # A job whose frames are all stored already starts queued_gpu: it skips the CPU stage.
+        (enqueue_ingest if media is None else enqueue_generate)(job.id)
     except Exception as exc:
         jobs.fail(job.id, "service_unavailable", "the job could not be queued")
         raise ServiceUnavailable("the job queue is unavailable; try again") from exc
-    # The record as it is now (queued for the GPU) only when it moved: no extra read otherwise.
-    return job if media is None else jobs.get(job.id) or job
-
-
-def _queue_for_gpu(job: Job, media: list[dict[str, Any]], jobs: JobStore, enqueue_generate: Any) -> None:
-    """Every frame is stored already: no CPU stage, the job waits for a GPU at once."""
-    moved = jobs.transition(
-        job.id, JobStatus.QUEUED_GPU, allowed_from={JobStatus.QUEUED}, media=media, attempts="0", retries="0"
-    )
-    if moved:
-        jobs.mark(job.id, "queue_gpu", "start")
-        enqueue_generate(job.id)
+    return job
