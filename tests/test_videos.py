@@ -231,3 +231,19 @@ def test_another_tenants_video_is_404_everywhere(service: RunningService, sample
     assert job.status_code == 404 and job.json()["error"]["code"] == "not_found"
     assert keyed.get(f"/v1/videos/{video_id}/frames/1", headers=auth).status_code == 200
     assert keyed.delete(f"/v1/videos/{video_id}", headers=auth).status_code == 204
+
+
+def test_the_python_client_stores_a_video_asks_and_follows_up(service: RunningService, sample_videos: list[Path]) -> None:
+    client = service.client
+    stored = client.store_video(sample_videos[1], sampling={"num_frames": 2})
+    assert stored.status == "processing"
+    ready = client.wait_video(stored.id, timeout=180)
+    assert ready.status == "ready", (ready.error, service.tail_logs())
+    assert [frame.index for frame in ready.frames] == [0, 60] and ready.frame_count == 120
+    first = client.ask([ready.ref], "What is the cat doing?", generation=GENERATION, timeout=120)
+    assert [(frame.video, frame.index) for frame in first.frames] == [(0, 0), (0, 60)]
+    follow_up = client.ask([], "And then?", parent=first.job_id, generation=GENERATION, timeout=120)
+    assert [frame.index for frame in follow_up.frames] == [0, 60]
+    assert "ingest" not in client.get(follow_up.job_id).raw["stages"]
+    client.delete_video(stored.id)
+    assert requests.get(service.url(f"/v1/videos/{stored.id}"), timeout=10).status_code == 404
