@@ -87,7 +87,8 @@ export function describe(error) {
   if (!(error instanceof ApiError)) return String((error && error.message) || error);
   const lines = [`${error.message} (${error.code}${error.status ? `, ${error.status}` : ""})`];
   for (const detail of error.details) {
-    if (detail && detail.field && detail.message) lines.push(`${detail.field}: ${detail.message}`);
+    const line = detail && detail.field && detail.message ? `${detail.field}: ${detail.message}` : "";
+    if (line && !error.message.includes(line)) lines.push(line); // the message often holds them already
   }
   return lines.join("\n");
 }

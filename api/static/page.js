@@ -146,6 +146,10 @@ async function ask(event) {
   button.textContent = "Sending…";
   try {
     const job = await api.submitJob(body);
+    // The media went with this job; the question and options stay, to be edited for the next.
+    chosenFiles.length = 0;
+    renderFiles();
+    $("urls").value = "";
     show(job.id, { question: job.request && job.request.question });
     $("job").focus();
     refreshJobs();
@@ -334,7 +338,13 @@ async function refreshJobs() {
     markCurrent();
     return true;
   } catch (error) {
-    showError($("jobs-error"), error);
+    // A missing or refused key is said once, in the key form (showError would too).
+    if (error instanceof api.ApiError && error.needsKey) {
+      askForKey(error);
+      showError($("jobs-error"), null);
+    } else {
+      showError($("jobs-error"), error);
+    }
     return false;
   }
 }
