@@ -22,6 +22,43 @@ PHONE = (375, 812)
 WAIT_S = 180.0
 
 
+# What a person with a screen reader or a keyboard, or with weak sight, would trip over: a control
+# without a label, a button without a name, an image without alt text, text under WCAG's contrast
+# (4.5:1; 3:1 for large text) against the first opaque background behind it.
+_ACCESSIBILITY_PROBLEMS = r"""
+const problems = [];
+for (const control of document.querySelectorAll("input, textarea, select")) {
+  if (!control.labels.length && !control.getAttribute("aria-label")) problems.push(`no label: #${control.id}`);
+}
+for (const button of document.querySelectorAll("button")) {
+  if (!button.textContent.trim() && !button.getAttribute("aria-label")) problems.push(`nameless button: ${button.outerHTML}`);
+}
+for (const image of document.querySelectorAll("img")) if (!image.hasAttribute("alt")) problems.push("img without alt");
+const rgba = (text) => { const v = (text.match(/[\d.]+/g) || []).map(Number); return v.length === 3 ? [...v, 1] : v; };
+const luminance = ([r, g, b]) => {
+  const f = (c) => ((c /= 255) <= 0.03928 ? c / 12.92 : ((c + 0.055) / 1.055) ** 2.4);
+  return 0.2126 * f(r) + 0.7152 * f(g) + 0.0722 * f(b);
+};
+const backdrop = (e) => {
+  for (; e; e = e.parentElement) { const c = rgba(getComputedStyle(e).backgroundColor); if (c[3] > 0) return c; }
+  return [255, 255, 255, 1];
+};
+const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
+for (let node; (node = walker.nextNode()); ) {
+  const element = node.parentElement;
+  if (!node.textContent.trim() || !element.getClientRects().length) continue;
+  const style = getComputedStyle(element);
+  if (style.visibility === "hidden") continue;
+  const [light, dark] = [luminance(rgba(style.color)), luminance(backdrop(element))].sort((a, b) => b - a);
+  const ratio = (light + 0.05) / (dark + 0.05);
+  const size = parseFloat(style.fontSize);
+  const needed = size >= 24 || (Number(style.fontWeight) >= 700 && size >= 18.66) ? 3 : 4.5;
+  if (ratio < needed) problems.push(`contrast ${ratio.toFixed(2)} < ${needed}: ${node.textContent.trim().slice(0, 40)}`);
+}
+return problems;
+"""
+
+
 def require_chromium() -> None:
     missing = [str(path) for path in (CHROMIUM, CHROMEDRIVER) if not path.exists()]
     if not missing:
@@ -91,6 +128,22 @@ class Browser:
         )
         path.write_bytes(base64.b64decode(shot["data"]))
         return path
+
+    def accessibility_problems(self) -> list[str]:
+        return list(self.js(_ACCESSIBILITY_PROBLEMS))
+
+    def tab_order(self, presses: int) -> list[str]:
+        """The ids (or job ids, or tag names) focused by pressing Tab ``presses`` times from the top."""
+        from selenium.webdriver.common.action_chains import ActionChains
+        from selenium.webdriver.common.keys import Keys
+
+        # Focus starts from the page's first heading, as after reading the title.
+        self.js("const h = document.querySelector('h1'); h.tabIndex = -1; h.focus(); h.removeAttribute('tabindex')")
+        order = []
+        for _ in range(presses):
+            ActionChains(self.driver).send_keys(Keys.TAB).perform()
+            order.append(str(self.js("const e = document.activeElement; return e.id || e.dataset.job || e.tagName")))
+        return order
 
     def console_errors(self) -> list[str]:
         return [entry["message"] for entry in self.driver.get_log("browser") if entry["level"] == "SEVERE"]

@@ -213,7 +213,8 @@ function turnFor(jobId, question) {
       element("p", { className: "question" }, [element("span", { className: "who", text: "You asked" }), element("span", { className: "text" })]),
       element("p", { className: "answer-block" }, [
         element("span", { className: "who", text: "Answer" }),
-        element("span", { className: "answer", attrs: { "aria-live": "polite" } }),
+        // Busy while tokens arrive: a screen reader reads the answer once, when it is whole.
+        element("span", { className: "answer", attrs: { "aria-live": "polite", "aria-busy": "true" } }),
       ]),
     ]);
     $("turns").append(turn);
@@ -235,6 +236,7 @@ async function onDone(record) {
   const answer = turnFor(record.id).querySelector(".answer");
   if (record.result && typeof record.result.answer === "string") answer.textContent = record.result.answer;
   answer.classList.add("final");
+  answer.setAttribute("aria-busy", "false");
   if (record.status === "failed" && record.error) {
     showError($("job-error"), `The job failed: ${record.error.message} (${record.error.code})`);
   } else if (record.status === "cancelled") {
