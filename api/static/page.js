@@ -176,7 +176,8 @@ async function followUp(event) {
     refreshJobs();
   } catch (error) {
     showError(errorBox, error);
-    errorBox.prepend("The follow-up was not accepted: ");
+    const unknown = error.details && error.details.some((d) => d.field === "parent" && /^unknown field/.test(d.message));
+    errorBox.prepend(unknown ? "This service does not take follow-up questions yet.\n" : "", "The follow-up was not accepted: ");
   } finally {
     button.disabled = false;
   }
