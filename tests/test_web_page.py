@@ -8,7 +8,10 @@ by ``VIDEOQA_TEST_ARTIFACTS`` when it is set, else to each test's ``tmp_path``.
 
 from __future__ import annotations
 
+import functools
+import http.server
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,11 +40,15 @@ def artifacts(tmp_path: Path) -> Path:
     return folder
 
 
-def ask(browser: Browser, video: Path, question: str, *, frames: int = 3, tokens: int = 12) -> str:
-    """Choose ``video``, type the question and options, press Ask; the new job's id."""
+def ask(browser: Browser, video: Path | str, question: str, *, frames: int = 3, tokens: int = 12) -> str:
+    """Choose the file ``video`` (or paste it, a URL), type the question and options, press Ask;
+    the new job's id."""
     previous = browser.text("#job-id")
-    browser.find("#files").send_keys(str(video))
-    browser.wait(lambda: video.name in browser.text("#file-list"), "the chosen file to be listed")
+    if isinstance(video, Path):
+        browser.find("#files").send_keys(str(video))
+        browser.wait(lambda: video.name in browser.text("#file-list"), "the chosen file to be listed")
+    else:
+        browser.type("#urls", video)
     browser.type("#question", question)
     browser.type("#num-frames", str(frames))
     browser.type("#max-new-tokens", str(tokens))
@@ -141,6 +148,15 @@ def test_a_person_asks_about_a_video_and_watches_the_answer_arrive(
 
 
 @pytest.fixture()
+def file_server(sample_videos: list[Path]) -> Iterator[str]:
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(sample_videos[0].parent))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.fixture()
 def keyed_service(  # type: ignore[no-untyped-def]
     spare_redis_url: str, aws_env: dict[str, str], s3, tiny_model_dir: Path, tmp_path: Path
 ) -> Iterator[RunningService]:
@@ -163,7 +179,7 @@ def keyed_service(  # type: ignore[no-untyped-def]
 
 
 def test_with_keys_the_page_asks_for_one_refuses_a_wrong_one_and_cancels_and_answers(
-    keyed_service: RunningService, sample_videos: list[Path], browser: Browser, artifacts: Path
+    keyed_service: RunningService, sample_videos: list[Path], file_server: str, browser: Browser, artifacts: Path
 ) -> None:
     service = keyed_service
     browser.open(service.url("/"))
@@ -184,14 +200,19 @@ def test_with_keys_the_page_asks_for_one_refuses_a_wrong_one_and_cancels_and_ans
     browser.driver.refresh()  # kept for this tab: the list loads without asking again
     browser.wait(lambda: browser.text("#key-status") == "" and browser.visible("#jobs-empty"), "the empty list")
 
-    # No GPU worker yet: the job waits in queued_gpu until it is cancelled.
-    waiting = ask(browser, sample_videos[0], "Will this run?")
+    # A pasted URL goes as JSON. No GPU worker yet: the job waits in queued_gpu until cancelled.
+    url = f"{file_server}/{sample_videos[0].name}"
+    waiting = ask(browser, url, "Will this run?")
     browser.wait(lambda: "queued_gpu" in reached_stages(browser), "the job to wait for a GPU")
     browser.find("#cancel").click()
     browser.wait(lambda: "cancelled" in reached_stages(browser), "the cancellation")
     assert "cancelled" in browser.text("#job-error")
+    assert not browser.visible("#cancel")
     alice = {"Authorization": f"Bearer {KEY}"}
-    assert requests.get(service.url(f"/v1/jobs/{waiting}"), headers=alice, timeout=10).json()["status"] == "cancelled"
+    cancelled = requests.get(service.url(f"/v1/jobs/{waiting}"), headers=alice, timeout=10).json()
+    assert cancelled["status"] == "cancelled"
+    assert [video["location"] for video in cancelled["request"]["videos"]] == [url]
+    assert cancelled["request"]["sampling"]["num_frames"] == 3
 
     start_process(service.stack, service.logs, "gpu", gpu_worker_command())
     job_id = ask(browser, sample_videos[1], "What moves?", frames=2, tokens=10)
