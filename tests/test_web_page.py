@@ -191,6 +191,7 @@ def test_with_keys_the_page_asks_for_one_refuses_a_wrong_one_and_cancels_and_ans
     browser.wait(lambda: "refused this key" in browser.text("#key-status"), "the wrong key's error")
     assert "unknown API key" in browser.text("#key-status")
     assert browser.find("#api-key").get_attribute("aria-invalid") == "true"
+    assert browser.accessibility_problems() == []
     browser.screenshot(artifacts / "page-wrong-key.png")
 
     browser.type("#api-key", KEY)
@@ -241,4 +242,10 @@ def test_with_keys_the_page_asks_for_one_refuses_a_wrong_one_and_cancels_and_ans
     browser.resize(PHONE)
     browser.wait(lambda: browser.js("return innerWidth") == PHONE[0], "the phone-width viewport")
     assert_fits(browser, PHONE[0])
+    assert browser.accessibility_problems() == []
     browser.screenshot(artifacts / "page-keyed-375px.png")
+
+    browser.find("#forget-key").click()
+    browser.wait(lambda: "Enter an API key" in browser.text("#key-status"), "the key to be forgotten")
+    assert browser.js("return sessionStorage.getItem('videoqa.apiKey')") is None
+    assert browser.js("return document.querySelectorAll('#jobs li').length") == 0

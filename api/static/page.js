@@ -64,6 +64,7 @@ function forgetKey() {
   $("api-key").value = "";
   $("key-status").textContent = "The key is forgotten.";
   $("key-status").className = "";
+  refreshJobs();
 }
 
 // ---- choosing media ---------------------------------------------------------------------------
@@ -343,8 +344,11 @@ async function refreshJobs() {
   } catch (error) {
     // A missing or refused key is said once, in the key form (showError would too).
     if (error instanceof api.ApiError && error.needsKey) {
+      // Without a valid key there is no list to show (nor the one an earlier key saw).
       askForKey(error);
       showError($("jobs-error"), null);
+      $("jobs").replaceChildren();
+      $("jobs-empty").hidden = true;
     } else {
       showError($("jobs-error"), error);
     }
