@@ -43,7 +43,7 @@ def _file(name: str, mimetype: str) -> Response:
     # no-cache: revalidated on each load (an ETag answers 304), so a new release shows at once.
     response = send_file(STATIC_DIR / name, mimetype=mimetype, max_age=0, conditional=True, etag=True)
     response.headers["Cache-Control"] = "no-cache"
-    del response.headers["Content-Disposition"]  # shown in the browser, never saved as a file
+    response.headers.pop("Content-Disposition", None)  # shown in the browser, never saved as a file
     response.headers["X-Content-Type-Options"] = "nosniff"
     return response
 
