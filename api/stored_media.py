@@ -63,10 +63,20 @@ def _check_claims(claims: dict[int, tuple[str, Claimed]], videos: VideoStore, te
         raise VideoNotReady("; ".join(p["message"] for p in not_ready), details=not_ready)
 
 
-def peek(parsed: JobRequest, *, tenant: str, videos: VideoStore, jobs: JobStore, store: ObjectStore) -> StoredMedia:
+def names_stored_media(parsed: JobRequest) -> bool:
+    return parsed.parent is not None or any(item.video_id is not None for item in parsed.videos)
+
+
+def peek(
+    parsed: JobRequest, *, tenant: str, videos: VideoStore | None, jobs: JobStore, store: ObjectStore
+) -> StoredMedia:
     """Check what the request names without claiming it (before limits are checked): 404 for
     videos or a parent this tenant does not have, 400 for videos not ready, 409 for a parent that
-    did not succeed or whose media are gone."""
+    did not succeed or whose media are gone. Nothing to check: an empty ``StoredMedia``."""
+    if not names_stored_media(parsed):
+        return StoredMedia()
+    if videos is None:
+        raise InvalidRequest("this service keeps no stored videos: name videos by url")
     if parsed.parent is not None:
         return StoredMedia(parent=_usable_parent(parsed.parent, tenant=tenant, jobs=jobs, videos=videos, store=store))
     found: dict[int, tuple[str, Claimed]] = {}
@@ -82,9 +92,13 @@ def peek(parsed: JobRequest, *, tenant: str, videos: VideoStore, jobs: JobStore,
     return StoredMedia(frames_by_position={position: claimed.frames or [] for position, (_, claimed) in found.items()})
 
 
-def claim(parsed: JobRequest, stored: StoredMedia, *, job_id: str, tenant: str, videos: VideoStore) -> StoredMedia:
+def claim(
+    parsed: JobRequest, stored: StoredMedia, *, job_id: str, tenant: str, videos: VideoStore | None
+) -> StoredMedia:
     """Note ``job_id`` as using each stored video it names (their deletion waits for its end); the
     frames as they are now. Raises as ``peek`` when a video went away meanwhile."""
+    if videos is None or not names_stored_media(parsed):
+        return stored
     video_ids: dict[int, str] = {}
     if stored.parent is not None:
         parent_request = StoredRequest.model_validate(stored.parent.request)

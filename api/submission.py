@@ -170,11 +170,7 @@ def submit_job(
         raise InvalidRequest(
             f"unsupported content type {req.mimetype or 'none'!r}: send application/json or multipart/form-data"
         )
-    stored = stored_media.StoredMedia()
-    if videos is not None and (parsed.parent is not None or any(item.video_id for item in parsed.videos)):
-        stored = stored_media.peek(parsed, tenant=tenant.name, videos=videos, jobs=jobs, store=store)
-    elif parsed.parent is not None or any(item.video_id for item in parsed.videos):
-        raise InvalidRequest("this service keeps no stored videos")
+    stored = stored_media.peek(parsed, tenant=tenant.name, videos=videos, jobs=jobs, store=store)
     problems = check_limits(
         parsed,
         settings,
@@ -233,8 +229,7 @@ def _create(
     videos: VideoStore | None,
     enqueue_generate: Any,
 ) -> Job:
-    if videos is not None and (stored.parent is not None or stored.frames_by_position):
-        stored = stored_media.claim(parsed, stored, job_id=job_id, tenant=tenant.name, videos=videos)
+    stored = stored_media.claim(parsed, stored, job_id=job_id, tenant=tenant.name, videos=videos)
     uploaded_videos, uploaded_images = _store_uploads(store, job_id, video_files, image_files)
     sources, images, media = stored_media.sources_and_media(parsed, stored, uploaded_videos, uploaded_images)
     request = StoredRequest(
