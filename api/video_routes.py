@@ -116,7 +116,8 @@ def delete_video(video_id: str) -> tuple[str, int]:
     # cannot be deleted now (storage out of reach) the sweeper deletes, as nothing names it.
     try:
         store = services.store
-        keys = [o.key for prefix in (frames_prefix(video_id), f"{UPLOADS_PREFIX}{video_id}/") for o in store.list_objects(prefix)]
+        prefixes = (frames_prefix(video_id), f"{UPLOADS_PREFIX}{video_id}/")
+        keys = [stored.key for prefix in prefixes for stored in store.list_objects(prefix)]
         store.delete(keys)
     except VideoQAError as exc:
         log.warning("the frames of deleted video %s are left to the sweeper: %s", video_id, exc.message)

@@ -55,7 +55,8 @@ def _parse_multipart(req: Request) -> tuple[Sampling, FileStorage]:
     if len(files) != 1:
         raise invalid([{"field": VIDEO_FILE_FIELD, "message": f"one video file is required, not {len(files)}"}])
     try:
-        sampling = Sampling.model_validate({name: req.form[name] for name in SAMPLING_FIELDS if req.form.get(name, "") != ""})
+        options = {name: req.form[name] for name in SAMPLING_FIELDS if req.form.get(name, "") != ""}
+        sampling = Sampling.model_validate(options)
     except ValidationError as exc:
         raise invalid(validation_problems(exc, flat=True)) from None
     return sampling, files[0]
@@ -112,7 +113,8 @@ def submit_video(
     claim: Claim | None = None
     key = req.headers.get("Idempotency-Key")
     if key is not None and idempotency is not None:
-        digest = fingerprint(VideoRequest.model_construct(url=url or "", sampling=sampling), {"video": [upload] if upload else []})
+        asked = VideoRequest.model_construct(url=url or "", sampling=sampling)
+        digest = fingerprint(asked, {"video": [upload] if upload else []})
         held = idempotency.claim(tenant.name, check_key(key), digest, video_id, videos, scope=IDEMPOTENCY_SCOPE)
         if isinstance(held, Video):
             return held, True

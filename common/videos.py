@@ -251,7 +251,12 @@ class VideoStore:
         """False when the video is no longer processing (deleted meanwhile, or already ended)."""
         return self._finish_with(
             video_id,
-            {"status": str(VideoStatus.READY), "frames": frames, "frame_count": str(frame_count), "duration": repr(duration)},
+            {
+                "status": str(VideoStatus.READY),
+                "frames": frames,
+                "frame_count": str(frame_count),
+                "duration": repr(duration),
+            },
         )
 
     def touch(self, video_id: str) -> bool:
