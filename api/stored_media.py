@@ -24,16 +24,34 @@ class ParentNotUsable(Conflict):
 
 @dataclass
 class StoredMedia:
-    """What a job takes from storage: media entries by video position, and the parent it follows."""
+    """What a job takes from storage: the frames of the stored videos it names (by id, as they were
+    when checked or claimed), or the parent it follows."""
 
-    frames_by_position: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+    frames_by_video: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     parent: Job | None = None
 
     @property
+    def parent_request(self) -> StoredRequest | None:
+        return StoredRequest.model_validate(self.parent.request) if self.parent is not None else None
+
+    @property
     def frame_count(self) -> int:
+        """Frames the job will hold from storage (each image of a parent counts one)."""
         if self.parent is not None:
             return sum(len(item.get("frames", [])) or 1 for item in self.parent.media or [])
-        return sum(len(frames) for frames in self.frames_by_position.values())
+        return sum(len(frames) for frames in self.frames_by_video.values())
+
+    def media_of(self, videos: list[MediaSource], images: list[MediaSource]) -> list[dict[str, Any]] | None:
+        """The job's media when every frame is stored already (a follow-up, or only stored videos);
+        None when the CPU stage has work to do."""
+        if self.parent is not None:
+            return list(self.parent.media or [])
+        if images or not videos or any(source.kind != "video" for source in videos):
+            return None
+        return [
+            {"kind": "video", "position": position, "frames": self.frames_by_video[source.location], "video_id": source.location}
+            for position, source in enumerate(videos)
+        ]
 
 
 def _not_ready_problem(field_name: str, video_id: str, status: str, video: Video | None) -> dict[str, str]:
@@ -89,7 +107,7 @@ def peek(
         else:
             found[position] = (item.video_id, Claimed(str(video.status), video.frames))
     _check_claims(found, videos, tenant)
-    return StoredMedia(frames_by_position={position: claimed.frames or [] for position, (_, claimed) in found.items()})
+    return StoredMedia(frames_by_video={video_id: claimed.frames or [] for video_id, claimed in found.values()})
 
 
 def claim(
@@ -100,9 +118,8 @@ def claim(
     if videos is None or not names_stored_media(parsed):
         return stored
     video_ids: dict[int, str] = {}
-    if stored.parent is not None:
-        parent_request = StoredRequest.model_validate(stored.parent.request)
-        video_ids = {p: s.location for p, s in enumerate(parent_request.videos) if s.kind == "video"}
+    if stored.parent_request is not None:
+        video_ids = {p: s.location for p, s in enumerate(stored.parent_request.videos) if s.kind == "video"}
     else:
         video_ids = {p: item.video_id for p, item in enumerate(parsed.videos) if item.video_id is not None}
     claims = {position: (video_id, videos.claim(video_id, tenant, job_id)) for position, video_id in video_ids.items()}
@@ -112,7 +129,7 @@ def claim(
             raise ParentNotUsable(f"job {stored.parent.id} used video {gone[0]}, which was deleted or expired since")
         return stored
     _check_claims(claims, videos, tenant)
-    return StoredMedia(frames_by_position={position: claimed.frames or [] for position, (_, claimed) in claims.items()})
+    return StoredMedia(frames_by_video={video_id: claimed.frames or [] for video_id, claimed in claims.values()})
 
 
 def _usable_parent(parent_id: str, *, tenant: str, jobs: JobStore, videos: VideoStore, store: ObjectStore) -> Job:
@@ -149,28 +166,3 @@ def _media_keys(job: Job) -> list[str]:
         if "key" in item:
             keys.append(item["key"])
     return keys
-
-
-def sources_and_media(
-    parsed: JobRequest, stored: StoredMedia, uploaded_videos: list[MediaSource], uploaded_images: list[MediaSource]
-) -> tuple[list[MediaSource], list[MediaSource], list[dict[str, Any]] | None]:
-    """The job's sources, and its media when all of them are stored already (None: the CPU stage
-    has work to do)."""
-    if stored.parent is not None:
-        request = StoredRequest.model_validate(stored.parent.request)
-        return request.videos, request.images, list(stored.parent.media or [])
-    videos = list(uploaded_videos)
-    for item in parsed.videos:
-        if item.video_id is not None:
-            videos.append(MediaSource(kind="video", location=item.video_id))
-        else:
-            assert item.url is not None
-            videos.append(MediaSource.from_url(item.url))
-    images = list(uploaded_images) + [MediaSource.from_url(item.url) for item in parsed.images if item.url is not None]
-    if images or any(source.kind != "video" for source in videos):
-        return videos, images, None
-    media = [
-        {"kind": "video", "position": position, "frames": stored.frames_by_position[position], "video_id": source.location}
-        for position, source in enumerate(videos)
-    ]
-    return videos, images, media

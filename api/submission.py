@@ -230,15 +230,20 @@ def _create(
     enqueue_generate: Any,
 ) -> Job:
     stored = stored_media.claim(parsed, stored, job_id=job_id, tenant=tenant.name, videos=videos)
-    uploaded_videos, uploaded_images = _store_uploads(store, job_id, video_files, image_files)
-    sources, images, media = stored_media.sources_and_media(parsed, stored, uploaded_videos, uploaded_images)
+    if stored.parent is not None:
+        sources, images = stored.parent_request.videos, stored.parent_request.images
+    else:
+        sources, images = _store_uploads(store, job_id, video_files, image_files)
+        sources += [MediaSource.from_input(item) for item in parsed.videos]
+        images += [MediaSource.from_input(item) for item in parsed.images]
+    media = stored.media_of(sources, images)
     request = StoredRequest(
         question=parsed.question,
         prompt=parsed.prompt,
         videos=sources,
         images=images,
         # A follow-up's media were sampled as its parent asked.
-        sampling=StoredRequest.model_validate(stored.parent.request).sampling if stored.parent else parsed.sampling,
+        sampling=stored.parent_request.sampling if stored.parent_request else parsed.sampling,
         generation=parsed.generation,
         webhook=parsed.webhook,
         parent=parsed.parent,

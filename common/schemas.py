@@ -171,6 +171,14 @@ class MediaSource(BaseModel):
     def from_url(cls, url: str) -> MediaSource:
         return cls(kind="s3" if url.lower().startswith("s3://") else "http", location=url)
 
+    @classmethod
+    def from_input(cls, item: MediaInput) -> MediaSource:
+        """A request's entry: its URL, or the stored video it names."""
+        if item.video_id is not None:
+            return cls(kind="video", location=item.video_id)
+        assert item.url is not None  # MediaInput holds exactly one of the two
+        return cls.from_url(item.url)
+
 
 class StoredRequest(BaseModel):
     """What a job record keeps of the request: the validated body with media resolved to sources."""
