@@ -157,11 +157,12 @@ def submit_job(
     enqueue_ingest: Any,
     tenant: Tenant = PUBLIC,
     idempotency: IdempotencyKeys | None = None,
-    videos: VideoStore | None = None,
+    video_store: VideoStore | None = None,
     enqueue_generate: Any = None,
 ) -> tuple[Job, bool]:
     """The job created, and whether it is one an earlier request with the same
-    ``Idempotency-Key`` created (nothing new is stored then)."""
+    ``Idempotency-Key`` created (nothing new is stored then). With ``enqueue_generate``, a job
+    whose frames are all stored goes straight to the GPU queue."""
     if req.mimetype == "application/json":
         parsed, video_files, image_files = parse_json_body(req, settings)
     elif req.mimetype == "multipart/form-data":
@@ -170,7 +171,8 @@ def submit_job(
         raise InvalidRequest(
             f"unsupported content type {req.mimetype or 'none'!r}: send application/json or multipart/form-data"
         )
-    stored = stored_media.peek(parsed, tenant=tenant.name, videos=videos, jobs=jobs, store=store)
+    video_store = video_store or VideoStore(jobs.client, ttl_s=settings.storage_retention_s)
+    stored = stored_media.peek(parsed, tenant=tenant.name, videos=video_store, jobs=jobs, store=store)
     problems = check_limits(
         parsed,
         settings,
@@ -206,7 +208,7 @@ def submit_job(
         return _create(
             parsed, video_files, image_files,
             job_id=job_id, settings=settings, jobs=jobs, store=store, enqueue_ingest=enqueue_ingest, tenant=tenant,
-            stored=stored, videos=videos, enqueue_generate=enqueue_generate,
+            stored=stored, video_store=video_store, enqueue_generate=enqueue_generate,
         ), False  # fmt: skip
     except Exception:
         if claim is not None and idempotency is not None:
@@ -226,10 +228,10 @@ def _create(
     enqueue_ingest: Any,
     tenant: Tenant,
     stored: stored_media.StoredMedia,
-    videos: VideoStore | None,
+    video_store: VideoStore,
     enqueue_generate: Any,
 ) -> Job:
-    stored = stored_media.claim(parsed, stored, job_id=job_id, tenant=tenant.name, videos=videos)
+    stored = stored_media.claim(parsed, stored, job_id=job_id, tenant=tenant.name, videos=video_store)
     if stored.parent is not None:
         sources, images = stored.parent_request.videos, stored.parent_request.images
     else:
@@ -237,6 +239,10 @@ def _create(
         sources += [MediaSource.from_input(item) for item in parsed.videos]
         images += [MediaSource.from_input(item) for item in parsed.images]
     media = stored.media_of(sources, images)
+    if media is not None and enqueue_generate is None:
+        if stored.parent is not None:
+            raise InvalidRequest("follow-ups (parent) are not taken here")
+        media = None  # without a GPU queue to send to, the CPU stage takes stored frames as they are
     request = StoredRequest(
         question=parsed.question,
         prompt=parsed.prompt,

@@ -72,7 +72,7 @@ def test_media_names_exactly_one_source(body: dict, message: str) -> None:  # ty
 def test_images_take_urls_and_a_follow_up_names_no_media() -> None:
     with pytest.raises(ValidationError, match="images take a url"):
         JobRequest.model_validate({"question": "q", "images": [{"video_id": VIDEO_ID}]})
-    with pytest.raises(ValidationError, match="give no videos, images or prompt"):
+    with pytest.raises(ValidationError, match="give no videos, images"):
         JobRequest.model_validate({"question": "q", "parent": "abc", "videos": [{"url": "https://a/v.mp4"}]})
     assert JobRequest.model_validate({"question": "q", "parent": "abc"}).parent == "abc"
     with pytest.raises(ValidationError, match="must be an http"):
