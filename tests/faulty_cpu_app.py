@@ -24,7 +24,7 @@ from typing import Any
 from celery import signals
 
 from common.celery_config import INGEST_TASK
-from worker.app import build_worker_app
+from worker.app.factory import build_worker_app
 
 KILLS_KEY = "videoqa:test:kill-moments"
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 from common.schemas import Generation
 from common.settings import load_settings
-from worker.batching import (
+from worker.gpu.batch import (
     BatchItem,
     Outcome,
     default_batch_size,
@@ -24,7 +24,7 @@ from worker.batching import (
     kv_cache_bytes_per_token,
     run_batch,
 )
-from worker.inference import Completion, LoadedModel, Prompt, generate_group, load_model
+from worker.gpu.model import Completion, LoadedModel, Prompt, generate_group, load_model
 
 torch.set_num_threads(1)
 

@@ -22,9 +22,9 @@ from common.jobs import Job, JobStatus, JobStore
 from common.schemas import MediaSource, Sampling, StoredRequest
 from common.settings import Settings, load_settings
 from common.storage import LocalStore
-from worker.geometry import FrameGeometry
-from worker.ingest import IngestContext, ingest_job
-from worker.sample_media import write_cat_video
+from worker.media.geometry import FrameGeometry
+from worker.cpu.stage import IngestContext, ingest_job
+from worker.fixtures.synthetic_videos import write_cat_video
 
 
 class _VideoServer(http.server.BaseHTTPRequestHandler):

@@ -19,7 +19,7 @@ from common.connections import redis_client
 from common.jobs import Job, JobStore
 from common.settings import Settings, load_settings
 from tests.conftest import service_env, start_process
-from worker.stack import Stack, cpu_worker_command, free_port, gpu_worker_command, wait_for_http
+from worker.cli.stack import Stack, cpu_worker_command, free_port, gpu_worker_command, wait_for_http
 
 
 class MotoServer:

@@ -10,12 +10,12 @@ from celery.signals import worker_init, worker_process_init
 
 from common.celery_config import make_celery
 from common.settings import load_settings
-from worker import confinement, sandbox
-from worker.logs import configure_logging
-from worker.reconciler import ReconcilerStep
-from worker.runtime import WorkerRuntime
-from worker.sweeper import SweeperStep
-from worker.tasks import register_tasks
+from worker.sandbox import confinement, runner as sandbox
+from worker.app.logs import configure_logging
+from worker.app.reconciler import ReconcilerStep
+from worker.app.resources import WorkerRuntime
+from worker.cpu.sweeper import SweeperStep
+from worker.app.tasks import register_tasks
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +31,13 @@ def build_worker_app(role: str) -> Celery:
     if role == "gpu":
         # One process per GPU holds the model and runs its batches itself (solo pool), after a
         # blueprint step has loaded and warmed it up, before the consumer starts.
-        from worker.gpu_lifecycle import ModelSetup
+        from worker.gpu.lifecycle import ModelSetup
 
         app.conf.worker_pool = "solo"
         app.steps["worker"].add(ModelSetup)
     else:
         # Decode children run as this user: the worker's secrets in /proc stay out of their
-        # reach (each prefork child inherits this; each also protects itself in worker.sandbox).
+        # reach (each prefork child inherits this; each also protects itself in worker.sandbox.runner).
         confinement.protect_caller()
 
         def _load_geometry(**_: Any) -> None:

@@ -23,12 +23,12 @@ from common.settings import Settings
 from common.storage import ObjectStore, open_store
 from common.url_policy import UrlPolicy
 from common.webhooks import webhook_sender
-from worker.batch_queue import GpuQueue
-from worker.generate import GenerateContext
-from worker.geometry import FrameGeometry, load_geometry
-from worker.inference import LoadedModel, load_model
-from worker.ingest import IngestContext
-from worker.webhooks import WebhookContext
+from worker.gpu.claims import GpuQueue
+from worker.gpu.stage import GenerateContext
+from worker.media.geometry import FrameGeometry, load_geometry
+from worker.gpu.model import LoadedModel, load_model
+from worker.cpu.stage import IngestContext
+from worker.cpu.webhooks import WebhookContext
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 def size_setting_mismatches(config: Any, settings: Settings) -> list[str]:
     """Where the settings that size jobs at submission (the API never loads the model) disagree
     with the model this worker loaded."""
-    from worker.batching import tokens_per_image
+    from worker.gpu.batch import tokens_per_image
 
     problems = []
     per_image = tokens_per_image(config)
@@ -95,9 +95,9 @@ class WorkerRuntime:
 
     def prepare_gpu(self, hostname: str) -> None:
         """Load the model, run one warm-up generation and size the batch (before any job).
-        Raises ``worker.inference.ModelLoadError``."""
-        from worker.batching import default_batch_size
-        from worker.inference import ModelLoadError, warm_up
+        Raises ``worker.gpu.model.ModelLoadError``."""
+        from worker.gpu.batch import default_batch_size
+        from worker.gpu.model import ModelLoadError, warm_up
 
         self.hostname = hostname
         loaded = self.load_model()
@@ -115,7 +115,7 @@ class WorkerRuntime:
 
     def _check_geometry(self, loaded: LoadedModel) -> None:
         # CPU workers size frames for a hub model from VIDEOQA_IMAGE_SIZE, never asking the hub.
-        from worker.geometry import processor_geometry
+        from worker.media.geometry import processor_geometry
 
         try:
             served = processor_geometry(loaded.processor.image_processor, loaded.model_id)
@@ -129,7 +129,7 @@ class WorkerRuntime:
             )  # fmt: skip
 
     def describe_readiness(self) -> WorkerReadiness:
-        from worker.gpu_lifecycle import describe
+        from worker.gpu.lifecycle import describe
 
         return describe(self, self.hostname, self.ready_since)
 

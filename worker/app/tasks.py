@@ -10,10 +10,10 @@ from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 
 from common.celery_config import GENERATE_TASK, INGEST_TASK, WEBHOOK_TASK
 from common.errors import TransientError, VideoQAError
-from worker.batch_queue import generate_batch
-from worker.ingest import ingest_job
-from worker.runtime import WorkerRuntime
-from worker.webhooks import deliver
+from worker.gpu.claims import generate_batch
+from worker.cpu.stage import ingest_job
+from worker.app.resources import WorkerRuntime
+from worker.cpu.webhooks import deliver
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def register_tasks(app: Celery, runtime: WorkerRuntime) -> None:
 
     @app.task(name=GENERATE_TASK, base=JobTask, **retry_policy)
     def generate(job_id: str) -> None:
-        # The delivered job leads a batch of up to batch_size queued jobs (worker.batch_queue).
+        # The delivered job leads a batch of up to batch_size queued jobs (worker.gpu.claims).
         generate_batch(
             job_id,
             gpu_queue=runtime.gpu_queue,

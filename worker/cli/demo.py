@@ -15,7 +15,7 @@ import click
 
 from common.client import Client, Job, VideoQAError, WaitTimedOut
 from common.settings import DEFAULT_STORAGE_DIR, load_settings
-from worker.stack import Stack, api_command, cpu_worker_command, free_port, gpu_worker_command, redis_answers, wait_for_http, wait_for_workers
+from worker.cli.stack import Stack, api_command, cpu_worker_command, free_port, gpu_worker_command, redis_answers, wait_for_http, wait_for_workers
 
 DEMO_QUESTION = "Are these two cats in these two videos doing the same thing?"
 CACHE_DIR = Path.home() / ".cache" / "videoqa"
@@ -24,7 +24,7 @@ TINY_MODEL_DIR = CACHE_DIR / "tiny-model"
 
 def ensure_tiny_model(directory: Path) -> Path:
     if not (directory / "config.json").exists():
-        from worker.tiny_model import build_tiny_model
+        from worker.fixtures.tiny_model import build_tiny_model
 
         click.echo(f"building the tiny random-weight model in {directory}")
         build_tiny_model(directory)
@@ -88,7 +88,7 @@ def print_outcome(job: Job) -> None:
 
 
 def run_demo(question: str, num_frames: int, timeout_s: float) -> None:
-    from worker.sample_media import write_sample_videos
+    from worker.fixtures.synthetic_videos import write_sample_videos
 
     with tempfile.TemporaryDirectory(prefix="videoqa-demo-") as tmp:
         workdir = Path(tmp)

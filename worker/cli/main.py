@@ -10,9 +10,9 @@ from pathlib import Path
 
 import click
 
-from worker.ask import ask
-from worker.demo import DEMO_QUESTION, TINY_MODEL_DIR, ensure_tiny_model, run_demo
-from worker.stack import Stack, api_command, cpu_worker_command, flower_command, flower_env, gpu_worker_command, http_ok
+from worker.cli.ask import ask
+from worker.cli.demo import DEMO_QUESTION, TINY_MODEL_DIR, ensure_tiny_model, run_demo
+from worker.cli.stack import Stack, api_command, cpu_worker_command, flower_command, flower_env, gpu_worker_command, http_ok
 
 
 @click.group()
@@ -28,7 +28,7 @@ main.add_command(ask)
 @click.option("--seed", default=0, show_default=True)
 def tiny_model(directory: Path, seed: int) -> None:
     """Build the tiny random-weight LLaVA into DIRECTORY (loadable with from_pretrained)."""
-    from worker.tiny_model import build_tiny_model
+    from worker.fixtures.tiny_model import build_tiny_model
 
     click.echo(str(build_tiny_model(directory, seed=seed)))
 
@@ -49,7 +49,7 @@ def api_key(tenant: str) -> None:
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 def sample_videos(directory: Path) -> None:
     """Write the two generated sample cat videos into DIRECTORY."""
-    from worker.sample_media import write_sample_videos
+    from worker.fixtures.synthetic_videos import write_sample_videos
 
     for path in write_sample_videos(directory):
         click.echo(str(path))
@@ -118,7 +118,7 @@ def _local(host: str) -> str:
 def check_startup(env: dict[str, str]) -> None:
     """Refuse to start, in one line, what could only fail later: bad settings, no model."""
     from common.settings import SettingsError, load_settings
-    from worker.model_check import model_problem
+    from worker.cli.model_check import model_problem
 
     try:
         settings = load_settings(env)
@@ -133,7 +133,7 @@ def check_startup(env: dict[str, str]) -> None:
 @click.option("--gpus", default=None, help="comma-separated GPU indices, e.g. 0,2 (default: every visible GPU)")
 def gpu_workers(gpus: str | None) -> None:
     """One GPU worker per GPU, pinned and restarted when it dies, until Ctrl-C."""
-    from worker.gpu_workers import run_gpu_workers
+    from worker.cli.gpu_supervisor import run_gpu_workers
 
     try:
         requested = [int(part) for part in gpus.split(",") if part.strip()] if gpus else None

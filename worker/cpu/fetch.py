@@ -3,7 +3,7 @@ s3:// keys and uploads read from storage. The content hash is computed on the wa
 
 For http(s) URLs that answer with a strong ETag, the URL, its ETag and the content hash are kept in
 storage, so a later job on the same URL can ask ``If-None-Match`` and skip the download when the
-server says the bytes did not change. Those records live under the job's scope (worker.reuse)."""
+server says the bytes did not change. Those records live under the job's scope (worker.cpu.frame_store)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from common.schemas import MediaSource
 from common.settings import Settings
 from common.storage import ObjectStore, S3Store, parse_s3_url
 from common.url_policy import UrlPolicy
-from worker import safe_http
+from worker.cpu import safe_http
 
 _CHUNK = 1 << 20
 MAX_REDIRECTS = 3

@@ -19,11 +19,11 @@ from common.jobs import JobStatus, JobStore
 from common.schemas import MediaSource, Sampling, StoredRequest
 from common.settings import Settings
 from common.storage import ObjectStore
-from worker.decode_process import DecodeLimits, sample_video
-from worker.fetch import fetch_if_changed, fetch_media, known_version, remember_version
-from worker.geometry import FrameGeometry, encode_png
-from worker.reuse import ContentKeys
-from worker.still_image import decode_image
+from worker.media.decode import DecodeLimits, sample_video
+from worker.cpu.fetch import fetch_if_changed, fetch_media, known_version, remember_version
+from worker.media.geometry import FrameGeometry, encode_png
+from worker.cpu.frame_store import ContentKeys
+from worker.media.still_image import decode_image
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def ingest_video(
     """Fetch, sample and store one video; its manifest entries ``{index, time, key}``.
 
     Frames already stored for the same bytes and parameters, in the job's scope and young enough
-    (worker.reuse), are reused: the video is not decoded again, and an http(s) URL whose ETag is
+    (worker.cpu.frame_store), are reused: the video is not decoded again, and an http(s) URL whose ETag is
     unchanged is not even downloaded again.
     """
     keys = keys or ContentKeys.shared(settings.storage_retention_s)

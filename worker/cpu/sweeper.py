@@ -8,7 +8,7 @@ Rules (docs/retention.md explains them):
   its record.
 - Everything else under the storage prefix (frames, still images, ETag records, anything an
   operator put there) goes once it is older than the retention.
-- Nothing a live job names (its uploads, its frames and images) is ever deleted; worker.reuse
+- Nothing a live job names (its uploads, its frames and images) is ever deleted; worker.cpu.frame_store
   makes sure a job only picks up objects that outlive the moment its record names them.
 - Entries of the job indexes (all jobs, each tenant's) go with their records.
 
@@ -128,7 +128,7 @@ def sweep(
         return None
     try:
         # Taken before the live jobs are read: a job that names its objects after this moment
-        # picked them younger than the retention (worker.reuse), so they are not deleted.
+        # picked them younger than the retention (worker.cpu.frame_store), so they are not deleted.
         now = time.time() if now is None else now
         live = live_jobs(client, jobs)
         rule = store.set_expiration(math.ceil((retention_s + job_ttl_s) / _DAY_S))

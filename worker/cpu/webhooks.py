@@ -24,7 +24,7 @@ from common.jobs import Job, JobStore
 from common.redaction import public_url
 from common.settings import Settings
 from common.url_policy import BlockedUrl, UrlPolicy
-from worker import safe_http
+from worker.cpu import safe_http
 
 log = logging.getLogger(__name__)
 # A delay never longer than this, so a receiver back after an outage hears from us soon, and a

@@ -12,7 +12,7 @@
   ``cancelled`` which jobs were cancelled (their rows stop at the next step), and ends every row
   once the deadline passes. Reading the tokens only every ~100 ms keeps the host
   from waiting on the device at each step for this.
-* With a ``TokenStream`` (worker.token_stream), the monitor also hands it each step's new token of
+* With a ``TokenStream`` (worker.gpu.token_stream), the monitor also hands it each step's new token of
   every open row: one read of the last column, one publish for the whole batch. A row's remaining
   text is sent before its outcome, so a watcher sees every token before the job ends.
 * A CUDA out-of-memory error splits the prompts still unfinished into halves and runs them one
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from common.errors import ResourceExhausted, VideoQAError
-from worker.inference import (
+from worker.gpu.model import (
     Completion,
     LoadedModel,
     Prompt,
@@ -41,7 +41,7 @@ from worker.inference import (
     memory_info,
     sampling_key,
 )
-from worker.token_stream import TokenStream
+from worker.gpu.token_stream import TokenStream
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ class _Runner:
 
 class BatchMonitor:
     """The stopping criterion of one ``generate`` call over ``items`` (row i is items[i]); a
-    ``worker.inference.GenerationWatch``."""
+    ``worker.gpu.model.GenerationWatch``."""
 
     def __init__(self, runner: _Runner, items: list[BatchItem]) -> None:
         self.runner = runner

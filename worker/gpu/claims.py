@@ -48,7 +48,7 @@ from kombu.message import Message
 
 from common.celery_config import GENERATE_TASK, GPU_QUEUE
 from common.errors import TransientError
-from worker.generate import GenerateContext, generate_jobs
+from worker.gpu.stage import GenerateContext, generate_jobs
 
 log = logging.getLogger(__name__)
 

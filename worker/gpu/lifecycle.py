@@ -77,7 +77,7 @@ class ModelSetup(bootsteps.StartStopStep):
         self.obj: Heartbeat | None = None
 
     def start(self, parent: Any) -> None:
-        from worker.inference import ModelLoadError
+        from worker.gpu.model import ModelLoadError
 
         runtime = parent.app.videoqa_runtime
         try:
@@ -92,7 +92,7 @@ class ModelSetup(bootsteps.StartStopStep):
 
 def describe(runtime: Any, hostname: str, ready_since: float) -> WorkerReadiness:
     """The readiness record of a loaded worker, with its current free memory."""
-    from worker.inference import memory_info
+    from worker.gpu.model import memory_info
 
     loaded = runtime.model
     free, total = memory_info(loaded)

@@ -2,7 +2,7 @@
 
 Batched greedy generation uses left padding, the attention mask and the pad token, which gives
 every prompt exactly the tokens it would get alone. Each prompt is encoded on its own (token ids
-in which user text stays text, see worker.prompt_ids, and its images' pixel values), so a prompt
+in which user text stays text, see worker.gpu.prompt_ids, and its images' pixel values), so a prompt
 that cannot be encoded fails alone, before it joins a batch.
 """
 
@@ -20,8 +20,8 @@ from PIL import Image
 
 from common.schemas import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Generation, StoredRequest
 from common.settings import Settings
-from worker.model_check import MODEL_HINT
-from worker.prompt_ids import Span, prompt_ids
+from worker.cli.model_check import MODEL_HINT
+from worker.gpu.prompt_ids import Span, prompt_ids
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +248,7 @@ def sampling_key(generation: Generation) -> tuple[Any, ...]:
 
 
 class GenerationWatch(Protocol):
-    """A stopping criterion that follows one ``generate`` call row by row (see worker.batching)."""
+    """A stopping criterion that follows one ``generate`` call row by row (see worker.gpu.batch)."""
 
     def bind(self, prompt_length: int, prompt_tokens: list[int]) -> None: ...
 

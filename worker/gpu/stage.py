@@ -1,5 +1,5 @@
 """The GPU stage of jobs: load their stored frames, generate them as one batch, publish each
-answer's text as it is generated (worker.token_stream), write each result once, as soon as that
+answer's text as it is generated (worker.gpu.token_stream), write each result once, as soon as that
 job's answer is complete.
 
 Everything done for one job alone (its frames, its prompt, the processor's work on it) happens
@@ -21,10 +21,10 @@ from common.jobs import Job, JobStatus, JobStore
 from common.logging_config import job_context
 from common.schemas import StoredRequest
 from common.storage import ObjectStore
-from worker.batching import BatchItem, Outcome, describe, run_batch
-from worker.geometry import decode_png
-from worker.inference import Completion, LoadedModel, Prompt, encode_prompt, render_prompt
-from worker.token_stream import TokenStream
+from worker.gpu.batch import BatchItem, Outcome, describe, run_batch
+from worker.media.geometry import decode_png
+from worker.gpu.model import Completion, LoadedModel, Prompt, encode_prompt, render_prompt
+from worker.gpu.token_stream import TokenStream
 
 log = logging.getLogger(__name__)
 

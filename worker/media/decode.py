@@ -1,4 +1,4 @@
-"""Sampling a video in sandboxed child processes (``worker.sandbox``), so a decoder that crashes,
+"""Sampling a video in sandboxed child processes (``worker.sandbox.runner``), so a decoder that crashes,
 hangs or eats memory ends one job ``invalid_media`` and never the worker.
 
 A first child probes the file, indexes its packets, chooses the frames and plans the seeks. When
@@ -21,7 +21,7 @@ from PIL import Image
 
 from common.schemas import Sampling
 from common.settings import Settings
-from worker.frames import (
+from worker.media.sampling import (
     Decoded,
     SampledFrame,
     Segment,
@@ -35,9 +35,9 @@ from worker.frames import (
     sampled_frame,
     split_segments,
 )
-from worker.geometry import FrameGeometry
-from worker.probe import MediaInfo, MediaLimits, check_index, open_checked
-from worker.sandbox import Answer, Session, available_cores
+from worker.media.geometry import FrameGeometry
+from worker.media.probe import MediaInfo, MediaLimits, check_index, open_checked
+from worker.sandbox.runner import Answer, Session, available_cores
 
 # Below this many frames to decode, a second process costs more than it saves.
 _SPLIT_MIN_FRAMES = 120
@@ -129,7 +129,7 @@ def _plan(index: StreamIndex, sampling: Sampling, processes: int) -> _Plan:
     return _Plan(positions, [], split_segments(index, segments, processes if work >= _SPLIT_MIN_FRAMES else 1))
 
 
-# What the children's answers may hold besides builtin values (worker.sandbox rebuilds no other class).
+# What the children's answers may hold besides builtin values (worker.sandbox.runner rebuilds no other class).
 _ANSWER_TYPES = (MediaInfo, StreamIndex, Segment, _Plan)
 
 

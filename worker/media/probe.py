@@ -1,7 +1,7 @@
 """Probing a media file before decoding it: what it is, and whether it is within the limits.
 
 The container is opened with the demuxers of self-contained video files only
-(``worker.frames.VIDEO_DEMUXERS``): demuxers that follow references to other files or URLs (HLS and
+(``worker.media.sampling.VIDEO_DEMUXERS``): demuxers that follow references to other files or URLs (HLS and
 DASH playlists, concat lists, image2 patterns) are refused before they read anything, and so are
 still images, which are not videos. Header values (duration, frame count) are
 checked when a file declares them; ``check_index`` checks the same limits against the stream
@@ -20,7 +20,7 @@ from PIL import Image
 
 from common.errors import InvalidMedia, MediaTooLarge
 from common.settings import Settings
-from worker.frames import StreamIndex, open_input, video_stream
+from worker.media.sampling import StreamIndex, open_input, video_stream
 
 @dataclass(frozen=True)
 class MediaLimits:

@@ -4,7 +4,7 @@ The frame count and every timestamp come from the demuxed packets (pts and time 
 from the container header. Decoding seeks to the keyframe before a target, or keeps decoding when
 the next target comes before the next keyframe; non-reference frames that are not targets are
 skipped by the decoder, and only the frames kept are converted to RGB. These are plain functions
-that run in whatever process calls them; ``worker.decode_process`` runs them in sandboxed children.
+that run in whatever process calls them; ``worker.media.decode`` runs them in sandboxed children.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from PIL import Image
 
 from common.errors import InvalidMedia, InvalidRequest
 from common.schemas import Sampling
-from worker.media_errors import plain_reason
-from worker.mp4_index import has_sample_tables, read_timestamps
-from worker.seeking import packets_from
+from worker.media.errors import plain_reason
+from worker.media.mp4_index import has_sample_tables, read_timestamps
+from worker.media.seeking import packets_from
 
 # Demuxers of self-contained video files, by FFmpeg name. Those that follow references to other
 # files or URLs (hls, dash, concat, image2 patterns) and image readers are not among them.
@@ -125,7 +125,7 @@ def video_stream(container: av.container.InputContainer) -> av.video.stream.Vide
 
 def index_stream(path: Path) -> StreamIndex:
     """Every frame's pts and where the keyframes are, without decoding: from an MP4's sample
-    tables where FFmpeg agrees with them (``worker.mp4_index``), else by demuxing every packet."""
+    tables where FFmpeg agrees with them (``worker.media.mp4_index``), else by demuxing every packet."""
     with open_input(path) as container:
         return index_container(container)
 
@@ -486,7 +486,7 @@ def to_rgb(frame: av.VideoFrame) -> np.ndarray:
 
 
 def sample_frames(path: Path, sampling: Sampling, *, threads: int = 0) -> list[SampledFrame]:
-    """Index, choose and decode in this process (``worker.decode_process`` sandboxes the same steps)."""
+    """Index, choose and decode in this process (``worker.media.decode`` sandboxes the same steps)."""
     index = index_stream(path)
     return decode_positions(path, index, choose_positions(index, sampling), fast=sampling.fast, threads=threads)
 

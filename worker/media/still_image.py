@@ -1,6 +1,6 @@
 """Still images (a job's ``images``) decoded in a sandboxed child, as videos are: the picture size
 is read from the header and checked against ``VIDEOQA_MAX_IMAGE_PIXELS`` before any pixel is
-decoded, and the decoder's memory, time and reach are those of ``worker.sandbox``'s children.
+decoded, and the decoder's memory, time and reach are those of ``worker.sandbox.runner``'s children.
 Only the resized picture travels back, at the model's geometry."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from PIL import Image
 
 from common.errors import InvalidMedia, MediaTooLarge
 from common.settings import Settings
-from worker.geometry import FrameGeometry
-from worker.media_errors import plain_reason
-from worker.sandbox import Answer, run_isolated
+from worker.media.geometry import FrameGeometry
+from worker.media.errors import plain_reason
+from worker.sandbox.runner import Answer, run_isolated
 
 
 def decode_image(path: Path, geometry: FrameGeometry, settings: Settings) -> Image.Image:

@@ -1,4 +1,4 @@
-"""What a decode child may not do: the security side of ``worker.sandbox``.
+"""What a decode child may not do: the security side of ``worker.sandbox.runner``.
 
 Children parse hostile files, so a decoder bug must not hand its author more than the file itself:
 they start from an environment that holds no secret (an allowlist, below), may not gain privileges
@@ -226,7 +226,7 @@ def confine(prepared: Prepared, user_tasks: int) -> None:
 
 
 def report() -> tuple[dict[str, Any], list[Any]]:
-    """What confines the child that runs this (an answer for ``worker.sandbox``)."""
+    """What confines the child that runs this (an answer for ``worker.sandbox.runner``)."""
     status: dict[str, str] = {}
     if os.path.exists("/proc/self/status"):
         with open("/proc/self/status") as handle:

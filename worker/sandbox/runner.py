@@ -5,7 +5,7 @@ A small fork server, started once per calling process, imports the decoding stac
 child per call. Each child gets limits on memory (data: heap, buffers, stacks), CPU time (a
 backstop to the caller's deadline) and core dumps, and dies with the server, which exits with the
 caller. The server starts from an environment without secrets, and each child is confined before
-it runs its call (``worker.confinement``: no new privileges, few files, no network or processes).
+it runs its call (``worker.sandbox.confinement``: no new privileges, few files, no network or processes).
 Children answer over their own socket: a length-prefixed pickled header (the length bounded before
 anything is allocated for it), then NumPy arrays as raw bytes; a child running a generator answers
 once per value it yields, then once more with what it returns.
@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from common.errors import InvalidMedia, TransientError, VideoQAError
-from worker import confinement
+from worker.sandbox import confinement
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ class _Server:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         bootstrap = (
             "import sys; sys.path[:0] = __import__('json').loads(sys.argv[1]); "
-            "from worker.sandbox import serve; serve(int(sys.argv[2]))"
+            "from worker.sandbox.runner import serve; serve(int(sys.argv[2]))"
         )
         self.process = subprocess.Popen(
             [sys.executable, "-c", bootstrap, json.dumps(sys.path), str(theirs.fileno())],
@@ -427,8 +427,8 @@ def _recv_into(sock: socket.socket, view: memoryview) -> None:
 def serve(fd: int) -> None:
     """The fork server's loop: fork a child per request, report exits, stop with the caller."""
     # What every child needs, imported once here.
-    import worker.decode_process  # noqa: F401
-    import worker.still_image  # noqa: F401
+    import worker.media.decode  # noqa: F401
+    import worker.media.still_image  # noqa: F401
 
     confined = confinement.prepare()
     user_tasks = confinement.UserTasks()
@@ -526,7 +526,7 @@ def _answer(conn: socket.socket, fn: Callable[..., Any], args: tuple[Any, ...]) 
         _send(conn, ("error", InvalidMedia, "the video needs more memory to decode than the limit allows"))
         return
     except Exception as exc:  # noqa: BLE001 - a decoder bug must end the job, not the worker
-        from worker.media_errors import plain_reason
+        from worker.media.errors import plain_reason
 
         _send(conn, ("error", InvalidMedia, f"the video cannot be decoded: {plain_reason(exc)}"))
         return
