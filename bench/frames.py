@@ -175,13 +175,14 @@ def run_torchcodec(path: str, n: int, processes: int) -> dict[str, Any]:
 def _videoqa(path: str, n: int, processes: int, fast: bool) -> dict[str, Any]:
     from common.schemas import Sampling
     from common.settings import load_settings
-    from worker.media.decode import DecodeLimits, sample_video
+    from worker.media.decode import DecodeLimits, decode_frames_in_sandbox
+    from worker.media.decode import MEDIA_SANDBOX
     from worker.sandbox.runner import warm_up
 
     limits = DecodeLimits.from_settings(load_settings({"VIDEOQA_DECODE_PROCESSES": str(processes)}))
-    warm_up()
+    warm_up(MEDIA_SANDBOX)
     started = time.perf_counter()
-    sample = sample_video(Path(path), Sampling(num_frames=n, fast=fast), limits)
+    sample = decode_frames_in_sandbox(Path(path), Sampling(num_frames=n, fast=fast), limits)
     seconds = time.perf_counter() - started
     offsets = [abs(f.offset or 0.0) for f in sample.frames]
     return {

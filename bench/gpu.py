@@ -46,7 +46,7 @@ from PIL import Image
 from common.schemas import Generation
 from common.settings import load_settings
 from worker.gpu.batch import BatchItem, default_batch_size, kv_cache_bytes_per_token, run_batch, tokens_per_image
-from worker.gpu.model import LoadedModel, Prompt, generate_group, load_model
+from worker.gpu.model import LoadedModel, Prompt, generate_one_call, load_model
 
 FRAMES = 12
 NEW_TOKENS = 100
@@ -209,7 +209,7 @@ def batched_way(loaded: LoadedModel, jobs: list[Prompt]) -> Timing:
 
     def generate(model: LoadedModel, batch: list[Prompt], **kwargs: Any) -> list[Any]:
         calls.append(FirstToken(loaded, kwargs.pop("watch")))
-        return generate_group(model, batch, watch=calls[-1], **kwargs)
+        return generate_one_call(model, batch, watch=calls[-1], **kwargs)
 
     _sync(loaded)
     started = time.perf_counter()

@@ -143,7 +143,7 @@ def generate_back_to_back(jobs: int, max_new_tokens: int, video: str) -> None:
     from common.schemas import Generation, Sampling
     from common.settings import load_settings
     from worker.media.sampling import sample_frames
-    from worker.gpu.model import Prompt, generate, load_model
+    from worker.gpu.model import Prompt, generate_batch, load_model
 
     torch.set_num_threads(1)
     loaded = load_model(load_settings())
@@ -152,11 +152,11 @@ def generate_back_to_back(jobs: int, max_new_tokens: int, video: str) -> None:
     messages = [{"role": "user", "content": content}]
     text = loaded.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     prompt = Prompt(text=text, images=images, generation=Generation(max_new_tokens=max_new_tokens))
-    generate(loaded, [prompt])  # warm-up, as the workers do before consuming
+    generate_batch(loaded, [prompt])  # warm-up, as the workers do before consuming
     print("READY", flush=True)
     sys.stdin.readline()
     started = time.perf_counter()
-    tokens = sum(generate(loaded, [prompt])[0].completion_tokens for _ in range(jobs))
+    tokens = sum(generate_batch(loaded, [prompt])[0].completion_tokens for _ in range(jobs))
     print("RESULT " + json.dumps({"seconds": time.perf_counter() - started, "tokens": tokens}), flush=True)
 
 

@@ -30,7 +30,7 @@ from common.connections import redis_client
 from common.jobs import JobStatus, JobStore
 from common.settings import Settings, load_settings
 from common.storage import open_store
-from worker.media.geometry import encode_png
+from worker.media.png import encode_png
 from worker.cli.stack import Stack, gpu_worker_command
 
 

@@ -21,7 +21,7 @@ from PIL import Image
 from common.connections import redis_client
 from common.jobs import JobStatus, JobStore
 from tests.conftest import BUCKET, RunningService, service_env, start_process
-from worker.media.geometry import load_geometry
+from worker.app.resources import load_geometry
 from worker.fixtures.synthetic_videos import write_cat_video
 from worker.cli.stack import Stack, cpu_worker_command, wait_for_workers
 

@@ -25,7 +25,7 @@ from common.jobs import Job, JobStatus, JobStore
 from common.settings import Settings, load_settings
 from common.storage import ObjectStore, open_store
 from tests.conftest import service_env, start_process
-from worker.media.geometry import encode_png
+from worker.media.png import encode_png
 from worker.gpu.lifecycle import EX_CONFIG
 from worker.gpu.model import LoadedModel, load_model
 from worker.cli.stack import Stack, gpu_worker_command

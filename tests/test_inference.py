@@ -11,7 +11,7 @@ from PIL import Image
 
 from common.schemas import Generation, MediaSource, Sampling, StoredRequest
 from common.settings import load_settings
-from worker.gpu.model import LoadedModel, Prompt, generate, load_model, render_prompt, resolve_attention
+from worker.gpu.model import LoadedModel, Prompt, generate_batch, load_model, render_prompt, resolve_attention
 
 torch.set_num_threads(1)
 
@@ -77,7 +77,7 @@ def test_batched_greedy_answers_equal_unbatched_ones(loaded: LoadedModel) -> Non
         images = _frames(frames, seed)
         text = render_prompt(loaded.processor, _request(f"question {seed}?", videos=1), [images], []).text
         prompts.append(Prompt(text=text, images=images, generation=Generation(max_new_tokens=max_new)))
-    batched = generate(loaded, prompts)
+    batched = generate_batch(loaded, prompts)
     for prompt, completion in zip(prompts, batched, strict=True):
         alone = _direct(loaded, prompt.text, prompt.images, prompt.generation.max_new_tokens)
         assert completion.token_ids == alone

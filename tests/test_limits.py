@@ -152,7 +152,7 @@ def test_the_cpu_worker_checks_the_frames_it_sampled_before_a_gpu_sees_them(
         jobs=JobStore(redis_client(settings), ttl_s=settings.job_ttl_s),
         store=LocalStore(Path(settings.storage_url)),
         geometry=lambda: FrameGeometry(64, 64, 3),
-        enqueue_generate=sent.append,
+        enqueue_answer=sent.append,
     )
     video = write_cat_video(tmp_path / "cat.mp4", seconds=2, fps=10, width=160, height=120)
     ctx.store.put_file("uploads/cat.mp4", video)

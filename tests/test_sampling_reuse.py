@@ -82,7 +82,7 @@ def context(settings: Settings) -> IngestContext:
         jobs=JobStore(redis_client(settings), ttl_s=settings.job_ttl_s),
         store=LocalStore(Path(settings.storage_url)),
         geometry=lambda: FrameGeometry(64, 64, 3),
-        enqueue_generate=lambda job_id: None,
+        enqueue_answer=lambda job_id: None,
     )
 
 

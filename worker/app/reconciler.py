@@ -16,7 +16,6 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import redis
-from celery import bootsteps
 
 from common.celery_config import CPU_QUEUE, GENERATE_TASK, GPU_QUEUE, INGEST_TASK
 from common.jobs import ACTIVE_PREFIX, JobStatus, JobStore
@@ -89,34 +88,3 @@ def reconcile(
         return resent
     finally:
         client.delete(LOCK_KEY)
-
-
-class ReconcilerStep(bootsteps.StartStopStep):
-    """Runs ``reconcile`` on the worker's timer (CPU workers only)."""
-
-    requires = {"celery.worker.components:Timer"}
-
-    def __init__(self, worker: Any, **kwargs: Any) -> None:
-        super().__init__(worker, **kwargs)
-        self._timer_ref: Any = None
-
-    def start(self, worker: Any) -> None:
-        runtime = worker.app.videoqa_runtime
-        settings = runtime.settings
-
-        def scan() -> None:
-            try:
-                reconcile(
-                    runtime.jobs.client,
-                    runtime.jobs,
-                    lambda task, job_id: worker.app.send_task(task, args=[job_id]),
-                    stale_after_s=settings.reconcile_after_s,
-                )
-            except redis.RedisError as exc:
-                log.warning("reconciler: Redis unavailable (%s); next scan later", exc.__class__.__name__)
-
-        self._timer_ref = worker.timer.call_repeatedly(settings.reconcile_interval_s, scan, priority=10)
-
-    def stop(self, worker: Any) -> None:
-        if self._timer_ref is not None:
-            self._timer_ref.cancel()

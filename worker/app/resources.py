@@ -2,14 +2,16 @@
 size and the queue it claims batches from.
 
 Clients are created lazily, in the process that uses them: prefork children must not inherit
-sockets opened by their parent.
+sockets opened by their parent. The app factory attaches them to the Celery app
+(``attach_resources``); blueprint steps and tasks find them with ``resources_of(app)``.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from functools import cached_property
+from functools import cached_property, lru_cache
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -24,11 +26,12 @@ from common.storage import ObjectStore, open_store
 from common.url_policy import UrlPolicy
 from common.webhooks import webhook_sender
 from worker.gpu.claims import GpuQueue
-from worker.gpu.stage import GenerateContext
-from worker.media.geometry import FrameGeometry, load_geometry
+from worker.gpu.stage import AnswerContext
+from worker.media.geometry import DEFAULT_RESAMPLE, FrameGeometry, processor_geometry
 from worker.gpu.model import LoadedModel, load_model
 from worker.cpu.stage import IngestContext
 from worker.cpu.webhooks import WebhookContext
+from worker.gpu.lifecycle import describe
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +56,18 @@ def size_setting_mismatches(config: Any, settings: Settings) -> list[str]:
     return problems
 
 
-class WorkerRuntime:
+@lru_cache(maxsize=4)
+def load_geometry(model: str, image_size: int = 384) -> FrameGeometry:
+    """Size and resample from a local model folder's image processor config (no weights), else
+    ``image_size`` square with the served model's filter; never a hub request."""
+    if not Path(model).is_dir():
+        return FrameGeometry(width=image_size, height=image_size, resample=DEFAULT_RESAMPLE)
+    from transformers import AutoImageProcessor
+
+    return processor_geometry(AutoImageProcessor.from_pretrained(model), model)
+
+
+class WorkerResources:
     def __init__(self, settings: Settings, celery: Celery) -> None:
         self.settings = settings
         self.celery = celery
@@ -84,7 +98,7 @@ class WorkerRuntime:
         return GpuQueue(
             self.celery,
             hostname=self.hostname,
-            max_retries=self.settings.ingest_max_retries,
+            max_retries=self.settings.transient_retries,
             backoff_s=self.settings.retry_backoff_s,
         )
 
@@ -115,8 +129,6 @@ class WorkerRuntime:
 
     def _check_geometry(self, loaded: LoadedModel) -> None:
         # CPU workers size frames for a hub model from VIDEOQA_IMAGE_SIZE, never asking the hub.
-        from worker.media.geometry import processor_geometry
-
         try:
             served = processor_geometry(loaded.processor.image_processor, loaded.model_id)
         except (AttributeError, RuntimeError):
@@ -129,9 +141,13 @@ class WorkerRuntime:
             )  # fmt: skip
 
     def describe_readiness(self) -> WorkerReadiness:
-        from worker.gpu.lifecycle import describe
-
-        return describe(self, self.hostname, self.ready_since)
+        return describe(
+            self.load_model(),
+            hostname=self.hostname,
+            batch_size=self.batch_size,
+            batch_wait_ms=self.settings.batch_wait_ms,
+            ready_since=self.ready_since,
+        )
 
     def ingest_context(self) -> IngestContext:
         return IngestContext(
@@ -139,7 +155,7 @@ class WorkerRuntime:
             jobs=self.jobs,
             store=self.store,
             geometry=lambda: self.geometry,
-            enqueue_generate=lambda job_id: self.celery.send_task(GENERATE_TASK, args=[job_id]),
+            enqueue_answer=lambda job_id: self.celery.send_task(GENERATE_TASK, args=[job_id]),
         )
 
     def webhook_context(self) -> WebhookContext:
@@ -149,12 +165,28 @@ class WorkerRuntime:
             policy=UrlPolicy.from_allowlist(self.settings.fetch_allowlist_entries),
         )
 
-    def generate_context(self) -> GenerateContext:
+    def answer_context(self) -> AnswerContext:
         # The solo pool enforces no task time limit: generation ends itself at the same limit.
-        return GenerateContext(
+        return AnswerContext(
             jobs=self.jobs,
             store=self.store,
             model=self.load_model(),
             time_limit_s=self.settings.task_time_limit_s,
             max_attempts=self.settings.max_attempts,
         )
+
+
+# The attribute of the Celery app that holds its process's resources.
+_ATTRIBUTE = "videoqa_resources"
+
+
+def attach_resources(app: Celery, resources: WorkerResources) -> None:
+    setattr(app, _ATTRIBUTE, resources)
+
+
+def resources_of(app: Celery) -> WorkerResources:
+    """The resources ``worker.app.factory.build_worker_app`` attached to ``app``."""
+    resources = getattr(app, _ATTRIBUTE, None)
+    if not isinstance(resources, WorkerResources):
+        raise RuntimeError("this Celery app has no worker resources: build it with build_worker_app")
+    return resources

@@ -10,9 +10,9 @@ from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 
 from common.celery_config import GENERATE_TASK, INGEST_TASK, WEBHOOK_TASK
 from common.errors import TransientError, VideoQAError
-from worker.gpu.claims import generate_batch
+from worker.gpu.claims import answer_claimed_batch
 from worker.cpu.stage import ingest_job
-from worker.app.resources import WorkerRuntime
+from worker.app.resources import WorkerResources
 from worker.cpu.webhooks import deliver
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,7 @@ def failure_of(exc: BaseException) -> tuple[str, str]:
     return "internal", "internal error while processing the job"
 
 
-def register_tasks(app: Celery, runtime: WorkerRuntime) -> None:
+def register_tasks(app: Celery, resources: WorkerResources) -> None:
     class JobTask(Task):  # type: ignore[misc]
         """Ends the job as failed when the task gives up (retries spent, time limit, a bug)."""
 
@@ -35,38 +35,38 @@ def register_tasks(app: Celery, runtime: WorkerRuntime) -> None:
             job_id = args[0] if args else kwargs.get("job_id")
             if job_id:
                 code, message = failure_of(exc)
-                runtime.jobs.fail(job_id, code, message)
+                resources.jobs.fail(job_id, code, message)
 
     retry_policy = {
         "autoretry_for": (TransientError,),
-        "retry_backoff": runtime.settings.retry_backoff_s,
+        "retry_backoff": resources.settings.retry_backoff_s,
         "retry_backoff_max": 60,
         "retry_jitter": True,
-        "max_retries": runtime.settings.ingest_max_retries,
+        "max_retries": resources.settings.transient_retries,
     }
 
     @app.task(name=INGEST_TASK, base=JobTask, **retry_policy)
     def ingest(job_id: str) -> None:
-        ingest_job(job_id, runtime.ingest_context())
+        ingest_job(job_id, resources.ingest_context())
 
     def fail_job(job_id: str, exc: BaseException) -> None:
-        runtime.jobs.fail(job_id, *failure_of(exc))
+        resources.jobs.fail(job_id, *failure_of(exc))
 
     @app.task(name=GENERATE_TASK, base=JobTask, **retry_policy)
-    def generate(job_id: str) -> None:
+    def answer(job_id: str) -> None:
         # The delivered job leads a batch of up to batch_size queued jobs (worker.gpu.claims).
-        generate_batch(
+        answer_claimed_batch(
             job_id,
-            gpu_queue=runtime.gpu_queue,
-            ctx=runtime.generate_context(),
-            batch_size=runtime.batch_size,
-            wait_s=runtime.settings.batch_wait_ms / 1000,
+            gpu_queue=resources.gpu_queue,
+            ctx=resources.answer_context(),
+            batch_size=resources.batch_size,
+            wait_s=resources.settings.batch_wait_ms / 1000,
             fail_job=fail_job,
         )
 
     # Not a JobTask: a delivery that fails never changes the job's outcome.
     @app.task(name=WEBHOOK_TASK, bind=True, max_retries=None)
     def webhook(self: Task, job_id: str) -> None:
-        delay = deliver(job_id, runtime.webhook_context())
+        delay = deliver(job_id, resources.webhook_context())
         if delay is not None:
             raise self.retry(countdown=delay)

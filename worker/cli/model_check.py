@@ -11,9 +11,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-MODEL_HINT = (
-    "set VIDEOQA_MODEL to a local model folder or a hub id, or build a test model with `videoqa tiny-model DIR`"
-)
+from worker.gpu.model import MODEL_HINT
+
 UP_TINY = "(or run `videoqa up --tiny`)"
 HUB_TIMEOUT_S = 5.0
 

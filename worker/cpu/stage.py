@@ -19,9 +19,10 @@ from common.jobs import JobStatus, JobStore
 from common.schemas import MediaSource, Sampling, StoredRequest
 from common.settings import Settings
 from common.storage import ObjectStore
-from worker.media.decode import DecodeLimits, sample_video
+from worker.media.decode import DecodeLimits, decode_frames_in_sandbox
 from worker.cpu.fetch import fetch_if_changed, fetch_media, known_version, remember_version
-from worker.media.geometry import FrameGeometry, encode_png
+from worker.media.geometry import FrameGeometry
+from worker.media.png import encode_png
 from worker.cpu.frame_store import ContentKeys
 from worker.media.still_image import decode_image
 
@@ -34,7 +35,7 @@ class IngestContext:
     jobs: JobStore
     store: ObjectStore
     geometry: Callable[[], FrameGeometry]
-    enqueue_generate: Callable[[str], None]
+    enqueue_answer: Callable[[str], None]
 
 
 class StageTimer:
@@ -97,7 +98,7 @@ def ingest_video(
         if (manifest := stored_manifest(fetched.sha256)) is not None:
             return json.loads(store.get_bytes(manifest))
         started = time.perf_counter()
-        sample = sample_video(fetched.path, sampling, DecodeLimits.from_settings(settings), geometry=geometry)
+        sample = decode_frames_in_sandbox(fetched.path, sampling, DecodeLimits.from_settings(settings), geometry=geometry)
         timer.add("decode", started)
     finally:
         fetched.path.unlink(missing_ok=True)
@@ -210,4 +211,4 @@ def ingest_job(job_id: str, ctx: IngestContext) -> None:
     )
     if moved:
         jobs.mark(job_id, "queue_gpu", "start")
-        ctx.enqueue_generate(job_id)
+        ctx.enqueue_answer(job_id)

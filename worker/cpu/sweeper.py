@@ -21,18 +21,14 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import redis
-from celery import bootsteps
 
-from common.errors import VideoQAError
 from common.jobs import ACTIVE_PREFIX, INDEX_KEY, KEY_PREFIX, TENANT_INDEX_PREFIX, Job, JobStore
-from common.storage import UPLOADS_PREFIX, ObjectStore, StoredObject, open_store
+from common.storage import UPLOADS_PREFIX, ObjectStore, StoredObject
 
 log = logging.getLogger(__name__)
 
@@ -145,59 +141,3 @@ def sweep(
         return SweepOutcome(deleted=deleted, live_jobs=len(live), index_entries_removed=removed, expiration_rule=rule)
     finally:
         client.delete(LOCK_KEY)
-
-
-class SweeperStep(bootsteps.StartStopStep):
-    """Runs ``sweep`` on the worker's timer (CPU workers only), in a thread of its own: listing a
-    large bucket must not hold up the worker's event loop."""
-
-    requires = {"celery.worker.components:Timer"}
-
-    def __init__(self, worker: Any, **kwargs: Any) -> None:
-        super().__init__(worker, **kwargs)
-        self._timer_ref: Any = None
-        self._running: threading.Thread | None = None
-        self._store: ObjectStore | None = None
-
-    def start(self, worker: Any) -> None:
-        runtime = worker.app.videoqa_runtime
-        settings = runtime.settings
-
-        def run() -> None:
-            try:
-                if self._store is None:
-                    # A store of its own: pool processes forked later inherit the runtime's and
-                    # use it; they must not share its connections with this thread.
-                    self._store = open_store(settings)
-                outcome = sweep(
-                    runtime.jobs.client,
-                    runtime.jobs,
-                    self._store,
-                    retention_s=settings.storage_retention_s,
-                    job_ttl_s=settings.job_ttl_s,
-                    lock_s=settings.sweep_interval_s,
-                )
-            except (redis.RedisError, VideoQAError) as exc:
-                log.warning("sweeper: %s; next sweep later", exc.__class__.__name__)
-                return
-            except Exception:
-                # A thread's exception would go to stderr only; the next sweep tries again.
-                log.exception("sweeper failed; next sweep later")
-                return
-            if outcome is not None and (outcome.deleted or outcome.index_entries_removed):
-                log.info(
-                    "sweeper: deleted %d stored objects and %d index entries",
-                    outcome.deleted,
-                    outcome.index_entries_removed,
-                )
-
-        def start_sweep() -> None:
-            if self._running is None or not self._running.is_alive():
-                self._running = threading.Thread(target=run, name="videoqa-sweeper", daemon=True)
-                self._running.start()
-
-        self._timer_ref = worker.timer.call_repeatedly(settings.sweep_interval_s, start_sweep, priority=10)
-
-    def stop(self, worker: Any) -> None:
-        if self._timer_ref is not None:
-            self._timer_ref.cancel()

@@ -3,7 +3,7 @@
 ``run_batch`` takes prompts keyed by job id and gives each an ``Outcome``, handed to
 ``on_outcome`` the moment it is known:
 
-* Prompts with the same sampling settings share one ``generate`` call (left padding, attention
+* Prompts with the same generation settings share one ``generate`` call (left padding, attention
   mask, pad token: greedy rows get exactly their unbatched tokens), in order of prompt length so
   that the halves of a split hold prompts of similar length.
 * A ``BatchMonitor`` rides along as a stopping criterion. On the device, every step, it ends each
@@ -37,9 +37,9 @@ from worker.gpu.model import (
     LoadedModel,
     Prompt,
     completion_from_tokens,
-    generate_group,
+    generate_one_call,
     memory_info,
-    sampling_key,
+    generation_key,
 )
 from worker.gpu.token_stream import TokenStream
 
@@ -76,14 +76,14 @@ def run_batch(
     cancelled: Callable[[list[str]], set[str]] | None = None,
     deadline: float | None = None,
     check_every_s: float = CHECK_EVERY_S,
-    generate_fn: GenerateFn = generate_group,
+    generate_fn: GenerateFn = generate_one_call,
     tokens: TokenStream | None = None,
 ) -> dict[str, Outcome]:
     """Generate every item's answer; see the module docstring. ``deadline`` is a ``time.time()``."""
     runner = _Runner(loaded, on_outcome, cancelled, deadline, check_every_s, generate_fn, tokens)
     groups: dict[tuple[Any, ...], list[BatchItem]] = {}
     for item in items:
-        groups.setdefault(sampling_key(item.prompt.generation), []).append(item)
+        groups.setdefault(generation_key(item.prompt.generation), []).append(item)
     for group in groups.values():
         runner.run(sorted(group, key=_length_key))
     return runner.outcomes

@@ -48,7 +48,7 @@ from kombu.message import Message
 
 from common.celery_config import GENERATE_TASK, GPU_QUEUE
 from common.errors import TransientError
-from worker.gpu.stage import GenerateContext, generate_jobs
+from worker.gpu.stage import AnswerContext, answer_jobs
 
 log = logging.getLogger(__name__)
 
@@ -209,11 +209,11 @@ class GpuQueue:
             log.debug("could not send %s events", kind, exc_info=True)
 
 
-def generate_batch(
+def answer_claimed_batch(
     job_id: str,
     *,
     gpu_queue: GpuQueue,
-    ctx: GenerateContext,
+    ctx: AnswerContext,
     batch_size: int,
     wait_s: float,
     fail_job: Callable[[str, BaseException], None],
@@ -224,7 +224,7 @@ def generate_batch(
     the batch, then propagates for the leader."""
     with gpu_queue.claim(batch_size - 1, wait_s, exclude=job_id) as claims:
         try:
-            retry = generate_jobs([job_id, *(claim.job_id for claim in claims)], ctx)
+            retry = answer_jobs([job_id, *(claim.job_id for claim in claims)], ctx)
         except Exception as exc:
             for claim in claims:
                 fail_job(claim.job_id, exc)

@@ -1,10 +1,10 @@
-"""A GPU worker's model lifecycle: load, warm up, size the batch, publish readiness, withdraw.
+"""A GPU worker's readiness: what it publishes once its model is loaded, and the heartbeat that
+keeps it fresh.
 
-``ModelSetup`` is a step of the Celery worker's blueprint. Celery starts it after the pool and
-before the consumer, so the model is loaded (once, in the process that runs the tasks: the GPU
-worker uses the solo pool) and warmed up before the worker takes any message. A model that cannot
-load stops the worker with exit status 78 (EX_CONFIG) and one clear log line, instead of a worker
-that fails every job; ``videoqa gpu-workers`` does not restart a worker that exits so.
+The model is loaded and warmed up by a step of the Celery worker's blueprint
+(``worker.app.steps.ModelSetup``) before the worker takes any message. A model that cannot load
+stops the worker with exit status 78 (EX_CONFIG) and one clear log line, instead of a worker that
+fails every job; ``videoqa gpu-workers`` does not restart a worker that exits so.
 
 Readiness is a Redis key (``common.readiness``) refreshed by a thread every heartbeat interval,
 and deleted when the worker stops.
@@ -17,13 +17,15 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 import redis
-from celery import bootsteps
 
 from common import readiness
 from common.readiness import WorkerReadiness
+
+if TYPE_CHECKING:
+    from worker.gpu.model import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -67,34 +69,12 @@ class Heartbeat:
             log.warning("could not withdraw readiness of %s; it expires by itself", self.hostname)
 
 
-class ModelSetup(bootsteps.StartStopStep):
-    """Load and warm up the model, then publish readiness; withdraw it when the worker stops."""
-
-    label = "videoqa-model"
-
-    def __init__(self, parent: Any, **kwargs: Any) -> None:
-        super().__init__(parent, **kwargs)
-        self.obj: Heartbeat | None = None
-
-    def start(self, parent: Any) -> None:
-        from worker.gpu.model import ModelLoadError
-
-        runtime = parent.app.videoqa_runtime
-        try:
-            runtime.prepare_gpu(parent.hostname)
-        except ModelLoadError as exc:
-            log.critical("%s; this worker stops", exc)
-            raise SystemExit(EX_CONFIG) from None
-        self.obj = Heartbeat(runtime.readiness_client, runtime.describe_readiness, runtime.settings.heartbeat_interval_s)
-        self.obj.start()
-        log.info("%s is ready: batches of up to %d jobs", parent.hostname, runtime.batch_size)
-
-
-def describe(runtime: Any, hostname: str, ready_since: float) -> WorkerReadiness:
+def describe(
+    loaded: LoadedModel, *, hostname: str, batch_size: int, batch_wait_ms: int, ready_since: float
+) -> WorkerReadiness:
     """The readiness record of a loaded worker, with its current free memory."""
     from worker.gpu.model import memory_info
 
-    loaded = runtime.model
     free, total = memory_info(loaded)
     gpu = None
     if loaded.device.startswith("cuda"):
@@ -112,8 +92,8 @@ def describe(runtime: Any, hostname: str, ready_since: float) -> WorkerReadiness
         attn_implementation=loaded.attn_implementation,
         free_memory_bytes=free,
         total_memory_bytes=total,
-        batch_size=runtime.batch_size,
-        batch_wait_ms=runtime.settings.batch_wait_ms,
+        batch_size=batch_size,
+        batch_wait_ms=batch_wait_ms,
         pid=os.getpid(),
         ready_since=ready_since,
         updated_at=time.time(),

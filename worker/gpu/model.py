@@ -20,10 +20,14 @@ from PIL import Image
 
 from common.schemas import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Generation, StoredRequest
 from common.settings import Settings
-from worker.cli.model_check import MODEL_HINT
 from worker.gpu.prompt_ids import Span, prompt_ids
 
 log = logging.getLogger(__name__)
+
+# What to do about a model that cannot be loaded (also said by ``videoqa up`` before it starts workers).
+MODEL_HINT = (
+    "set VIDEOQA_MODEL to a local model folder or a hub id, or build a test model with `videoqa tiny-model DIR`"
+)
 
 IMAGE_TOKEN = "<image>"
 
@@ -242,7 +246,7 @@ def encode_prompt(loaded: LoadedModel, prompt: Prompt) -> EncodedPrompt:
     return EncodedPrompt(input_ids=ids, pixel_values=pixel_values)
 
 
-def sampling_key(generation: Generation) -> tuple[Any, ...]:
+def generation_key(generation: Generation) -> tuple[Any, ...]:
     """Prompts that share this key can be generated in one call."""
     return (generation.do_sample, generation.temperature, generation.top_p)
 
@@ -255,17 +259,17 @@ class GenerationWatch(Protocol):
     def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any: ...
 
 
-def generate(loaded: LoadedModel, prompts: list[Prompt]) -> list[Completion]:
+def generate_batch(loaded: LoadedModel, prompts: list[Prompt]) -> list[Completion]:
     """Generate for several prompts at once; each keeps its own ``max_new_tokens``.
 
-    Prompts with different sampling settings go through separate ``generate`` calls.
+    Prompts with different generation settings go through separate ``generate`` calls.
     """
     groups: dict[tuple[Any, ...], list[int]] = defaultdict(list)
     for position, prompt in enumerate(prompts):
-        groups[sampling_key(prompt.generation)].append(position)
+        groups[generation_key(prompt.generation)].append(position)
     results: list[Completion | None] = [None] * len(prompts)
     for positions in groups.values():
-        for position, completion in zip(positions, generate_group(loaded, [prompts[p] for p in positions])):
+        for position, completion in zip(positions, generate_one_call(loaded, [prompts[p] for p in positions])):
             results[position] = completion
     return [completion for completion in results if completion is not None]
 
@@ -288,8 +292,8 @@ def completion_from_tokens(
     )
 
 
-def generate_group(loaded: LoadedModel, prompts: list[Prompt], *, watch: GenerationWatch | None = None) -> list[Completion]:
-    """One ``model.generate`` call for prompts that share their sampling settings (left padding,
+def generate_one_call(loaded: LoadedModel, prompts: list[Prompt], *, watch: GenerationWatch | None = None) -> list[Completion]:
+    """One ``model.generate`` call for prompts that share their generation settings (left padding,
     the attention mask and the pad token keep each row's greedy tokens equal to its own)."""
     import torch
 
@@ -338,7 +342,7 @@ def warm_up(loaded: LoadedModel) -> Completion:
         add_generation_prompt=True,
         tokenize=False,
     )
-    return generate_group(loaded, [Prompt(text=text, images=[frame], generation=Generation(max_new_tokens=2))])
+    return generate_one_call(loaded, [Prompt(text=text, images=[frame], generation=Generation(max_new_tokens=2))])
 
 
 def _blank_image(processor: Any) -> Image.Image:

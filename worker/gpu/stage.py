@@ -22,7 +22,7 @@ from common.logging_config import job_context
 from common.schemas import StoredRequest
 from common.storage import ObjectStore
 from worker.gpu.batch import BatchItem, Outcome, describe, run_batch
-from worker.media.geometry import decode_png
+from worker.media.png import decode_png
 from worker.gpu.model import Completion, LoadedModel, Prompt, encode_prompt, render_prompt
 from worker.gpu.token_stream import TokenStream
 
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class GenerateContext:
+class AnswerContext:
     jobs: JobStore
     store: ObjectStore
     model: LoadedModel
@@ -47,7 +47,7 @@ class _Prepared:
     load_seconds: float
 
 
-def _load_prompt(job: Job, ctx: GenerateContext) -> tuple[Prompt, list[dict[str, Any]]]:
+def _load_prompt(job: Job, ctx: AnswerContext) -> tuple[Prompt, list[dict[str, Any]]]:
     request = StoredRequest.model_validate(job.request)
     media = job.media or []
     video_frames = []
@@ -83,7 +83,7 @@ def _timings(job: Job, now: float, extra: dict[str, float]) -> dict[str, float]:
     return timings
 
 
-def _prepare(job_id: str, ctx: GenerateContext) -> _Prepared | None:
+def _prepare(job_id: str, ctx: AnswerContext) -> _Prepared | None:
     """Move the job to ``generating`` and load its prompt; None when there is nothing to generate
     (unknown, cancelled, ended, or failed here). Transient storage errors propagate."""
     jobs = ctx.jobs
@@ -116,7 +116,7 @@ def _prepare(job_id: str, ctx: GenerateContext) -> _Prepared | None:
     return _Prepared(job=job, prompt=prompt, sampled=sampled, load_seconds=time.perf_counter() - started)
 
 
-def _publish(prepared: _Prepared, completion: Completion, ctx: GenerateContext, batch_size: int) -> None:
+def _publish(prepared: _Prepared, completion: Completion, ctx: AnswerContext, batch_size: int) -> None:
     jobs = ctx.jobs
     job_id = prepared.job.id
     jobs.mark(job_id, "generate", "end")
@@ -156,7 +156,7 @@ class _CancelPoll:
         return cancelled
 
 
-def generate_jobs(job_ids: list[str], ctx: GenerateContext) -> dict[str, TransientError]:
+def answer_jobs(job_ids: list[str], ctx: AnswerContext) -> dict[str, TransientError]:
     """Run the GPU stage of several jobs as one batch.
 
     Each job reaches one terminal state, written once, as soon as its own answer is complete; a

@@ -37,7 +37,14 @@ from worker.media.sampling import (
 )
 from worker.media.geometry import FrameGeometry
 from worker.media.probe import MediaInfo, MediaLimits, check_index, open_checked
-from worker.sandbox.runner import Answer, Session, available_cores
+from worker.media.errors import plain_reason
+from worker.sandbox.runner import Answer, ChildSetup, Session, available_cores
+
+# The media's sandbox: its fork server preloads the decoding stack, and an unexpected exception
+# in a child reads as FFmpeg's or Pillow's plain reason.
+MEDIA_SANDBOX = ChildSetup(
+    preload=("worker.media.decode", "worker.media.still_image"), describe_error=plain_reason
+)
 
 # Below this many frames to decode, a second process costs more than it saves.
 _SPLIT_MIN_FRAMES = 120
@@ -72,7 +79,7 @@ class VideoSample:
     peak_rss_sum: int
 
 
-def sample_video(
+def decode_frames_in_sandbox(
     path: Path, sampling: Sampling, limits: DecodeLimits, *, geometry: FrameGeometry | None = None
 ) -> VideoSample:
     """Probe, index, choose and decode ``path`` in child processes; frames resized to ``geometry``
@@ -84,7 +91,7 @@ def sample_video(
     deadline = time.monotonic() + limits.deadline_s
     cores = available_cores()
     processes = limits.processes or cores
-    with Session(limits.memory_bytes, deadline, limits.deadline_s, answer_types=_ANSWER_TYPES) as session:
+    with Session(limits.memory_bytes, deadline, limits.deadline_s, answer_types=_ANSWER_TYPES, setup=MEDIA_SANDBOX) as session:
         first = session.start(_probe_and_sample, (path, sampling, limits.media, processes, cores, geometry))
         (info, index, plan), _ = session.next_answer(first)
         threads = _threads(cores, len(plan.groups))

@@ -3,15 +3,13 @@ processor would resize them and the GPU side only normalises.
 
 CPU workers never reach the model hub: a local model folder's processor config gives the geometry,
 and for a hub id the settings do (``VIDEOQA_IMAGE_SIZE``; the GPU worker, which has the processor,
-warns when they disagree).
+warns when they disagree). Reading the processor config needs transformers, so that happens in
+``worker.app.resources.load_geometry``; here only what a processor says is turned into a geometry.
 """
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
-from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 from PIL import Image
@@ -35,17 +33,6 @@ class FrameGeometry:
         return image.convert("RGB").resize((self.width, self.height), resample=self.resample)
 
 
-@lru_cache(maxsize=4)
-def load_geometry(model: str, image_size: int = 384) -> FrameGeometry:
-    """Size and resample from a local model folder's image processor config (no weights), else
-    ``image_size`` square with the served model's filter; never a hub request."""
-    if not Path(model).is_dir():
-        return FrameGeometry(width=image_size, height=image_size, resample=DEFAULT_RESAMPLE)
-    from transformers import AutoImageProcessor
-
-    return processor_geometry(AutoImageProcessor.from_pretrained(model), model)
-
-
 def processor_geometry(processor: Any, model: str) -> FrameGeometry:
     """The geometry an image processor resizes to."""
     size = processor.size
@@ -57,15 +44,3 @@ def processor_geometry(processor: Any, model: str) -> FrameGeometry:
         raise RuntimeError(f"{model}: only fixed height x width image processors are supported, got {size}")
     resample = int(getattr(processor, "resample", Image.Resampling.BICUBIC))
     return FrameGeometry(width=int(width), height=int(height), resample=resample)
-
-
-def encode_png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=1)
-    return buffer.getvalue()
-
-
-def decode_png(data: bytes) -> Image.Image:
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    return image.convert("RGB")

@@ -14,6 +14,7 @@ from common.errors import InvalidMedia, MediaTooLarge
 from common.settings import Settings
 from worker.media.geometry import FrameGeometry
 from worker.media.errors import plain_reason
+from worker.media.decode import MEDIA_SANDBOX
 from worker.sandbox.runner import Answer, run_isolated
 
 
@@ -24,6 +25,7 @@ def decode_image(path: Path, geometry: FrameGeometry, settings: Settings) -> Ima
         [(_decode, (path, geometry, settings.max_image_pixels))],
         settings.decode_memory_mb * 1024 * 1024,
         settings.decode_timeout_s,
+        setup=MEDIA_SANDBOX,
     )
     return Image.fromarray(array)
 

@@ -1,8 +1,8 @@
 """Running untrusted work (demuxers, decoders) in forked children with a memory limit and a
 deadline, so a crash, a hang or a memory blow-up ends that work and never the calling process.
 
-A small fork server, started once per calling process, imports the decoding stack and forks one
-child per call. Each child gets limits on memory (data: heap, buffers, stacks), CPU time (a
+A small fork server, started once per calling process and per ``ChildSetup``, imports the
+modules the caller names (so each child starts warm) and forks one child per call. Each child gets limits on memory (data: heap, buffers, stacks), CPU time (a
 backstop to the caller's deadline) and core dumps, and dies with the server, which exits with the
 caller. The server starts from an environment without secrets, and each child is confined before
 it runs its call (``worker.sandbox.confinement``: no new privileges, few files, no network or processes).
@@ -11,12 +11,16 @@ anything is allocated for it), then NumPy arrays as raw bytes; a child running a
 once per value it yields, then once more with what it returns.
 Plain ``os.fork`` from the server, not ``multiprocessing``: callers can be Celery prefork workers
 (daemonic billiard processes) and scripts alike, and no caller module is re-imported per child.
+This module knows nothing of what runs in the children: the caller passes what to preload and
+how an unexpected exception reads to the user.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
+import importlib
 import inspect
 import io
 import json
@@ -60,19 +64,53 @@ _SOCKET_BUFFER = 1 << 20
 MAX_HEADER_BYTES = 64 * 1024 * 1024
 
 
+def _exception_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+@dataclasses.dataclass(frozen=True)
+class ChildSetup:
+    """What the caller's fork server prepares for its children.
+
+    ``preload``: modules the server imports once, so children fork with them loaded.
+    ``describe_error``: turns an unexpected exception raised in a child into the reason the user
+    reads (after "the video cannot be decoded: "); a module-level function, as it is pickled by
+    name to the server.
+    """
+
+    preload: tuple[str, ...] = ()
+    describe_error: Callable[[BaseException], str] = _exception_text
+
+
+# Children of this setup run with nothing preloaded and report exceptions as their type and text.
+PLAIN = ChildSetup()
+
+
 def run_isolated(
-    calls: Sequence[Call], memory_bytes: int, deadline_s: float, *, answer_types: Collection[type] = ()
+    calls: Sequence[Call],
+    memory_bytes: int,
+    deadline_s: float,
+    *,
+    answer_types: Collection[type] = (),
+    setup: ChildSetup = PLAIN,
 ) -> list[Answer]:
     """Run each ``fn(*args) -> (payload, arrays)`` in its own child, all at once; their answers."""
-    return run_until(calls, memory_bytes, time.monotonic() + deadline_s, deadline_s, answer_types=answer_types)[0]
+    deadline = time.monotonic() + deadline_s
+    return run_until(calls, memory_bytes, deadline, deadline_s, answer_types=answer_types, setup=setup)[0]
 
 
 def run_until(
-    calls: Sequence[Call], memory_bytes: int, deadline: float, deadline_s: float, *, answer_types: Collection[type] = ()
+    calls: Sequence[Call],
+    memory_bytes: int,
+    deadline: float,
+    deadline_s: float,
+    *,
+    answer_types: Collection[type] = (),
+    setup: ChildSetup = PLAIN,
 ) -> tuple[list[Answer], list[int]]:
     """``run_isolated`` against an absolute ``deadline`` (monotonic clock); also each child's peak
     resident set in bytes. Any child's failure fails them all (the others are killed)."""
-    with Session(memory_bytes, deadline, deadline_s, answer_types=answer_types) as session:
+    with Session(memory_bytes, deadline, deadline_s, answer_types=answer_types, setup=setup) as session:
         children = [session.start(fn, args) for fn, args in calls]
         session.finish()
     return [child.answers[-1] for child in children], [child.peak for child in children]
@@ -92,9 +130,15 @@ class Session:
     """
 
     def __init__(
-        self, memory_bytes: int, deadline: float, deadline_s: float, *, answer_types: Collection[type] = ()
+        self,
+        memory_bytes: int,
+        deadline: float,
+        deadline_s: float,
+        *,
+        answer_types: Collection[type] = (),
+        setup: ChildSetup = PLAIN,
     ) -> None:
-        self.server = _server()
+        self.server = _server(setup)
         self.memory_bytes = memory_bytes
         self.allowed = _allowed_classes(answer_types)
         self.deadline, self.deadline_s = deadline, deadline_s
@@ -150,10 +194,10 @@ def available_cores() -> int:
     return os.cpu_count() or 1
 
 
-def warm_up() -> dict[str, Any]:
-    """Start the fork server now rather than on the first call; log what confines its children
-    (a warning when they run without the seccomp filter) and return it."""
-    ((state, _),) = run_isolated([(confinement.report, ())], 256 * 1024 * 1024, 60)
+def warm_up(setup: ChildSetup = PLAIN) -> dict[str, Any]:
+    """Start the fork server of ``setup`` now rather than on the first call; log what confines its
+    children (a warning when they run without the seccomp filter) and return it."""
+    ((state, _),) = run_isolated([(confinement.report, ())], 256 * 1024 * 1024, 60, setup=setup)
     if state["seccomp_filter"]:
         log.info(
             "decode sandbox: seccomp filter on (no network, no new processes), no new privileges%s",
@@ -176,16 +220,19 @@ def warm_up() -> dict[str, Any]:
 class _Server:
     """The caller's handle on its fork server."""
 
-    def __init__(self) -> None:
+    def __init__(self, setup: ChildSetup) -> None:
         # The children must not read this process's secrets in /proc either.
         confinement.protect_caller()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         bootstrap = (
             "import sys; sys.path[:0] = __import__('json').loads(sys.argv[1]); "
-            "from worker.sandbox.runner import serve; serve(int(sys.argv[2]))"
+            "from worker.sandbox.runner import serve; serve(int(sys.argv[2]), bytes.fromhex(sys.argv[3]))"
         )
+        # The setup is the caller's own (module names and a function named by reference), never
+        # anything from the media.
+        setup_bytes = pickle.dumps(setup, protocol=pickle.HIGHEST_PROTOCOL).hex()
         self.process = subprocess.Popen(
-            [sys.executable, "-c", bootstrap, json.dumps(sys.path), str(theirs.fileno())],
+            [sys.executable, "-c", bootstrap, json.dumps(sys.path), str(theirs.fileno()), setup_bytes],
             pass_fds=[theirs.fileno()],
             stdin=subprocess.DEVNULL,
             env=confinement.server_environment(os.environ),
@@ -243,16 +290,16 @@ class _Server:
         return self.pid == os.getpid() and self.process.poll() is None
 
 
-_SERVER: _Server | None = None
+_SERVERS: dict[ChildSetup, _Server] = {}
 _SERVER_LOCK = threading.Lock()
 
 
-def _server() -> _Server:
-    global _SERVER
+def _server(setup: ChildSetup) -> _Server:
     with _SERVER_LOCK:
-        if _SERVER is None or not _SERVER.alive():
-            _SERVER = _Server()
-        return _SERVER
+        server = _SERVERS.get(setup)
+        if server is None or not server.alive():
+            server = _SERVERS[setup] = _Server(setup)
+        return server
 
 
 class _Child:
@@ -424,11 +471,17 @@ def _recv_into(sock: socket.socket, view: memoryview) -> None:
 # --- the fork server ----------------------------------------------------------------------------
 
 
-def serve(fd: int) -> None:
+# The fork server's setup; its children inherit it.
+_SETUP = PLAIN
+
+
+def serve(fd: int, setup_bytes: bytes) -> None:
     """The fork server's loop: fork a child per request, report exits, stop with the caller."""
+    global _SETUP
+    _SETUP = pickle.loads(setup_bytes)
     # What every child needs, imported once here.
-    import worker.media.decode  # noqa: F401
-    import worker.media.still_image  # noqa: F401
+    for module in _SETUP.preload:
+        importlib.import_module(module)
 
     confined = confinement.prepare()
     user_tasks = confinement.UserTasks()
@@ -526,9 +579,7 @@ def _answer(conn: socket.socket, fn: Callable[..., Any], args: tuple[Any, ...]) 
         _send(conn, ("error", InvalidMedia, "the video needs more memory to decode than the limit allows"))
         return
     except Exception as exc:  # noqa: BLE001 - a decoder bug must end the job, not the worker
-        from worker.media.errors import plain_reason
-
-        _send(conn, ("error", InvalidMedia, f"the video cannot be decoded: {plain_reason(exc)}"))
+        _send(conn, ("error", InvalidMedia, f"the video cannot be decoded: {_SETUP.describe_error(exc)}"))
         return
     _send_answer(conn, "last", payload, arrays)
 
