@@ -1,7 +1,7 @@
 """Answering when a job ends: ``?wait=N`` on a job and ``Prefer: wait=N`` on a submission.
 
 The request blocks on the job's event stream (XREAD BLOCK), never polls, and holds no state the
-next request would need; a gunicorn thread per waiting client (``worker.stack.api_command``).
+next request would need; a gunicorn thread per waiting client (``worker.cli.stack.api_command``).
 """
 
 from __future__ import annotations

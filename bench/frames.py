@@ -175,13 +175,14 @@ def run_torchcodec(path: str, n: int, processes: int) -> dict[str, Any]:
 def _videoqa(path: str, n: int, processes: int, fast: bool) -> dict[str, Any]:
     from common.schemas import Sampling
     from common.settings import load_settings
-    from worker.decode_process import DecodeLimits, sample_video
-    from worker.sandbox import warm_up
+    from worker.media.decode import DecodeLimits, decode_frames_in_sandbox
+    from worker.media.decode import MEDIA_SANDBOX
+    from worker.sandbox.runner import warm_up
 
     limits = DecodeLimits.from_settings(load_settings({"VIDEOQA_DECODE_PROCESSES": str(processes)}))
-    warm_up()
+    warm_up(MEDIA_SANDBOX)
     started = time.perf_counter()
-    sample = sample_video(Path(path), Sampling(num_frames=n, fast=fast), limits)
+    sample = decode_frames_in_sandbox(Path(path), Sampling(num_frames=n, fast=fast), limits)
     seconds = time.perf_counter() - started
     offsets = [abs(f.offset or 0.0) for f in sample.frames]
     return {
@@ -235,7 +236,7 @@ def ensure_file(name: str, spec: dict[str, Any]) -> Path:
     key = hashlib.sha256(json.dumps({"spec": spec, "generator": GENERATOR}, sort_keys=True).encode()).hexdigest()[:8]
     path = CACHE / f"{Path(name).stem}-{key}{Path(name).suffix}"
     if not path.exists():
-        from worker.sample_media import write_cat_video
+        from worker.fixtures.synthetic_videos import write_cat_video
 
         print(f"generating {path.name} (cached for later runs) ...", flush=True)
         started = time.perf_counter()
@@ -428,8 +429,8 @@ def print_reuse(path: Path) -> None:
     from common.schemas import MediaSource, Sampling
     from common.settings import load_settings
     from common.storage import LocalStore
-    from worker.geometry import FrameGeometry
-    from worker.ingest import StageTimer, ingest_video
+    from worker.media.geometry import FrameGeometry
+    from worker.cpu.stage import StageTimer, ingest_video
 
     with tempfile.TemporaryDirectory(prefix="videoqa-bench-") as tmp:
         root = Path(tmp)

@@ -1,5 +1,5 @@
 """GPU generation benchmark: the notebook's way (one ``generate`` per job, one job at a time)
-against the GPU worker's batching path (``worker.batching.run_batch``), as shares of the roofline.
+against the GPU worker's batching path (``worker.gpu.batch.run_batch``), as shares of the roofline.
 
     python -m bench.gpu            # CUDA: the real architecture with random fp16 weights
                                    # no CUDA: the tiny model on the CPU (it says so)
@@ -45,8 +45,8 @@ from PIL import Image
 
 from common.schemas import Generation
 from common.settings import load_settings
-from worker.batching import BatchItem, default_batch_size, kv_cache_bytes_per_token, run_batch, tokens_per_image
-from worker.inference import LoadedModel, Prompt, generate_group, load_model
+from worker.gpu.batch import BatchItem, default_batch_size, kv_cache_bytes_per_token, run_batch, tokens_per_image
+from worker.gpu.model import LoadedModel, Prompt, generate_one_call, load_model
 
 FRAMES = 12
 NEW_TOKENS = 100
@@ -209,7 +209,7 @@ def batched_way(loaded: LoadedModel, jobs: list[Prompt]) -> Timing:
 
     def generate(model: LoadedModel, batch: list[Prompt], **kwargs: Any) -> list[Any]:
         calls.append(FirstToken(loaded, kwargs.pop("watch")))
-        return generate_group(model, batch, watch=calls[-1], **kwargs)
+        return generate_one_call(model, batch, watch=calls[-1], **kwargs)
 
     _sync(loaded)
     started = time.perf_counter()
@@ -321,7 +321,7 @@ def largest_batch(loaded: LoadedModel) -> int:
 
 def main() -> int:
     argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
-    from worker.tiny_model import build_tiny_model
+    from worker.fixtures.tiny_model import build_tiny_model
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"

@@ -1,5 +1,5 @@
 """What the service benchmarks share: a Redis database of their own, the tiny model, a sample
-video, the service's processes started with the commands of ``worker/stack.py``, and percentiles.
+video, the service's processes started with the commands of ``worker/cli/stack.py``, and percentiles.
 
 The benchmarks flush their Redis database (``VIDEOQA_BENCH_REDIS_URL``, default database 14 of the
 local Redis) before and after each run: never point it at a database that holds anything else.
@@ -22,8 +22,8 @@ import redis
 from api.submission import GENERATION_FIELDS, SAMPLING_FIELDS
 from common.client import Client
 from common.settings import load_settings
-from worker.demo import CACHE_DIR, ensure_tiny_model
-from worker.stack import Stack, offline_cpu_env, wait_for_http, wait_for_workers
+from worker.cli.demo import CACHE_DIR, ensure_tiny_model
+from worker.cli.stack import Stack, offline_cpu_env, wait_for_http, wait_for_workers
 
 REDIS_URL = os.environ.get("VIDEOQA_BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
 TERMINAL = {"succeeded", "failed", "cancelled"}
@@ -44,7 +44,7 @@ def flush(url: str = REDIS_URL) -> redis.Redis:
 
 
 def sample_video(workdir: Path) -> Path:
-    from worker.sample_media import write_sample_videos
+    from worker.fixtures.synthetic_videos import write_sample_videos
 
     return write_sample_videos(workdir / "videos")[0]
 

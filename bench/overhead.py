@@ -38,7 +38,7 @@ import redis
 
 from bench.floors import LATENCIES_KEY, celery_app
 from bench.harness import REDIS_URL, flush, percentile, running, sample_video, service_env
-from worker.stack import Stack, api_command, cpu_worker_command, free_port, gpu_worker_command, wait_for_http
+from worker.cli.stack import Stack, api_command, cpu_worker_command, free_port, gpu_worker_command, wait_for_http
 
 CONNECTIONS = 16
 

@@ -4,7 +4,7 @@
     python -m bench.scale --jobs 32 --max-new-tokens 160
 
 Each configuration starts the API (gunicorn, 1 process), one CPU worker and N GPU workers with the
-commands of ``worker/stack.py``: the tiny random-weight model on the CPU, one torch thread per
+commands of ``worker/cli/stack.py``: the tiny random-weight model on the CPU, one torch thread per
 worker, batches of one job (``VIDEOQA_BATCH_SIZE=1``) so that the gain comes from the workers
 alone. One warm-up job per worker first (it also stores the video's frames, which the measured
 jobs then reuse). Then two runs of the same jobs:
@@ -42,7 +42,7 @@ from typing import Any
 from bench.harness import flush, running, sample_video, service_env
 from common.celery_config import make_celery
 from common.settings import load_settings
-from worker.stack import api_command, cpu_worker_command, free_port, gpu_worker_command
+from worker.cli.stack import api_command, cpu_worker_command, free_port, gpu_worker_command
 
 # Polling the job list four times a second instead costs the API and this client 0.16 s of CPU
 # per 32 jobs (a fifth of everything but generation), taken from the GPU workers.
@@ -142,8 +142,8 @@ def generate_back_to_back(jobs: int, max_new_tokens: int, video: str) -> None:
 
     from common.schemas import Generation, Sampling
     from common.settings import load_settings
-    from worker.frames import sample_frames
-    from worker.inference import Prompt, generate, load_model
+    from worker.media.sampling import sample_frames
+    from worker.gpu.model import Prompt, generate_batch, load_model
 
     torch.set_num_threads(1)
     loaded = load_model(load_settings())
@@ -152,11 +152,11 @@ def generate_back_to_back(jobs: int, max_new_tokens: int, video: str) -> None:
     messages = [{"role": "user", "content": content}]
     text = loaded.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     prompt = Prompt(text=text, images=images, generation=Generation(max_new_tokens=max_new_tokens))
-    generate(loaded, [prompt])  # warm-up, as the workers do before consuming
+    generate_batch(loaded, [prompt])  # warm-up, as the workers do before consuming
     print("READY", flush=True)
     sys.stdin.readline()
     started = time.perf_counter()
-    tokens = sum(generate(loaded, [prompt])[0].completion_tokens for _ in range(jobs))
+    tokens = sum(generate_batch(loaded, [prompt])[0].completion_tokens for _ in range(jobs))
     print("RESULT " + json.dumps({"seconds": time.perf_counter() - started, "tokens": tokens}), flush=True)
 
 

@@ -2,7 +2,7 @@
 
     python -m bench.streaming [--jobs 16] [--frames 2] [--new-tokens 48] [--batch 8] [--rounds 3]
 
-1. Through the running stack: the API (gunicorn, the command of ``worker/stack.py``) and one GPU
+1. Through the running stack: the API (gunicorn, the command of ``worker/cli/stack.py``) and one GPU
    worker process (the tiny model on the CPU, one torch thread, ``VIDEOQA_BATCH_SIZE=--batch``).
    ``--jobs`` jobs are queued as the CPU stage leaves them (frames stored, status ``queued_gpu``,
    one generate message each), alternately with no one watching and with one Server-Sent Events
@@ -12,7 +12,7 @@
    adds to generation, whatever else runs on the machine), the API's and the listeners'. On a
    machine with few cores the tiny model on the CPU shares them with the API and the listeners,
    so wall-clock figures there include that competition; the CPU seconds separate it out.
-2. In this process: the same batch through ``worker.batching.run_batch`` without a token stream
+2. In this process: the same batch through ``worker.gpu.batch.run_batch`` without a token stream
    and with one publishing each step's text to Redis (``common.events``), alternately, median
    seconds per batch, the ratio, the time the token stream takes per step and per round trip.
 
@@ -41,7 +41,7 @@ from common.connections import redis_client
 from common.events import JobEvents
 from common.jobs import JobStatus, JobStore
 from common.settings import Settings, load_settings
-from worker.stack import Stack, api_command, free_port, gpu_worker_command, wait_for_http
+from worker.cli.stack import Stack, api_command, free_port, gpu_worker_command, wait_for_http
 
 
 def cpu_seconds(pid: int) -> float:
@@ -170,9 +170,9 @@ def in_process(settings: Settings, args: argparse.Namespace) -> None:
     from PIL import Image
 
     from common.schemas import Generation
-    from worker.batching import BatchItem, run_batch
-    from worker.inference import Prompt, load_model
-    from worker.token_stream import TokenStream
+    from worker.gpu.batch import BatchItem, run_batch
+    from worker.gpu.model import Prompt, load_model
+    from worker.gpu.token_stream import TokenStream
 
     torch.set_num_threads(1)
     loaded = load_model(settings)

@@ -2,7 +2,7 @@
 
     python -m bench.throughput [--jobs 24] [--frames 6] [--new-tokens 48] [--batch 8]
 
-Runs a real GPU worker process (the command of ``worker/stack.py``: the tiny model on the CPU, one
+Runs a real GPU worker process (the command of ``worker/cli/stack.py``: the tiny model on the CPU, one
 torch thread) twice: with ``VIDEOQA_BATCH_SIZE=1`` (batching off, one job per generate call) and
 with ``--batch``. Each time it queues ``--jobs`` jobs as the CPU stage leaves them (frames in a
 local storage directory, status ``queued_gpu``, one generate message each in Redis) once the
@@ -30,8 +30,8 @@ from common.connections import redis_client
 from common.jobs import JobStatus, JobStore
 from common.settings import Settings, load_settings
 from common.storage import open_store
-from worker.geometry import encode_png
-from worker.stack import Stack, gpu_worker_command
+from worker.media.png import encode_png
+from worker.cli.stack import Stack, gpu_worker_command
 
 
 def stored_frames(settings: Settings, jobs: int, frames: int) -> list[list[dict[str, object]]]:

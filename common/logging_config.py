@@ -84,7 +84,7 @@ class JsonFormatter(logging.Formatter):
 
 
 class ConsoleFormatter(logging.Formatter):
-    """``12:04:05 INFO  worker.ingest  message  job=...`` for a person at a terminal: local time,
+    """``12:04:05 INFO  worker.cpu.stage  message  job=...`` for a person at a terminal: local time,
     the same masking as the JSON lines, and the exception (if any) below the line."""
 
     def format(self, record: logging.LogRecord) -> str:

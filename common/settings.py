@@ -167,8 +167,14 @@ class Settings(BaseSettings):
         default=1800, ge=10, description="hard limit of a task; must be below the visibility timeout"
     )
     job_ttl_s: int = Field(default=7 * 24 * 3600, ge=60, description="how long job records are kept")
-    ingest_max_retries: int = Field(
-        default=5, ge=0, description="retries (with backoff) of transient storage and network errors, in either stage"
+    transient_retries: int = Field(
+        default=5,
+        ge=0,
+        description="retries (with backoff) of transient storage and network errors, in either stage",
+        # The older name, from when only the CPU stage retried, keeps working.
+        validation_alias=AliasChoices(
+            "transient_retries", "VIDEOQA_TRANSIENT_RETRIES", "ingest_max_retries", "VIDEOQA_INGEST_MAX_RETRIES"
+        ),
     )
     max_attempts: int = Field(
         default=3, ge=1, description="deliveries that end their worker before a job fails as `poison`"

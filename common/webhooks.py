@@ -1,7 +1,7 @@
 """Handing a job's webhook to the CPU workers once the job has ended.
 
 The process that ends a job (a GPU worker, a CPU worker, the API on cancel) only sends a task by
-name; the delivery, its retries and its waiting happen on a CPU worker (``worker.webhooks``).
+name; the delivery, its retries and its waiting happen on a CPU worker (``worker.cpu.webhooks``).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from common.connections import redis_client
 from common.jobs import Job, JobStatus, JobStore
 from common.settings import Settings, load_settings
 from tests.conftest import service_env, start_process
-from worker.stack import Stack, cpu_worker_command, gpu_worker_command
+from worker.cli.stack import Stack, cpu_worker_command, gpu_worker_command
 
 ENDED = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED}
 

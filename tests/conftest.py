@@ -16,7 +16,7 @@ import redis
 from api.submission import GENERATION_FIELDS, SAMPLING_FIELDS
 from common.client import Client, WaitTimedOut
 from common.settings import Settings, load_settings
-from worker.stack import (
+from worker.cli.stack import (
     Stack,
     api_command,
     cpu_worker_command,
@@ -98,14 +98,14 @@ def s3(aws_env: dict[str, str], monkeypatch_session: pytest.MonkeyPatch):  # typ
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from worker.tiny_model import build_tiny_model
+    from worker.fixtures.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 
 
 @pytest.fixture(scope="session")
 def sample_videos(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    from worker.sample_media import write_sample_videos
+    from worker.fixtures.synthetic_videos import write_sample_videos
 
     return write_sample_videos(tmp_path_factory.mktemp("videos"))
 

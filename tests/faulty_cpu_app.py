@@ -24,7 +24,8 @@ from typing import Any
 from celery import signals
 
 from common.celery_config import INGEST_TASK
-from worker.app import build_worker_app
+from worker.app.factory import build_worker_app
+from worker.app.resources import resources_of
 
 KILLS_KEY = "videoqa:test:kill-moments"
 
@@ -34,7 +35,7 @@ app = build_worker_app("cpu")
 def _maybe_die(moment: str, task_name: str) -> None:
     if os.environ.get("VIDEOQA_TEST_KILL_AT") != moment or task_name != INGEST_TASK:
         return
-    reached = app.videoqa_runtime.jobs.client.incr(KILLS_KEY)  # type: ignore[attr-defined]
+    reached = resources_of(app).jobs.client.incr(KILLS_KEY)
     if reached > int(os.environ.get("VIDEOQA_TEST_KILLS", "1")):
         return
     if moment == "task_received":

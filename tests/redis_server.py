@@ -9,7 +9,7 @@ from pathlib import Path
 
 import redis
 
-from worker.stack import free_port
+from worker.cli.stack import free_port
 
 
 class RedisServer:

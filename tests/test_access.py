@@ -14,7 +14,7 @@ from api.app import create_app
 from common.api_keys import hash_key
 from common.settings import load_settings
 from tests.conftest import start_process
-from worker.stack import Stack, api_command, free_port, wait_for_http
+from worker.cli.stack import Stack, api_command, free_port, wait_for_http
 
 KEY_A = "vqa_key_of_tenant_a_0123456789"
 KEY_B = "vqa_key_of_tenant_b_9876543210"

@@ -15,7 +15,7 @@ import requests
 
 from common.jobs import ACTIVE_PREFIX, DEFAULT_TENANT
 from tests.conftest import start_process
-from worker.stack import Stack, api_command, free_port, wait_for_http
+from worker.cli.stack import Stack, api_command, free_port, wait_for_http
 
 CAP = 2
 ROUNDS = 8

@@ -69,7 +69,7 @@ def test_usage_errors_exit_2(service: RunningService, sample_videos: list[Path],
 
 
 def test_unreachable_service_exits_1(tmp_path: Path, sample_videos: list[Path]) -> None:
-    from worker.stack import free_port
+    from worker.cli.stack import free_port
 
     done = _ask(str(sample_videos[0]), "-q", QUESTION, "--server", f"http://127.0.0.1:{free_port()}")
     assert done.returncode == 1 and "unreachable" not in done.stdout and "no answer from" in done.stderr

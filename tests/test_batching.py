@@ -16,7 +16,7 @@ from PIL import Image
 
 from common.schemas import Generation
 from common.settings import load_settings
-from worker.batching import (
+from worker.gpu.batch import (
     BatchItem,
     Outcome,
     default_batch_size,
@@ -24,7 +24,7 @@ from worker.batching import (
     kv_cache_bytes_per_token,
     run_batch,
 )
-from worker.inference import Completion, LoadedModel, Prompt, generate_group, load_model
+from worker.gpu.model import Completion, LoadedModel, Prompt, generate_one_call, load_model
 
 torch.set_num_threads(1)
 
@@ -97,7 +97,7 @@ def test_a_job_cancelled_before_its_batch_starts_is_not_generated(loaded: Loaded
 
     def counting(model: LoadedModel, prompts: list[Prompt], **kwargs: object) -> list[Completion]:
         calls.append(len(prompts))
-        return generate_group(model, prompts, **kwargs)  # type: ignore[arg-type]
+        return generate_one_call(model, prompts, **kwargs)  # type: ignore[arg-type]
 
     outcomes = run_batch(loaded, mixed[1:3], cancelled=lambda keys: {"f1"}, generate_fn=counting)
     assert outcomes["f1"] == Outcome("f1", cancelled=True)
@@ -112,7 +112,7 @@ def _oom_when(condition):  # type: ignore[no-untyped-def]
         calls.append([len(prompt.images) for prompt in prompts])
         if condition(prompts):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.60 GiB")
-        return generate_group(model, prompts, **kwargs)  # type: ignore[arg-type]
+        return generate_one_call(model, prompts, **kwargs)  # type: ignore[arg-type]
 
     return generate, calls
 

@@ -17,7 +17,7 @@ from common.celery_config import GENERATE_TASK, GPU_QUEUE, INGEST_TASK, make_cel
 from common.errors import StorageUnavailable
 from common.settings import Settings
 from tests.test_hostile_input import _TouchOnUnpickle
-from worker.batch_queue import GpuQueue
+from worker.gpu.claims import GpuQueue
 
 
 def _queued_job_ids(client: redis.Redis) -> list[str]:
@@ -123,7 +123,7 @@ def test_malformed_messages_are_removed_once_and_never_unpickled(local_settings:
     publish_malformed(local_settings.redis_url, marker)
     make_celery(local_settings).send_task(GENERATE_TASK, args=["b"])
     make_celery(local_settings).send_task(GENERATE_TASK, kwargs={"job_id": "c"})  # by name: also the task's call
-    with caplog.at_level(logging.ERROR, logger="worker.batch_queue"), queue.claim(4, wait_s=0.0) as claims:
+    with caplog.at_level(logging.ERROR, logger="worker.gpu.claims"), queue.claim(4, wait_s=0.0) as claims:
         assert [claim.job_id for claim in claims] == ["a", "b", "c"]
         for claim in claims:
             queue.done(claim)

@@ -10,7 +10,7 @@ import requests
 
 from tests.conftest import service_env, start_service
 from tests.redis_server import RedisServer
-from worker.stack import wait_for_http, wait_for_workers
+from worker.cli.stack import wait_for_http, wait_for_workers
 
 
 def _submit(base: str, video: Path, n: int) -> str | None:

@@ -10,7 +10,7 @@ HEAVY = ("torch", "transformers", "flask", "werkzeug", "av", "numpy", "PIL")
 
 def test_client_and_cli_import_no_worker_or_api_code() -> None:
     probe = (
-        "import sys, common.client, worker.cli, worker.ask; "
+        "import sys, common.client, worker.cli.main, worker.cli.ask; "
         f"print(','.join(sorted(name for name in {HEAVY!r} if name in sys.modules)))"
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)

@@ -12,7 +12,7 @@ import pytest
 
 from common.errors import MediaTooLarge
 from common.settings import load_settings
-from worker.probe import MediaLimits, probe
+from worker.media.probe import MediaLimits, probe
 
 DEFAULTS = MediaLimits.from_settings(load_settings({}))
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 
-from worker.stack import free_port, redis_answers
+from worker.cli.stack import free_port, redis_answers
 
 
 def test_demo_starts_what_it_needs_and_prints_an_answer(tmp_path: Path) -> None:

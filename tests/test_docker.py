@@ -1,7 +1,7 @@
 """docker/: what can be checked without a Docker engine (none runs here, so no image is built).
 
 The compose files are valid Compose documents once interpolated as compose does; every service runs
-a command this suite itself runs (the ones in ``worker/stack.py``), and the health checks of the
+a command this suite itself runs (the ones in ``worker/cli/stack.py``), and the health checks of the
 API and the workers are run here against the real service; Redis is durable, bounded and
 password-protected; Flower has auth and is published on loopback only; each GPU worker reserves its
 own GPU; the Dockerfile builds every image from pyproject.toml, torch below the dependencies and the
@@ -26,7 +26,7 @@ from compose_spec import PyOptions
 from packaging.requirements import Requirement
 
 from tests.conftest import RunningService
-from worker.stack import api_command, cpu_worker_command, flower_command, gpu_worker_command
+from worker.cli.stack import api_command, cpu_worker_command, flower_command, gpu_worker_command
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker" / "compose.yaml"

@@ -21,9 +21,9 @@ from PIL import Image
 from common.connections import redis_client
 from common.jobs import JobStatus, JobStore
 from tests.conftest import BUCKET, RunningService, service_env, start_process
-from worker.geometry import load_geometry
-from worker.sample_media import write_cat_video
-from worker.stack import Stack, cpu_worker_command, wait_for_workers
+from worker.app.resources import load_geometry
+from worker.fixtures.synthetic_videos import write_cat_video
+from worker.cli.stack import Stack, cpu_worker_command, wait_for_workers
 
 QUESTION = "Are these two cats in these two videos doing the same thing?"
 torch.set_num_threads(1)

@@ -14,7 +14,7 @@ import requests
 
 from common.api_keys import hash_key
 from tests.conftest import RunningService, service_env, start_service
-from worker.stack import wait_for_http
+from worker.cli.stack import wait_for_http
 
 LIFECYCLE = ["queued", "ingesting", "queued_gpu", "generating", "succeeded"]
 

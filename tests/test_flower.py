@@ -10,7 +10,7 @@ from typing import Any
 import requests
 
 from tests.conftest import RunningService, start_process
-from worker.stack import Stack, flower_command, flower_env, free_port, wait_for_http
+from worker.cli.stack import Stack, flower_command, flower_env, free_port, wait_for_http
 
 USER, PASSWORD = "ops", "flower-test-password"
 

@@ -14,7 +14,7 @@ import requests
 
 from common.api_keys import hash_key
 from tests.conftest import REDIS_HOST, SPARE_REDIS_DB, RunningService, _flushed, service_env, start_service
-from worker.stack import wait_for_http
+from worker.cli.stack import wait_for_http
 
 KEY_A = "vqa_key_of_tenant_a_0123456789"
 KEY_B = "vqa_key_of_tenant_b_9876543210"

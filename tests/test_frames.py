@@ -14,9 +14,9 @@ import pytest
 
 from common.errors import InvalidMedia, InvalidRequest
 from common.schemas import Sampling
-from worker.frames import Segment, choose_positions, decode_positions, decode_segments, index_stream, sample_frames
-from worker.mp4_index import read_timestamps
-from worker.sample_media import read_frame_index, write_cat_video
+from worker.media.sampling import Segment, choose_positions, decode_positions, decode_segments, index_stream, sample_frames
+from worker.media.mp4_index import read_timestamps
+from worker.fixtures.synthetic_videos import read_frame_index, write_cat_video
 
 # Variable frame rate: irregular gaps, some long, some a few milliseconds.
 VFR_TIMES = [round(i * 0.04 + (0.03 if i % 5 == 2 else 0) + (0.2 if i >= 30 else 0), 3) for i in range(60)]
@@ -96,7 +96,7 @@ def test_seeks_that_divide_evenly_run_on_decoders_of_their_own(
 ) -> None:
     import threading
 
-    from worker import frames
+    from worker.media import sampling as frames
 
     path = videos["h264_bframes_long_gop"]
     index = index_stream(path)
@@ -380,7 +380,7 @@ def test_split_keeps_the_largest_group_as_small_as_a_contiguous_split_allows() -
     from fractions import Fraction
     from itertools import combinations
 
-    from worker.frames import StreamIndex, split_segments
+    from worker.media.sampling import StreamIndex, split_segments
 
     keyframes = [0, 128, 256, 384, 512]
     index = StreamIndex(pts=list(range(600)), keyframe_pts=keyframes, time_base=Fraction(1, 30))

@@ -15,9 +15,9 @@ from common.errors import InvalidMedia
 from common.schemas import Sampling
 from common.settings import load_settings
 from tests.conftest import RunningService
-from worker.decode_process import DecodeLimits, sample_video
-from worker.frames import sample_frames
-from worker.sample_media import read_frame_index, write_cat_video
+from worker.media.decode import DecodeLimits, decode_frames_in_sandbox
+from worker.media.sampling import sample_frames
+from worker.fixtures.synthetic_videos import read_frame_index, write_cat_video
 
 # name -> (seconds, write_cat_video arguments), 25 fps: the shapes the sampling went wrong on.
 REPORTED = {
@@ -68,7 +68,7 @@ def test_the_sandboxed_sampler_splits_an_mpegts_file_and_stays_exact(reported: d
     path = reported["h264_long_gop.ts"]
     arrays, _ = _decode_everything(path)
     limits = DecodeLimits.from_settings(load_settings({"VIDEOQA_DECODE_PROCESSES": "2"}))
-    sample = sample_video(path, Sampling(num_frames=16), limits)
+    sample = decode_frames_in_sandbox(path, Sampling(num_frames=16), limits)
     assert sample.processes == 2
     assert [frame.index for frame in sample.frames] == [i * 31 for i in range(16)]
     for frame in sample.frames:

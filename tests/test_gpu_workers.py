@@ -16,7 +16,7 @@ from common import readiness
 from common.connections import redis_client
 from common.settings import load_settings
 from tests.conftest import service_env
-from worker.gpu_workers import CPU_WORKER, WorkerPlan, plan_workers
+from worker.cli.gpu_supervisor import CPU_WORKER, WorkerPlan, plan_workers
 
 
 def test_one_pinned_worker_per_gpu_named_after_it() -> None:

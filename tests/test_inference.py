@@ -11,7 +11,7 @@ from PIL import Image
 
 from common.schemas import Generation, MediaSource, Sampling, StoredRequest
 from common.settings import load_settings
-from worker.inference import LoadedModel, Prompt, generate, load_model, render_prompt, resolve_attention
+from worker.gpu.model import LoadedModel, Prompt, generate_batch, load_model, render_prompt, resolve_attention
 
 torch.set_num_threads(1)
 
@@ -77,7 +77,7 @@ def test_batched_greedy_answers_equal_unbatched_ones(loaded: LoadedModel) -> Non
         images = _frames(frames, seed)
         text = render_prompt(loaded.processor, _request(f"question {seed}?", videos=1), [images], []).text
         prompts.append(Prompt(text=text, images=images, generation=Generation(max_new_tokens=max_new)))
-    batched = generate(loaded, prompts)
+    batched = generate_batch(loaded, prompts)
     for prompt, completion in zip(prompts, batched, strict=True):
         alone = _direct(loaded, prompt.text, prompt.images, prompt.generation.max_new_tokens)
         assert completion.token_ids == alone
@@ -88,7 +88,7 @@ def test_batched_greedy_answers_equal_unbatched_ones(loaded: LoadedModel) -> Non
 
 
 def test_a_model_that_cannot_load_raises_one_clear_error(tmp_path: Path) -> None:
-    from worker.inference import ModelLoadError
+    from worker.gpu.model import ModelLoadError
 
     missing = tmp_path / "no-such-model"
     with pytest.raises(ModelLoadError, match=f"cannot load {missing}: "):
@@ -98,7 +98,7 @@ def test_a_model_that_cannot_load_raises_one_clear_error(tmp_path: Path) -> None
 
 
 def test_warm_up_generates_on_a_blank_frame(loaded: LoadedModel) -> None:
-    from worker.inference import warm_up
+    from worker.gpu.model import warm_up
 
     (completion,) = warm_up(loaded)
     assert 1 <= completion.completion_tokens <= 2
@@ -131,7 +131,7 @@ def test_auto_attention_takes_flash_attention_2_only_from_the_flash_attn_distrib
     site = _installed(tmp_path / "site", distribution, version)
     script = (
         "import importlib.util, torch; torch.cuda.is_available = lambda: True\n"
-        "from worker.inference import resolve_attention\n"
+        "from worker.gpu.model import resolve_attention\n"
         "assert importlib.util.find_spec('flash_attn') is not None\n"
         "print(resolve_attention('auto', 'cuda'))\n"
     )

@@ -18,9 +18,9 @@ from common.jobs import KEY_PREFIX, JobStatus, JobStore
 from common.schemas import MediaSource, Sampling, StoredRequest
 from common.settings import Settings, load_settings
 from common.storage import LocalStore
-from worker.geometry import FrameGeometry
-from worker.ingest import IngestContext, ingest_job
-from worker.sample_media import write_cat_video
+from worker.media.geometry import FrameGeometry
+from worker.cpu.stage import IngestContext, ingest_job
+from worker.fixtures.synthetic_videos import write_cat_video
 
 VIDEO = {"url": "https://93.184.215.14/a.mp4"}
 
@@ -152,7 +152,7 @@ def test_the_cpu_worker_checks_the_frames_it_sampled_before_a_gpu_sees_them(
         jobs=JobStore(redis_client(settings), ttl_s=settings.job_ttl_s),
         store=LocalStore(Path(settings.storage_url)),
         geometry=lambda: FrameGeometry(64, 64, 3),
-        enqueue_generate=sent.append,
+        enqueue_answer=sent.append,
     )
     video = write_cat_video(tmp_path / "cat.mp4", seconds=2, fps=10, width=160, height=120)
     ctx.store.put_file("uploads/cat.mp4", video)
@@ -182,7 +182,7 @@ def test_the_cpu_worker_checks_the_frames_it_sampled_before_a_gpu_sees_them(
 def test_a_gpu_worker_names_size_settings_its_model_disagrees_with(tiny_model_dir: Path) -> None:
     from transformers import AutoConfig
 
-    from worker.runtime import size_setting_mismatches
+    from worker.app.resources import size_setting_mismatches
 
     config = AutoConfig.from_pretrained(tiny_model_dir)
     model = str(tiny_model_dir)

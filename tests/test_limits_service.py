@@ -16,7 +16,7 @@ import redis
 import requests
 
 from tests.conftest import BUCKET, REDIS_HOST, SPARE_REDIS_DB, RunningService, service_env, start_process
-from worker.stack import Stack, api_command, cpu_worker_command, free_port, wait_for_http
+from worker.cli.stack import Stack, api_command, cpu_worker_command, free_port, wait_for_http
 
 CAP_BYTES = 1_000_000
 OBJECT_BYTES = 40_000_000

@@ -15,7 +15,7 @@ from api.app import create_app
 from common.metrics import STAGES, queue_keys
 from common.settings import Settings
 from tests.conftest import RunningService
-from worker.sample_media import write_cat_video
+from worker.fixtures.synthetic_videos import write_cat_video
 
 Samples = Mapping[tuple[str, tuple[tuple[str, str], ...]], float]
 

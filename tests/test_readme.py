@@ -19,7 +19,7 @@ import pytest
 from common.client import APIError, Client
 from common.client.sse import parse_sse
 from tests.conftest import WEBHOOK_SECRET, RunningService
-from worker.stack import free_port
+from worker.cli.stack import free_port
 
 README = Path(__file__).parent.parent / "README.md"
 QUICK_START_URL = "http://127.0.0.1:8000"

@@ -10,7 +10,7 @@ import requests
 from api.app import create_app
 from common.settings import Settings, load_settings
 from tests.conftest import RunningService
-from worker.stack import free_port
+from worker.cli.stack import free_port
 
 
 def test_without_a_gpu_worker_it_is_not_ready_and_says_why(local_settings: Settings) -> None:

@@ -13,8 +13,8 @@ from common.connections import redis_client
 from common.jobs import JobStatus, JobStore
 from common.settings import load_settings
 from tests.conftest import service_env, start_process
-from worker.reconciler import job_ids_in_flight, reconcile
-from worker.stack import Stack, cpu_worker_command, gpu_worker_command
+from worker.app.reconciler import job_ids_in_flight, reconcile
+from worker.cli.stack import Stack, cpu_worker_command, gpu_worker_command
 
 
 def test_in_flight_ids_come_from_queues_and_unacked_messages(spare_redis_url: str) -> None:

@@ -16,8 +16,8 @@ from common.jobs import INDEX_KEY, TENANT_INDEX_PREFIX, JobStatus, JobStore
 from common.settings import Settings
 from common.storage import LocalStore, ObjectStore, S3Store
 from tests.conftest import BUCKET, service_env, start_process
-from worker.stack import Stack, cpu_worker_command
-from worker.sweeper import LOCK_KEY, UPLOAD_GRACE_S, sweep, trim_indexes
+from worker.cli.stack import Stack, cpu_worker_command
+from worker.cpu.sweeper import LOCK_KEY, UPLOAD_GRACE_S, sweep, trim_indexes
 
 RETENTION_S = 7 * 24 * 3600
 DAY_S = 24 * 3600

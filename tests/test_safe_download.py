@@ -14,7 +14,7 @@ import pytest
 
 from common.errors import FetchFailed, MediaTooLarge
 from common.url_policy import BlockedUrl, IPAddress, UrlPolicy
-from worker.safe_http import download
+from worker.cpu.safe_http import download
 
 BODY = b"video bytes " * 1000
 

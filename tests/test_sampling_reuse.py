@@ -22,9 +22,9 @@ from common.jobs import Job, JobStatus, JobStore
 from common.schemas import MediaSource, Sampling, StoredRequest
 from common.settings import Settings, load_settings
 from common.storage import LocalStore
-from worker.geometry import FrameGeometry
-from worker.ingest import IngestContext, ingest_job
-from worker.sample_media import write_cat_video
+from worker.media.geometry import FrameGeometry
+from worker.cpu.stage import IngestContext, ingest_job
+from worker.fixtures.synthetic_videos import write_cat_video
 
 
 class _VideoServer(http.server.BaseHTTPRequestHandler):
@@ -82,7 +82,7 @@ def context(settings: Settings) -> IngestContext:
         jobs=JobStore(redis_client(settings), ttl_s=settings.job_ttl_s),
         store=LocalStore(Path(settings.storage_url)),
         geometry=lambda: FrameGeometry(64, 64, 3),
-        enqueue_generate=lambda job_id: None,
+        enqueue_answer=lambda job_id: None,
     )
 
 

@@ -17,11 +17,11 @@ from PIL import Image
 from common.errors import InvalidMedia, InvalidRequest, MediaTooLarge
 from common.schemas import Sampling
 from common.settings import load_settings
-from worker.decode_process import DecodeLimits, VideoSample, sample_video
-from worker.frames import sample_frames
-from worker.geometry import FrameGeometry
-from worker.sample_media import read_frame_index, write_cat_video
-from worker.sandbox import Session, run_isolated, run_until
+from worker.media.decode import DecodeLimits, VideoSample, decode_frames_in_sandbox
+from worker.media.sampling import sample_frames
+from worker.media.geometry import FrameGeometry
+from worker.fixtures.synthetic_videos import read_frame_index, write_cat_video
+from worker.sandbox.runner import Session, run_isolated, run_until
 
 LIMITS = DecodeLimits.from_settings(load_settings({}))
 
@@ -38,7 +38,7 @@ def _limits(**changes: object) -> DecodeLimits:
 
 
 def _sample(path: Path, sampling: Sampling, limits: DecodeLimits = LIMITS, **kwargs: object) -> VideoSample:
-    return sample_video(path, sampling, limits, **kwargs)  # type: ignore[arg-type]
+    return decode_frames_in_sandbox(path, sampling, limits, **kwargs)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("processes", [1, 2])

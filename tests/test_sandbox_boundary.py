@@ -25,9 +25,9 @@ import numpy as np
 import pytest
 
 from common.errors import InvalidMedia
-from worker import sandbox
-from worker.confinement import ENVIRONMENT_ALLOWLIST, OPEN_FILES, THREAD_ALLOWANCE, server_environment
-from worker.sandbox import run_isolated
+from worker.sandbox import runner as sandbox
+from worker.sandbox.confinement import ENVIRONMENT_ALLOWLIST, OPEN_FILES, THREAD_ALLOWANCE, server_environment
+from worker.sandbox.runner import run_isolated
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the boundary is built from Linux features")
 
@@ -59,7 +59,7 @@ def _environment(caller_pid: int) -> tuple[dict[str, object], list[np.ndarray]]:
 
 _CALLER = """
 import json, os, sys
-from worker.sandbox import run_isolated
+from worker.sandbox.runner import run_isolated
 import tests.test_sandbox_boundary as here
 function = getattr(here, sys.argv[1])
 ((found, _),) = run_isolated([(function, (os.getpid(),))], 256 * 1024 * 1024, 60)
@@ -162,7 +162,7 @@ def test_children_run_without_new_privileges_under_the_seccomp_filter() -> None:
 _WARM_UP = """
 import json, logging
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-from worker import sandbox
+from worker.sandbox import runner as sandbox
 print(json.dumps(sandbox.warm_up()))
 """
 

@@ -41,3 +41,9 @@ def test_stored_objects_must_outlive_four_task_time_limits() -> None:
 def test_the_older_name_of_the_text_limit_still_applies() -> None:
     assert load_settings({"VIDEOQA_MAX_QUESTION_CHARS": "12"}).max_text_chars == 12
     assert load_settings({"VIDEOQA_MAX_TEXT_CHARS": "13"}).max_text_chars == 13
+
+
+def test_the_older_name_of_the_transient_retries_still_applies() -> None:
+    assert load_settings({"VIDEOQA_INGEST_MAX_RETRIES": "7"}).transient_retries == 7
+    assert load_settings({"VIDEOQA_TRANSIENT_RETRIES": "8"}).transient_retries == 8
+    assert load_settings({}).transient_retries == 5

@@ -17,8 +17,9 @@ from PIL import Image
 from common.errors import InvalidMedia, MediaTooLarge
 from common.settings import load_settings
 from tests.conftest import BUCKET, RunningService
-from worker.geometry import FrameGeometry, load_geometry
-from worker.still_image import decode_image
+from worker.app.resources import load_geometry
+from worker.media.geometry import FrameGeometry
+from worker.media.still_image import decode_image
 
 GEOMETRY = FrameGeometry(96, 64, Image.Resampling.BICUBIC)
 

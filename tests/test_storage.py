@@ -10,7 +10,7 @@ import pytest
 from common.errors import NotFound, StorageUnavailable
 from common.settings import load_settings
 from common.storage import LocalStore, ObjectStore, S3Store, open_store
-from worker.stack import free_port
+from worker.cli.stack import free_port
 
 
 @pytest.fixture(params=["local", "s3"])

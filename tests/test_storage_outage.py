@@ -19,7 +19,7 @@ from common.connections import redis_client
 from common.jobs import Job, JobStore
 from common.settings import Settings, load_settings
 from tests.conftest import service_env, start_process
-from worker.stack import Stack, cpu_worker_command, free_port, gpu_worker_command, wait_for_http
+from worker.cli.stack import Stack, cpu_worker_command, free_port, gpu_worker_command, wait_for_http
 
 
 class MotoServer:
@@ -78,7 +78,7 @@ def test_storage_outage(
     moto = MotoServer(port, tmp_path / "moto.log")
     aws = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "t", "AWS_SECRET_ACCESS_KEY": "t", "AWS_DEFAULT_REGION": "us-east-1"}
     retries = "6" if outage == "short" else "2"
-    env = service_env(spare_redis_url, aws, tiny_model_dir, VIDEOQA_INGEST_MAX_RETRIES=retries, VIDEOQA_RETRY_BACKOFF_S="1")
+    env = service_env(spare_redis_url, aws, tiny_model_dir, VIDEOQA_TRANSIENT_RETRIES=retries, VIDEOQA_RETRY_BACKOFF_S="1")
     settings = load_settings(env)
     stack = Stack(env=env)
     start_process(stack, tmp_path, "cpu", cpu_worker_command(concurrency=1))

@@ -12,9 +12,9 @@ from PIL import Image
 
 from common.schemas import Generation
 from common.settings import load_settings
-from worker.batching import BatchItem, Outcome, run_batch
-from worker.inference import LoadedModel, Prompt, load_model
-from worker.token_stream import TokenStream
+from worker.gpu.batch import BatchItem, Outcome, run_batch
+from worker.gpu.model import LoadedModel, Prompt, load_model
+from worker.gpu.token_stream import TokenStream
 
 torch.set_num_threads(1)
 

@@ -17,7 +17,7 @@ import requests
 from PIL import Image
 
 from tests.conftest import RunningService, start_process
-from worker.stack import Stack, api_command, cpu_worker_command, free_port, offline_cpu_env, wait_for_http
+from worker.cli.stack import Stack, api_command, cpu_worker_command, free_port, offline_cpu_env, wait_for_http
 
 VIDEOQA = str(Path(sys.executable).with_name("videoqa"))
 HUB_MODEL = "llava-hf/llava-interleave-qwen-7b-hf"
@@ -172,7 +172,7 @@ def test_a_hub_model_in_the_cache_passes_the_check_offline(tmp_path: Path) -> No
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("abc123")
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
-    check = "from worker.model_check import model_problem as p; print(p('owner/cached-model')); print(p('owner/other'))"
+    check = "from worker.cli.model_check import model_problem as p; print(p('owner/cached-model')); print(p('owner/other'))"
     out = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=60)
     cached, other = out.stdout.splitlines()
     assert cached == "None", out.stderr

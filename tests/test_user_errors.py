@@ -143,7 +143,7 @@ def test_job_records_carry_iso_8601_timestamps_next_to_the_epoch(client: FlaskCl
 def test_decoder_errors_read_without_errno_or_worker_paths() -> None:
     import av
 
-    from worker.media_errors import plain_reason
+    from worker.media.errors import plain_reason
 
     cases = {
         av.error.FFmpegError(5, "Input/output error", "/tmp/videoqa-x1/video-0.mp4"): "input/output error",

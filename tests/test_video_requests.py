@@ -19,7 +19,7 @@ from common.schemas import JobRequest, MediaInput, VideoRequest, check_limits
 from common.settings import load_settings
 from common.storage import StoredObject
 from common.videos import CLAIM_SETTLE_S, VideoInUse, VideoStore
-from worker.sweeper import UPLOAD_GRACE_S, expired
+from worker.cpu.sweeper import UPLOAD_GRACE_S, expired
 
 KEY_A = "vqa_key_of_tenant_a_0123456789"
 KEY_B = "vqa_key_of_tenant_b_9876543210"
@@ -253,7 +253,7 @@ def test_a_jobs_size_counts_the_frames_its_stored_videos_hold() -> None:
 
 def test_a_processing_video_without_a_message_is_sent_again(spare_redis_url: str) -> None:
     from common.celery_config import make_celery
-    from worker.video_reconciler import reconcile_videos
+    from worker.app.video_reconciler import reconcile_videos
 
     settings = load_settings({"VIDEOQA_REDIS_URL": spare_redis_url})
     client = redis.Redis.from_url(spare_redis_url, decode_responses=True)

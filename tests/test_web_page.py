@@ -22,7 +22,7 @@ from selenium.webdriver.common.keys import Keys
 from common.api_keys import hash_key
 from tests.browser import PHONE, Browser, launch
 from tests.conftest import RunningService, service_env, start_process
-from worker.stack import Stack, api_command, cpu_worker_command, free_port, gpu_worker_command, wait_for_http
+from worker.cli.stack import Stack, api_command, cpu_worker_command, free_port, gpu_worker_command, wait_for_http
 
 LIFECYCLE = ["queued", "ingesting", "queued_gpu", "generating", "succeeded"]
 KEY, OTHER_KEY = "vqa_page_alice_key", "vqa_page_bob_key"

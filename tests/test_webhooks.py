@@ -23,7 +23,7 @@ from common.errors import FetchFailed
 from common.jobs import JobStore
 from common.settings import Settings
 from common.url_policy import UrlPolicy
-from worker import safe_http
+from worker.cpu import safe_http
 from tests.conftest import WEBHOOK_SECRET, RunningService
 from tests.test_openapi import _conforms
 

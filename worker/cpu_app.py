@@ -1,5 +1,5 @@
 """Entry point of CPU workers: ``celery -A worker.cpu_app worker -Q cpu``."""
 
-from worker.app import build_worker_app
+from worker.app.factory import build_worker_app
 
 app = build_worker_app("cpu")

@@ -1,0 +1,5 @@
+"""`python -m worker.cli`: the same command line as `videoqa`."""
+
+from worker.cli.main import main
+
+main()

@@ -1,0 +1,1 @@
+"""The GPU stage: the model, batched generation, claiming jobs and streaming tokens."""

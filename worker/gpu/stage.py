@@ -1,0 +1,208 @@
+"""The GPU stage of jobs: load their stored frames, generate them as one batch, publish each
+answer's text as it is generated (worker.gpu.token_stream), write each result once, as soon as that
+job's answer is complete.
+
+Everything done for one job alone (its frames, its prompt, the processor's work on it) happens
+before the batch forms, so a job that fails there ends alone with its own error.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+import redis
+
+from common.errors import TransientError, VideoQAError
+from common.events import JobEvents
+from common.jobs import Job, JobStatus, JobStore
+from common.logging_config import job_context
+from common.schemas import StoredRequest
+from common.storage import ObjectStore
+from worker.gpu.batch import BatchItem, Outcome, describe, run_batch
+from worker.media.png import decode_png
+from worker.gpu.model import Completion, LoadedModel, Prompt, encode_prompt, render_prompt
+from worker.gpu.token_stream import TokenStream
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AnswerContext:
+    jobs: JobStore
+    store: ObjectStore
+    model: LoadedModel
+    # Generation of a batch stops (jobs fail with ``timeout``) this many seconds after it starts.
+    time_limit_s: float | None = None
+    max_attempts: int = 3
+
+
+@dataclass
+class _Prepared:
+    job: Job
+    prompt: Prompt
+    sampled: list[dict[str, Any]]
+    load_seconds: float
+
+
+def _load_prompt(job: Job, ctx: AnswerContext) -> tuple[Prompt, list[dict[str, Any]]]:
+    request = StoredRequest.model_validate(job.request)
+    media = job.media or []
+    video_frames = []
+    images = []
+    sampled: list[dict[str, Any]] = []
+    for item in media:
+        if item["kind"] == "video":
+            frames = item["frames"]
+            video_frames.append([decode_png(ctx.store.get_bytes(frame["key"])) for frame in frames])
+            sampled += [
+                {"video": item["position"], "index": f["index"], "time": f["time"]}
+                | ({"offset": f["offset"]} if f.get("offset") is not None else {})
+                | ({"stands_in_for": f["stands_in_for"]} if f.get("stands_in_for") else {})
+                for f in frames
+            ]
+        else:
+            images.append(decode_png(ctx.store.get_bytes(item["key"])))
+    prompt = render_prompt(ctx.model.processor, request, video_frames, images)
+    # Encoded here, per job: text or images the processor refuses fail this job, not its batch.
+    return replace(prompt, encoded=encode_prompt(ctx.model, prompt)), sampled
+
+
+TIMING_ORDER = ("queue_wait", "download", "decode", "store_frames", "ingest", "queue_gpu", "load_frames", "generate")
+
+
+def _timings(job: Job, now: float, extra: dict[str, float]) -> dict[str, float]:
+    """Seconds per stage, in pipeline order, then the total from submission to result."""
+    measured: dict[str, float] = {**job.ingest_timings, **job.stage_seconds(), **extra}
+    if "start" in job.stages.get("ingest", {}):
+        measured["queue_wait"] = job.stages["ingest"]["start"] - job.created_at
+    timings = {name: round(measured[name], 4) for name in TIMING_ORDER if name in measured}
+    timings["total"] = round(now - job.created_at, 4)
+    return timings
+
+
+def _prepare(job_id: str, ctx: AnswerContext) -> _Prepared | None:
+    """Move the job to ``generating`` and load its prompt; None when there is nothing to generate
+    (unknown, cancelled, ended, or failed here). Transient storage errors propagate."""
+    jobs = ctx.jobs
+    job = jobs.get(job_id)
+    if job is None:
+        log.warning("generate: job %s does not exist (expired?); dropped", job_id)
+        return None
+    if not jobs.transition(job_id, JobStatus.GENERATING, allowed_from={JobStatus.QUEUED_GPU, JobStatus.GENERATING}):
+        log.info("generate: job %s is %s; nothing to do", job_id, job.status)
+        return None
+    if not jobs.begin_attempt(job_id, ctx.max_attempts):
+        log.warning("generate: job %s failed as poison", job_id)
+        return None
+    if "end" not in job.stages.get("queue_gpu", {}):
+        jobs.mark(job_id, "queue_gpu", "end")
+    started = time.perf_counter()
+    try:
+        prompt, sampled = _load_prompt(job, ctx)
+    except TransientError:
+        jobs.note_retry(job_id)
+        raise
+    except VideoQAError as exc:
+        jobs.fail(job_id, exc.code, exc.message)
+        return None
+    except Exception:
+        # One unreadable job must not take the rest of its batch down with it.
+        log.exception("generate: job %s could not be prepared", job_id)
+        jobs.fail(job_id, "internal", "internal error while preparing the job")
+        return None
+    return _Prepared(job=job, prompt=prompt, sampled=sampled, load_seconds=time.perf_counter() - started)
+
+
+def _publish(prepared: _Prepared, completion: Completion, ctx: AnswerContext, batch_size: int) -> None:
+    jobs = ctx.jobs
+    job_id = prepared.job.id
+    jobs.mark(job_id, "generate", "end")
+    job = jobs.get(job_id) or prepared.job
+    result = {
+        "answer": completion.text,
+        "model": ctx.model.model_id,
+        "frames": prepared.sampled,
+        "usage": {"prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens},
+        "timings": _timings(job, time.time(), {"load_frames": prepared.load_seconds}),
+        "batch_size": batch_size,
+    }
+    if not jobs.succeed(job_id, result):
+        log.info("generate: job %s ended otherwise while generating (cancelled?)", job_id)
+
+
+class _CancelPoll:
+    """Which of a batch's jobs were cancelled, asked about every 100 ms while it generates. Redis
+    out of reach is an outage to ride out, not the batch's end: no cancellation is known this time,
+    and the next poll asks again."""
+
+    def __init__(self, jobs: JobStore) -> None:
+        self.jobs = jobs
+        self.failing = False
+
+    def __call__(self, job_ids: list[str]) -> set[str]:
+        try:
+            cancelled = {job_id for job_id in job_ids if self.jobs.is_cancelled(job_id)}
+        except redis.RedisError as exc:
+            if not self.failing:
+                log.warning("cannot read cancellations (%s: %s); generation goes on", type(exc).__name__, exc)
+                self.failing = True
+            return set()
+        if self.failing:
+            log.info("cancellations can be read again")
+            self.failing = False
+        return cancelled
+
+
+def answer_jobs(job_ids: list[str], ctx: AnswerContext) -> dict[str, TransientError]:
+    """Run the GPU stage of several jobs as one batch.
+
+    Each job reaches one terminal state, written once, as soon as its own answer is complete; a
+    job cancelled meanwhile stops generating within about 100 ms plus one step. Returns the jobs
+    that met a transient error (storage unreachable) and should be tried again later; they stay
+    ``generating``, which a retry accepts.
+    """
+    jobs = ctx.jobs
+    retry: dict[str, TransientError] = {}
+    prepared: dict[str, _Prepared] = {}
+    for job_id in dict.fromkeys(job_ids):
+        try:
+            with job_context(job_id):  # lines about a batch's other jobs carry their own id
+                ready = _prepare(job_id, ctx)
+        except TransientError as exc:
+            retry[job_id] = exc
+            continue
+        if ready is not None:
+            prepared[job_id] = ready
+    if not prepared:
+        return retry
+    started = time.time()
+    for job_id in prepared:
+        jobs.mark(job_id, "generate", "start", at=started)
+    size = len(prepared)
+
+    def settle(outcome: Outcome) -> None:
+        with job_context(outcome.key):
+            if outcome.completion is not None:
+                _publish(prepared[outcome.key], outcome.completion, ctx, size)
+                return
+            jobs.mark(outcome.key, "generate", "end")
+            if outcome.error is not None:
+                jobs.fail(outcome.key, outcome.error.code, outcome.error.message)
+
+    tokens = TokenStream(ctx.model.processor.tokenizer, ctx.model.eos_token_ids, JobEvents(jobs.client).publish_tokens)
+    try:
+        outcomes = run_batch(
+            ctx.model,
+            [BatchItem(job_id, ready.prompt) for job_id, ready in prepared.items()],
+            on_outcome=settle,
+            cancelled=_CancelPoll(jobs),
+            deadline=started + ctx.time_limit_s if ctx.time_limit_s else None,
+            tokens=tokens,
+        )
+    finally:
+        tokens.close()
+    log.info("generated a batch of %d in %.2f s: %s", size, time.time() - started, describe(outcomes.values()))
+    return retry

@@ -1,0 +1,193 @@
+"""Sampling a video in sandboxed child processes (``worker.sandbox.runner``), so a decoder that crashes,
+hangs or eats memory ends one job ``invalid_media`` and never the worker.
+
+A first child probes the file, indexes its packets, chooses the frames and plans the seeks. When
+the worker has cores to spare, the seeks of a long video are split into groups of about equal
+work: the first child hands the plan over and decodes the first group while the caller starts one
+child for each other group. Children resize the frames to the model's geometry when asked, so only
+small frames travel back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Generator
+from pathlib import Path
+
+import av
+import numpy as np
+from PIL import Image
+
+from common.schemas import Sampling
+from common.settings import Settings
+from worker.media.sampling import (
+    Decoded,
+    SampledFrame,
+    Segment,
+    StreamIndex,
+    check_stand_ins,
+    choose_positions,
+    decode_shares,
+    index_container,
+    nearest_keyframes,
+    plan_segments,
+    sampled_frame,
+    split_segments,
+)
+from worker.media.geometry import FrameGeometry
+from worker.media.probe import MediaInfo, MediaLimits, check_index, open_checked
+from worker.media.errors import plain_reason
+from worker.sandbox.runner import Answer, ChildSetup, Session, available_cores
+
+# The media's sandbox: its fork server preloads the decoding stack, and an unexpected exception
+# in a child reads as FFmpeg's or Pillow's plain reason.
+MEDIA_SANDBOX = ChildSetup(
+    preload=("worker.media.decode", "worker.media.still_image"), describe_error=plain_reason
+)
+
+# Below this many frames to decode, a second process costs more than it saves.
+_SPLIT_MIN_FRAMES = 120
+_MAX_THREADS = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeLimits:
+    media: MediaLimits
+    memory_bytes: int
+    deadline_s: float
+    processes: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> DecodeLimits:
+        return cls(
+            media=MediaLimits.from_settings(settings),
+            memory_bytes=settings.decode_memory_mb * 1024 * 1024,
+            deadline_s=settings.decode_timeout_s,
+            processes=settings.decode_processes,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoSample:
+    info: MediaInfo
+    frame_count: int
+    frames: list[SampledFrame]
+    # Seconds from the first frame to the last, from the stream's timestamps.
+    duration: float
+    processes: int
+    # Resident set of the children at their peaks, those running at once added up (bytes). An upper
+    # bound: pages the children share with the fork server count once per child.
+    peak_rss_sum: int
+
+
+def decode_frames_in_sandbox(
+    path: Path, sampling: Sampling, limits: DecodeLimits, *, geometry: FrameGeometry | None = None
+) -> VideoSample:
+    """Probe, index, choose and decode ``path`` in child processes; frames resized to ``geometry``
+    when given (in the children, so only small frames travel back).
+
+    One child probes, indexes and plans, hands the plan over and decodes the first group of seeks;
+    meanwhile the caller starts one child for each other group, when the plan has more than one.
+    """
+    deadline = time.monotonic() + limits.deadline_s
+    cores = available_cores()
+    processes = limits.processes or cores
+    with Session(limits.memory_bytes, deadline, limits.deadline_s, answer_types=_ANSWER_TYPES, setup=MEDIA_SANDBOX) as session:
+        first = session.start(_probe_and_sample, (path, sampling, limits.media, processes, cores, geometry))
+        (info, index, plan), _ = session.next_answer(first)
+        threads = _threads(cores, len(plan.groups))
+        others = [
+            session.start(_decode, (path, index, group, threads, sampling.fast, geometry)) for group in plan.groups[1:]
+        ]
+        session.finish()
+    decoded: dict[int, Decoded] = {}
+    # Every answer but the first child's plan holds frames.
+    for stamps, found in first.answers[1:] + [answer for child in others for answer in child.answers]:
+        decoded.update({target: Decoded(pts, array) for (target, pts), array in zip(stamps, found, strict=True)})
+    if sampling.fast:
+        frames = [sampled_frame(index, k, decoded[index.pts[k]], target=t) for k, t in plan.pairs]
+    else:
+        frames = [sampled_frame(index, p, decoded[index.pts[p]]) for p in plan.positions]
+    frames = check_stand_ins(frames)
+    return VideoSample(
+        info=info,
+        frame_count=index.frame_count,
+        frames=frames,
+        duration=index.duration,
+        processes=len(plan.groups),
+        # All of them run at once: the first decodes its share while the others decode theirs.
+        peak_rss_sum=sum(child.peak for child in (first, *others)),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    positions: list[int]
+    # Fast mode: (keyframe position, target position) pairs.
+    pairs: list[tuple[int, int]]
+    groups: list[list[Segment]]
+
+
+def _plan(index: StreamIndex, sampling: Sampling, processes: int) -> _Plan:
+    positions = choose_positions(index, sampling)
+    if sampling.fast:
+        pairs = nearest_keyframes(index, positions)
+        return _Plan(positions, pairs, [[Segment(index.pts[k], (index.pts[k],)) for k, _ in pairs]])
+    segments = plan_segments(index, [index.pts[p] for p in positions])
+    work = sum(index.position_of(s.targets[-1]) - index.position_of(s.start) + 1 for s in segments)
+    return _Plan(positions, [], split_segments(index, segments, processes if work >= _SPLIT_MIN_FRAMES else 1))
+
+
+# What the children's answers may hold besides builtin values (worker.sandbox.runner rebuilds no other class).
+_ANSWER_TYPES = (MediaInfo, StreamIndex, Segment, _Plan)
+
+
+def _threads(cores: int, processes: int) -> int:
+    # The cores left to each process go to its decoder's threads (FFmpeg gains little past 8).
+    return min(_MAX_THREADS, max(1, cores // processes))
+
+
+# --- what runs in the children ---------------------------------------------------------------
+
+
+def _probe_and_sample(
+    path: Path, sampling: Sampling, limits: MediaLimits, processes: int, cores: int, geometry: FrameGeometry | None
+) -> Generator[Answer, None, Answer]:
+    """Yields the plan (so the caller can start the other groups at once), then the first group's
+    frames as ``_decode`` hands them over."""
+    container, info = open_checked(path, limits)
+    with container:
+        index = index_container(container)
+        check_index(index, limits)
+        plan = _plan(index, sampling, processes)
+        yield (info, index, plan), []
+        threads = _threads(cores, len(plan.groups))
+        return (yield from _decode(path, index, plan.groups[0], threads, sampling.fast, geometry, opened=container))
+
+
+def _decode(
+    path: Path,
+    index: StreamIndex,
+    segments: list[Segment],
+    threads: int,
+    keyframes_only: bool,
+    geometry: FrameGeometry | None,
+    opened: av.container.InputContainer | None = None,
+) -> Generator[Answer, None, Answer]:
+    """Each decoder's frames as one answer, sent while the other decoders go on: a decoder that
+    finishes early hands its frames over on the core it frees."""
+    shares = decode_shares(path, index, segments, threads=threads, keyframes_only=keyframes_only, opened=opened)
+    answer = _frames_answer(next(shares), geometry)
+    for share in shares:
+        yield answer
+        answer = _frames_answer(share, geometry)
+    return answer
+
+
+def _frames_answer(found: dict[int, Decoded], geometry: FrameGeometry | None) -> Answer:
+    targets = sorted(found)
+    arrays = [found[t].array for t in targets]
+    if geometry is not None:
+        arrays = [np.asarray(geometry.resize(Image.fromarray(a))) for a in arrays]
+    return [(t, found[t].pts) for t in targets], arrays

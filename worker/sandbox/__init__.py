@@ -1,0 +1,1 @@
+"""Running untrusted work in confined, forked child processes."""
