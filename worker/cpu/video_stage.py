@@ -49,7 +49,7 @@ def ingest_stored_video(video_id: str, ctx: VideoContext) -> None:
         log.info("video %s is %s; nothing to do", video_id, "gone" if video is None else video.status)
         return
     attempts = videos.add_attempt(video_id)
-    if attempts > ctx.settings.max_attempts + ctx.settings.ingest_max_retries:
+    if attempts > ctx.settings.max_attempts + ctx.settings.transient_retries:
         videos.fail(video_id, "poison", f"sampling the video ended its worker {attempts - 1} times; not tried again")
         return
     source = MediaSource.model_validate(video.source)
