@@ -22,6 +22,7 @@ from typing import Any
 
 from PIL import Image
 
+from common.errors import InvalidRequest
 from common.schemas import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, StoredRequest, places_media
 from worker.prompt_ids import Span
 
@@ -38,7 +39,11 @@ class _Media:
         self.ordered: list[Image.Image] = []
 
     def take(self, placeholder: str) -> list[Image.Image]:
-        taken = next(self._videos) if placeholder == VIDEO_PLACEHOLDER else [next(self._stills)]
+        try:
+            taken = next(self._videos) if placeholder == VIDEO_PLACEHOLDER else [next(self._stills)]
+        except StopIteration:
+            # The API refuses such a request; a record written otherwise fails alone, clearly.
+            raise InvalidRequest(f"more {placeholder} placeholders than the job has media") from None
         self.ordered.extend(taken)
         return taken
 
