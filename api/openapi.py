@@ -70,6 +70,9 @@ class JobResult(_View):
     model: str
     frames: list[SampledFrame]
     usage: Usage
+    finish_reason: Literal["stop", "length"] | None = Field(
+        default=None, description="stop: the model ended its answer; length: max_new_tokens did"
+    )
     timings: dict[str, float] = Field(description="seconds per stage, in pipeline order, and the total")
     batch_size: int | None = Field(default=None, description="jobs generated together with this one, itself included")
 
