@@ -12,6 +12,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
+from api.openapi_chat import VIEWS as CHAT_VIEWS
+from api.openapi_chat import chat_operations
 from api.routes import LATEST_TIMESTAMP
 from api.idempotency import MAX_KEY_CHARS
 from api.submission import GENERATION_FIELDS, SAMPLING_FIELDS
@@ -367,6 +369,7 @@ def build_spec(version: str) -> dict[str, Any]:
         (ErrorResponse, "serialization"),
         (Health, "serialization"),
         (Readiness, "serialization"),
+        *((view, "serialization") for view in CHAT_VIEWS),
     ]
     _, definitions = models_json_schema(models, ref_template=REF)
     return {
@@ -376,7 +379,7 @@ def build_spec(version: str) -> dict[str, Any]:
             "version": version,
             "description": "Ask questions about videos: submit a job, poll it for the answer.",
         },
-        "paths": _operations(),
+        "paths": {**_operations(), **chat_operations(BEARER)},
         "components": {
             "schemas": definitions.get("$defs", {}),
             "securitySchemes": {
