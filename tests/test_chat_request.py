@@ -4,10 +4,12 @@ media in order, the extra sampling fields, and refusals that name the parameter.
 from __future__ import annotations
 
 import base64
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from api.app import create_app
 from api.chat_request import chat_job, served_model_ids
 from common.errors import InvalidRequest, NotFound
 from common.schemas import JobRequest, MediaInput
@@ -127,3 +129,20 @@ def test_the_served_model_is_videoqa_model_or_its_last_path_segment() -> None:
     with pytest.raises(NotFound) as unknown:
         chat_job(_chat([{"role": "user", "content": [VIDEO, _text("Q?")]}], model="gpt-4o"), SETTINGS)
     assert unknown.value.code == "model_not_found"
+
+
+def test_chat_completions_share_the_submission_rate_limit_and_refuse_in_openais_shape(
+    spare_redis_url: str, tmp_path: Path
+) -> None:
+    """Through the app and real Redis (the spare database): one submission a minute per client."""
+    settings = load_settings(
+        {"VIDEOQA_REDIS_URL": spare_redis_url, "VIDEOQA_STORAGE_URL": str(tmp_path), "VIDEOQA_RATE_LIMIT": "1/minute"}
+    )
+    client = create_app(settings).test_client()
+    first = client.post("/v1/jobs", json={"question": "What?", "videos": [{"url": "https://93.184.215.14/a.mp4"}]})
+    assert first.status_code == 202
+    refused = client.post("/v1/chat/completions", json=_chat([{"role": "user", "content": [VIDEO, _text("Q?")]}]))
+    assert refused.status_code == 429 and int(refused.headers["Retry-After"]) >= 1
+    assert refused.get_json()["error"]["type"] == "rate_limit_error"
+    assert set(refused.get_json()["error"]) == {"message", "type", "param", "code"}
+    assert client.get("/v1/models").status_code == 200  # reads are not counted
