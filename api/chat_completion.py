@@ -13,6 +13,8 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
+import redis
+
 from common.errors import Conflict, VideoQAError
 from common.events import DONE, START, TOKEN, JobEvents
 from common.jobs import Job, JobStatus, JobStore, decode_job
@@ -131,40 +133,47 @@ class _Chunks:
 
 def completion_chunks(jobs: JobStore, events: JobEvents, job: Job, model: str, include_usage: bool) -> Iterator[str]:
     """The job's answer as chunks as it is generated, then its end; the job is cancelled when the
-    client leaves before that end (a failed write closes this generator)."""
+    client leaves before that end (a failed write closes this generator: ``GeneratorExit``)."""
     chunks = _Chunks(job, model, include_usage)
-    ended = False
     try:
         yield chunks.choice({"role": "assistant", "content": ""})
-        streamed: list[str] = []
-        after = START
-        while True:
-            batch = events.read(job.id, after, block_ms=int(IDLE_WRITE_S * 1000))
-            if not batch:
-                yield ": keep-alive\n\n"
-                if jobs.get(job.id) is None:  # past retention, or deleted
-                    ended = True
-                    yield _data(openai_error(f"job {job.id} is gone", "not_found", 404))
-                    yield "data: [DONE]\n\n"
-                    return
-                continue
-            for event in batch:
-                after = event.id
-                if event.kind == TOKEN:
-                    streamed.append(event.data["text"])
-                    yield chunks.choice({"content": event.data["text"]})
-                elif event.kind == DONE:
-                    ended = True
-                    yield from _ending(decode_job(event.data), "".join(streamed), chunks)
-                    return
-    finally:
-        if not ended:
-            # The client went away (or the server is stopping): nobody will read this answer.
-            log.info("chat completion stream of job %s closed early; cancelling the job", job.id)
-            try:
-                jobs.cancel(job.id)
-            except Exception:  # Redis out of reach: the job runs to its end, unread
-                log.warning("could not cancel job %s after its stream closed", job.id)
+        yield from _until_done(jobs, events, job, chunks)
+    except GeneratorExit:
+        # The client went away (or this server is stopping): nobody will read this answer.
+        log.info("chat completion stream of job %s closed before its end; cancelling the job", job.id)
+        try:
+            jobs.cancel(job.id)
+        except redis.RedisError:
+            log.warning("could not cancel job %s after its stream closed", job.id)
+        raise
+    except redis.RedisError as exc:
+        # Redis out of reach mid-stream: say so; the job itself goes on and its record will tell.
+        log.warning("chat completion stream of job %s lost Redis: %s", job.id, exc.__class__.__name__)
+        message = f"the job's events are unavailable; GET /v1/jobs/{job.id} for its outcome"
+        yield _data(openai_error(message, "service_unavailable", 503))
+        yield "data: [DONE]\n\n"
+
+
+def _until_done(jobs: JobStore, events: JobEvents, job: Job, chunks: _Chunks) -> Iterator[str]:
+    streamed: list[str] = []
+    after = START
+    while True:
+        batch = events.read(job.id, after, block_ms=int(IDLE_WRITE_S * 1000))
+        if not batch:
+            yield ": keep-alive\n\n"
+            if jobs.get(job.id) is None:  # past retention, or deleted
+                yield _data(openai_error(f"job {job.id} is gone", "not_found", 404))
+                yield "data: [DONE]\n\n"
+                return
+            continue
+        for event in batch:
+            after = event.id
+            if event.kind == TOKEN:
+                streamed.append(event.data["text"])
+                yield chunks.choice({"content": event.data["text"]})
+            elif event.kind == DONE:
+                yield from _ending(decode_job(event.data), "".join(streamed), chunks)
+                return
 
 
 def _ending(job: Job, streamed: str, chunks: _Chunks) -> Iterator[str]:

@@ -22,7 +22,7 @@ from api.auth import current_tenant
 from api.chat_completion import completion_body, completion_chunks, openai_error
 from api.chat_request import ChatJob, Medium, chat_job, served_model_ids
 from api.errors import invalid, validation_problems
-from api.submission import Medium as JobMedium
+from api.submission import MediaEntry
 from api.submission import submit_request
 from api.waiting import wait_for_end
 from common.errors import InvalidRequest, NotFound, PayloadTooLarge
@@ -111,10 +111,10 @@ def _submit(chat: ChatJob, services: Any) -> Job:
         raise
 
 
-def _in_order(media: list[Medium], urls: list[Any], settings: Settings) -> list[JobMedium]:
+def _in_order(media: list[Medium], urls: list[Any], settings: Settings) -> list[MediaEntry]:
     """The job's media in the chat's order: inline (data:) ones as uploads, the others as parsed."""
     remaining = iter(urls)
-    ordered: list[JobMedium] = []
+    ordered: list[MediaEntry] = []
     for position, medium in enumerate(media):
         if medium.data is None:
             ordered.append(next(remaining))

@@ -90,10 +90,10 @@ def _store_upload(store: ObjectStore, job_id: str, kind: str, position: int, upl
 
 
 # One video or image of a job, in the job's order: a file sent with the request, or a URL.
-Medium = FileStorage | MediaInput
+MediaEntry = FileStorage | MediaInput
 
 
-def _sources(store: ObjectStore, job_id: str, kind: str, media: list[Medium]) -> list[MediaSource]:
+def _sources(store: ObjectStore, job_id: str, kind: str, media: list[MediaEntry]) -> list[MediaSource]:
     return [
         _store_upload(store, job_id, kind, position, item) if isinstance(item, FileStorage) else MediaSource.from_url(item.url)
         for position, item in enumerate(media)
@@ -101,7 +101,7 @@ def _sources(store: ObjectStore, job_id: str, kind: str, media: list[Medium]) ->
 
 
 def _store_media(
-    store: ObjectStore, job_id: str, videos: list[Medium], images: list[Medium]
+    store: ObjectStore, job_id: str, videos: list[MediaEntry], images: list[MediaEntry]
 ) -> tuple[list[MediaSource], list[MediaSource]]:
     try:
         return _sources(store, job_id, "video", videos), _sources(store, job_id, "image", images)
@@ -186,8 +186,8 @@ def submit_job(
 
 def submit_request(
     parsed: JobRequest,
-    videos: list[Medium],
-    images: list[Medium],
+    videos: list[MediaEntry],
+    images: list[MediaEntry],
     *,
     settings: Settings,
     jobs: JobStore,
@@ -240,8 +240,8 @@ def submit_request(
 
 def _create(
     parsed: JobRequest,
-    media_videos: list[Medium],
-    media_images: list[Medium],
+    media_videos: list[MediaEntry],
+    media_images: list[MediaEntry],
     *,
     job_id: str,
     settings: Settings,

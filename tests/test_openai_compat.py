@@ -260,3 +260,21 @@ def test_a_streaming_client_that_leaves_early_cancels_its_job(
     job = _ended(keyed_service, job_id)
     assert job["status"] == "cancelled", (job, keyed_service.tail_logs())
     assert job["result"] is None
+
+
+def test_a_job_that_fails_is_an_error_answer_or_the_streams_last_event(
+    keyed_service: RunningService, client: openai.OpenAI
+) -> None:
+    garbage = "data:video/mp4;base64," + base64.b64encode(b"not a video at all" * 64).decode()
+    messages = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": garbage}}, {"type": "text", "text": QUESTION}]}]
+    model = keyed_service.env["VIDEOQA_MODEL"]
+    with pytest.raises(openai.UnprocessableEntityError) as failed:
+        client.chat.completions.create(model=model, messages=messages, max_tokens=4)  # type: ignore[arg-type]
+    assert failed.value.code == "invalid_media"
+    chunks = []
+    with pytest.raises(openai.APIError) as streamed:
+        for chunk in client.chat.completions.create(model=model, messages=messages, max_tokens=4, stream=True):  # type: ignore[arg-type]
+            chunks.append(chunk)
+    assert streamed.value.code == "invalid_media"
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert _ended(keyed_service, chunks[0].id.removeprefix("chatcmpl-"))["status"] == "failed"
