@@ -320,6 +320,47 @@ def _operations() -> dict[str, dict[str, Any]]:
                 },
             }
         },
+        "/v1/jobs/{job_id}/frames/{n}": {
+            "get": {
+                "operationId": "jobFrame",
+                "summary": "One sampled frame of a job, as stored for the model (PNG)",
+                "security": BEARER,
+                "parameters": [
+                    JOB_ID,
+                    {
+                        "name": "n",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string", "pattern": "^[0-9]{1,6}$"},
+                        "description": "the frame's position in `result.frames`, from 0",
+                    },
+                ],
+                "responses": {
+                    "200": {"description": "the frame", "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}},
+                    "400": _error("n is not a whole number"),
+                    "404": _error("unknown job, not ingested yet, no such frame, or past retention"),
+                    **common_errors,
+                },
+            }
+        },
+        "/": {
+            "get": {
+                "operationId": "page",
+                "summary": "The web page: ask about videos, watch the answer stream in",
+                "responses": {"200": {"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}}},
+            }
+        },
+        "/assets/{name}": {
+            "get": {
+                "operationId": "pageAsset",
+                "summary": "The page's scripts, style sheet and icon",
+                "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "responses": {
+                    "200": {"description": "the file", "content": {"*/*": {"schema": {"type": "string"}}}},
+                    "404": _error("no such file"),
+                },
+            }
+        },
         "/healthz": {
             "get": {
                 "operationId": "health",
