@@ -11,6 +11,7 @@ from flask import Flask
 from prometheus_client import CollectorRegistry
 
 from api.auth import Authenticator, parse_api_keys
+from api.chat_routes import bp as openai_bp
 from api.errors import register_error_handlers
 from api.idempotency import IdempotencyKeys
 from api.limits import init_limits
@@ -85,9 +86,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     register_error_handlers(app)
     # Authentication runs first, so the rate limiter counts per tenant.
     app.before_request(Authenticator(parse_api_keys(settings.api_keys)).authenticate_request)
-    limiter = init_limits(app, bp, settings)
-    limiter.limit(settings.rate_limit, methods=["POST"])(videos_bp)
+    init_limits(app, [bp, openai_bp, videos_bp], settings)
     app.register_blueprint(bp)
+    app.register_blueprint(openai_bp)
     app.register_blueprint(videos_bp)
     app.register_blueprint(ops)
     app.register_blueprint(page)

@@ -12,6 +12,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
+from api.openapi_chat import VIEWS as CHAT_VIEWS
+from api.openapi_chat import chat_operations
 from api.routes import LATEST_TIMESTAMP
 from api.idempotency import MAX_KEY_CHARS
 from api.submission import GENERATION_FIELDS, SAMPLING_FIELDS
@@ -70,6 +72,9 @@ class JobResult(_View):
     model: str
     frames: list[SampledFrame]
     usage: Usage
+    finish_reason: Literal["stop", "length"] | None = Field(
+        default=None, description="stop: the model ended its answer; length: max_new_tokens did"
+    )
     timings: dict[str, float] = Field(description="seconds per stage, in pipeline order, and the total")
     batch_size: int | None = Field(default=None, description="jobs generated together with this one, itself included")
 
@@ -412,6 +417,7 @@ def build_spec(version: str) -> dict[str, Any]:
         (ErrorResponse, "serialization"),
         (Health, "serialization"),
         (Readiness, "serialization"),
+        *((view, "serialization") for view in CHAT_VIEWS),
     ]
     _, definitions = models_json_schema(models, ref_template=REF)
     return {
@@ -421,7 +427,7 @@ def build_spec(version: str) -> dict[str, Any]:
             "version": version,
             "description": "Ask questions about videos: submit a job, poll it for the answer.",
         },
-        "paths": _operations(),
+        "paths": {**_operations(), **chat_operations(BEARER)},
         "components": {
             "schemas": definitions.get("$defs", {}),
             "securitySchemes": {

@@ -9,7 +9,7 @@ from typing import Any
 
 from common.errors import Conflict, InvalidRequest, NotFound
 from common.jobs import Job, JobStatus, JobStore
-from common.schemas import JobRequest, MediaSource, StoredRequest
+from common.schemas import JobRequest, MediaSource, StoredRequest, Turn
 from common.storage import ObjectStore
 from common.videos import Claimed, Video, VideoStatus, VideoStore
 
@@ -166,3 +166,12 @@ def _media_keys(job: Job) -> list[str]:
         if "key" in item:
             keys.append(item["key"])
     return keys
+
+
+def follow_up_history(stored: StoredMedia) -> list[Turn]:
+    """A follow-up's earlier turns: its parent's, then the parent's own question (with the
+    placeholders that say where the media go) and its answer."""
+    assert stored.parent is not None and stored.parent_request is not None
+    answer = str((stored.parent.result or {}).get("answer", ""))
+    parent = stored.parent_request
+    return [*parent.history, parent.user_turn(), Turn(role="assistant", content=answer)]

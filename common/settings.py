@@ -66,7 +66,7 @@ class Settings(BaseSettings):
     max_text_chars: int = Field(
         default=4000,
         ge=1,
-        description="`question` and `prompt` together, in characters",
+        description="`question`, `prompt` and `history` together, in characters",
         # The older name, from when it bounded the question alone, keeps working.
         validation_alias=AliasChoices(
             "max_text_chars", "VIDEOQA_MAX_TEXT_CHARS", "max_question_chars", "VIDEOQA_MAX_QUESTION_CHARS"
