@@ -112,6 +112,15 @@ def test_ingest_once_then_jobs_by_video_id_answer_as_jobs_by_url(service: Runnin
     assert follow_up["request"]["videos"] == parent["request"]["videos"]
     done = _succeeded(service, follow_up["id"])
     assert _frames(done) == _frames(parent) and "ingest" not in done["stages"]
+    # It continues the conversation: the parent's question, where its video went, and its answer.
+    assert done["request"]["history"] == [
+        {"role": "user", "content": f"<video>\n{QUESTIONS[0]}"},
+        {"role": "assistant", "content": parent["result"]["answer"]},
+    ]
+    # The same turns sent by hand, over the same stored video, give the same answer.
+    by_hand = {"question": "And then?", "videos": [{"video_id": video["id"]}], "history": done["request"]["history"],
+               "generation": GENERATION}  # fmt: skip
+    assert _succeeded(service, _post(service, "/v1/jobs", json=by_hand)["id"])["result"]["answer"] == done["result"]["answer"]
     # A follow-up of a follow-up works the same way.
     assert _succeeded(service, _post(service, "/v1/jobs", json={"question": "Why?", "parent": done["id"]})["id"])
 
@@ -247,3 +256,21 @@ def test_the_python_client_stores_a_video_asks_and_follows_up(service: RunningSe
     assert "ingest" not in client.get(follow_up.job_id).raw["stages"]
     client.delete_video(stored.id)
     assert requests.get(service.url(f"/v1/videos/{stored.id}"), timeout=10).status_code == 404
+
+
+def test_a_chat_completion_names_a_stored_video_by_its_videoqa_url(service: RunningService, sample_videos: list[Path]) -> None:
+    with open(sample_videos[0], "rb") as handle:
+        created = _post(service, "/v1/videos", files={"video": ("cats_1.mp4", handle, "video/mp4")}, data={"num_frames": "2"})
+    video = _ready(service, created["id"])
+    model = requests.get(service.url("/v1/models"), timeout=10).json()["data"][0]["id"]
+    part = {"type": "video_url", "video_url": {"url": f"videoqa://videos/{video['id']}"}}
+    chat = {"model": model, "messages": [{"role": "user", "content": [part, {"type": "text", "text": "What?"}]}], "max_tokens": 8}
+    response = requests.post(service.url("/v1/chat/completions"), json=chat, timeout=120)
+    assert response.status_code == 200, response.text
+    job = service.wait(response.headers["X-Videoqa-Job-Id"])
+    assert job["result"]["answer"] == response.json()["choices"][0]["message"]["content"]
+    assert [(f["index"], f["time"]) for f in job["result"]["frames"]] == [(f["index"], f["time"]) for f in video["frames"]]
+    assert "ingest" not in job["stages"]
+    # An unknown video (or another API key's) is not found.
+    part["video_url"]["url"] = "videoqa://videos/0123456789abcdef0123456789abcdef"
+    assert requests.post(service.url("/v1/chat/completions"), json=chat, timeout=30).status_code == 404
