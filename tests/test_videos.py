@@ -19,6 +19,7 @@ import requests
 from PIL import Image
 
 from tests.conftest import BUCKET, RunningService
+from tests.test_openapi import _conforms
 
 QUESTIONS = ("What is the cat doing?", "Is it the same cat in every frame?")
 SAMPLING = {"num_frames": 4}
@@ -74,7 +75,11 @@ def test_ingest_once_then_jobs_by_video_id_answer_as_jobs_by_url(service: Runnin
     assert [(f["n"], f["index"]) for f in video["frames"]] == [(0, 0), (1, 30), (2, 60), (3, 90)]
     assert [f["time"] for f in video["frames"]] == pytest.approx([0, 1, 2, 3])
     assert video["sampling"]["num_frames"] == 4 and video["source"] == {"kind": "s3", "url": url}
-    assert video["id"] in [v["id"] for v in requests.get(service.url("/v1/videos"), timeout=10).json()["videos"]]
+    page = requests.get(service.url("/v1/videos"), timeout=10).json()
+    assert video["id"] in [v["id"] for v in page["videos"]]
+    spec = requests.get(service.url("/openapi.json"), timeout=10).json()
+    _conforms(spec, "VideoView", video)
+    _conforms(spec, "VideoPage", page)
 
     by_url = [_succeeded(service, _ask(service, [{"url": url}], question)["id"]) for question in QUESTIONS]
     submitted = [_ask(service, [{"video_id": video["id"]}], question) for question in QUESTIONS]
@@ -82,6 +87,7 @@ def test_ingest_once_then_jobs_by_video_id_answer_as_jobs_by_url(service: Runnin
     assert [job["status"] for job in submitted] == ["queued_gpu", "queued_gpu"]
     by_id = [_succeeded(service, job["id"]) for job in submitted]
     for url_job, id_job in zip(by_url, by_id):
+        _conforms(spec, "JobView", id_job)
         assert id_job["result"]["answer"] == url_job["result"]["answer"]
         assert _frames(id_job) == _frames(url_job) == [(0, f["index"], f["time"]) for f in video["frames"]]
         assert id_job["result"]["usage"] == url_job["result"]["usage"]
