@@ -137,7 +137,8 @@ class Settings(BaseSettings):
         default=7 * 24 * 3600,
         ge=60,
         description="frames, images and ETag records older than this are deleted (uploads go once their job "
-        "ended); at least 4 x `VIDEOQA_TASK_TIME_LIMIT_S` (docs/retention.md)",
+        "ended); stored videos (`POST /v1/videos`) and their frames last this long from their creation; "
+        "at least 4 x `VIDEOQA_TASK_TIME_LIMIT_S` (docs/retention.md)",
     )
     sweep_interval_s: float = Field(
         default=3600.0, gt=0, description="how often CPU workers delete expired objects and job index entries"

@@ -19,10 +19,12 @@ from common.jobs import JobStatus, JobStore
 from common.schemas import MediaSource, Sampling, StoredRequest
 from common.settings import Settings
 from common.storage import ObjectStore
+from common.videos import VideoStore, VideoUnavailable
 from worker.media.decode import DecodeLimits, decode_frames_in_sandbox
 from worker.cpu.fetch import fetch_if_changed, fetch_media, known_version, remember_version
 from worker.media.geometry import FrameGeometry
 from worker.media.png import encode_png
+from worker.media.sampling import SampledFrame
 from worker.cpu.frame_store import ContentKeys
 from worker.media.still_image import decode_image
 
@@ -36,6 +38,7 @@ class IngestContext:
     store: ObjectStore
     geometry: Callable[[], FrameGeometry]
     enqueue_answer: Callable[[str], None]
+    videos: VideoStore | None = None
 
 
 class StageTimer:
@@ -104,8 +107,17 @@ def ingest_video(
         fetched.path.unlink(missing_ok=True)
     started = time.perf_counter()
     prefix = frames_prefix(fetched.sha256, sampling, geometry, scope=keys.scope, period=keys.period)
+    entries = store_frames(sample.frames, prefix, store)
+    # Written last: its presence means every frame is stored.
+    store.put_bytes(f"{prefix}/manifest.json", json.dumps(entries).encode(), content_type="application/json")
+    timer.add("store_frames", started)
+    return entries
+
+
+def store_frames(frames: list[SampledFrame], prefix: str, store: ObjectStore) -> list[dict[str, Any]]:
+    """Store each frame as ``<prefix>/NNNN.png``; the manifest entries ``{index, time, key}``."""
     entries = []
-    for position, frame in enumerate(sample.frames):
+    for position, frame in enumerate(frames):
         key = f"{prefix}/{position:04d}.png"
         store.put_bytes(key, encode_png(frame.image), content_type="image/png")
         entry: dict[str, Any] = {"index": frame.index, "time": frame.time, "key": key}
@@ -114,9 +126,6 @@ def ingest_video(
         if frame.stands_in_for is not None:
             entry["stands_in_for"] = {"index": frame.stands_in_for.index, "time": frame.stands_in_for.time}
         entries.append(entry)
-    # Written last: its presence means every frame is stored.
-    store.put_bytes(f"{prefix}/manifest.json", json.dumps(entries).encode(), content_type="application/json")
-    timer.add("store_frames", started)
     return entries
 
 
@@ -173,6 +182,13 @@ def ingest_job(job_id: str, ctx: IngestContext) -> None:
                     if jobs.is_cancelled(job_id):
                         return
                     target = Path(tmp) / f"{kind}-{position}"
+                    if source.kind == "video":
+                        # A stored video: its frames as sampled once, nothing fetched or decoded.
+                        if ctx.videos is None:
+                            raise VideoUnavailable(f"video {source.location}: this worker keeps no stored videos")
+                        frames = ctx.videos.frames_for_job(source.location, job.tenant)
+                        media.append({"kind": kind, "position": position, "frames": frames, "video_id": source.location})
+                        continue
                     if kind == "video":
                         frames = ingest_video(
                             source, target, request.sampling, geometry, ctx.settings, ctx.store, timer, keys

@@ -73,6 +73,8 @@ class VideoSample:
     info: MediaInfo
     frame_count: int
     frames: list[SampledFrame]
+    # Seconds from the first frame to the last, from the stream's timestamps.
+    duration: float
     processes: int
     # Resident set of the children at their peaks, those running at once added up (bytes). An upper
     # bound: pages the children share with the fork server count once per child.
@@ -112,6 +114,7 @@ def decode_frames_in_sandbox(
         info=info,
         frame_count=index.frame_count,
         frames=frames,
+        duration=index.duration,
         processes=len(plan.groups),
         # All of them run at once: the first decodes its share while the others decode theirs.
         peak_rss_sum=sum(child.peak for child in (first, *others)),
