@@ -7,6 +7,7 @@ import dataclasses
 import os
 import signal
 import time
+import uuid
 from collections.abc import Generator
 from pathlib import Path
 
@@ -17,9 +18,12 @@ from PIL import Image
 from common.errors import InvalidMedia, InvalidRequest, MediaTooLarge
 from common.schemas import Sampling
 from common.settings import load_settings
+from common.storage import LocalStore, ObjectStore, S3Store
+from worker.cpu.stage import store_frames
 from worker.media.decode import DecodeLimits, VideoSample, decode_frames_in_sandbox
 from worker.media.sampling import sample_frames
 from worker.media.geometry import FrameGeometry
+from worker.media.png import decode_png
 from worker.fixtures.synthetic_videos import read_frame_index, write_cat_video
 from worker.sandbox.runner import Session, run_isolated, run_until
 
@@ -94,6 +98,27 @@ def test_a_short_hd_clip_split_by_gop_gives_the_frames_of_one_child(short_hd_cli
     for got, want in zip(split.frames, alone.frames, strict=True):
         assert np.array_equal(got.array, want.array), f"frame {got.index} differs"
         assert read_frame_index(got.array) == got.index
+
+
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_stored_frames_read_back_as_the_pixels_sampled(
+    short_hd_clip: Path, tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
+    """Frames are stored on threads, lossless: what the GPU side reads is what was sampled."""
+    geometry = FrameGeometry(384, 384, Image.Resampling.BICUBIC)
+    sample = _sample(short_hd_clip, Sampling(num_frames=12), geometry=geometry)
+    if backend == "s3":
+        request.getfixturevalue("s3")  # moto's server, and this process's AWS variables
+        store: ObjectStore = S3Store(f"frames-{uuid.uuid4().hex[:12]}", "p")
+    else:
+        store = LocalStore(tmp_path / "store")
+    entries = store_frames(store, "frames/clip", sample.frames)
+    assert [(e["index"], e["time"]) for e in entries] == [(f.index, f.time) for f in sample.frames]
+    assert [e["key"] for e in entries] == [f"frames/clip/{i:04d}.png" for i in range(12)]
+    for entry, frame in zip(entries, sample.frames, strict=True):
+        read = np.asarray(decode_png(store.get_bytes(entry["key"])))
+        assert read.shape == (384, 384, 3)
+        assert np.array_equal(read, frame.array), f"frame {frame.index} differs once stored"
 
 
 def test_children_resize_as_the_model_would(long_video: Path) -> None:
