@@ -90,6 +90,8 @@ class VideoSample:
     # Resident set of the children at their peaks, those running at once added up (bytes). An upper
     # bound: pages the children share with the fork server count once per child.
     peak_rss_sum: int
+    # Seconds until the plan was in: the first child's start, probing, indexing and planning.
+    plan_seconds: float = 0.0
 
 
 def decode_frames_in_sandbox(
@@ -101,13 +103,15 @@ def decode_frames_in_sandbox(
     One child probes, indexes and plans, hands the plan over and decodes the first group of seeks;
     meanwhile the caller starts one child for each other group, when the plan has more than one.
     """
-    deadline = time.monotonic() + limits.deadline_s
+    started = time.monotonic()
+    deadline = started + limits.deadline_s
     cores = available_cores()
     processes = limits.processes or cores
     with Session(limits.memory_bytes, deadline, limits.deadline_s, answer_types=_ANSWER_TYPES, setup=MEDIA_SANDBOX) as session:
         split = _Split(processes, limits.child_start_s)
         first = session.start(_probe_and_sample, (path, sampling, limits.media, split, cores, geometry))
         (info, index, plan), _ = session.next_answer(first)
+        planned = time.monotonic()
         threads = _threads(cores, len(plan.groups))
         others = [
             session.start(_decode, (path, index, group, threads, sampling.fast, geometry)) for group in plan.groups[1:]
@@ -129,6 +133,7 @@ def decode_frames_in_sandbox(
         processes=len(plan.groups),
         # All of them run at once: the first decodes its share while the others decode theirs.
         peak_rss_sum=sum(child.peak for child in (first, *others)),
+        plan_seconds=planned - started,
     )
 
 
