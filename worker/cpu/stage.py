@@ -120,8 +120,9 @@ def ingest_video(
 def store_frames(store: ObjectStore, prefix: str, frames: Sequence[SampledFrame]) -> list[dict[str, Any]]:
     """Encode and store each frame as ``{prefix}/{position:04d}.png``; their manifest entries.
 
-    Frames are encoded and stored on threads: zlib compresses without the GIL and storage calls
-    wait on the network, so a dozen frames take about the time of the slowest few."""
+    Frames are encoded and stored on threads: Pillow's PNG encoder compresses without holding the
+    GIL and storage calls wait on the network, so the frames share the worker's cores and their
+    round trips overlap."""
 
     def put(position: int) -> str:
         key = f"{prefix}/{position:04d}.png"

@@ -58,7 +58,7 @@ def _load_prompt(job: Job, ctx: AnswerContext) -> tuple[Prompt, list[dict[str, A
     images = []
     sampled: list[dict[str, Any]] = []
     # Every stored image of the job, fetched and decoded on threads: storage round trips overlap,
-    # and zlib inflates without the GIL.
+    # and Pillow inflates PNG without holding the GIL.
     keys = [f["key"] for item in media if item["kind"] == "video" for f in item["frames"]]
     keys += [item["key"] for item in media if item["kind"] != "video"]
     with concurrent.futures.ThreadPoolExecutor(min(_LOAD_THREADS, max(1, len(keys))), "load-frame") as pool:
