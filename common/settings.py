@@ -112,8 +112,9 @@ class Settings(BaseSettings):
     decode_processes: int = Field(
         default=0,
         ge=0,
-        description="processes for one long video; `0`: one per core; the cores left to a process run decoders on "
-        "threads of their own (set `1` when worker concurrency already fills the cores)",
+        description="at most this many processes for one video, split by GOP when the plan's decoding outweighs "
+        "starting a process; `0`: one per core; the cores left to a process run decoders on threads of their own "
+        "(set `1` when worker concurrency already fills the cores)",
     )
 
     # Access

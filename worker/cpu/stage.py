@@ -3,12 +3,13 @@ job to the GPU queue. A plain function; the Celery task only wraps it."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
 import logging
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,10 @@ from worker.cpu.frame_store import ContentKeys
 from worker.media.still_image import decode_image
 
 log = logging.getLogger(__name__)
+
+# Frames encoded and stored at once: enough for every core of a CPU worker and for a storage
+# service's round trips to overlap.
+_STORE_THREADS = 8
 
 
 @dataclass
@@ -107,19 +112,29 @@ def ingest_video(
         fetched.path.unlink(missing_ok=True)
     started = time.perf_counter()
     prefix = frames_prefix(fetched.sha256, sampling, geometry, scope=keys.scope, period=keys.period)
-    entries = store_frames(sample.frames, prefix, store)
+    entries = store_frames(store, prefix, sample.frames)
     # Written last: its presence means every frame is stored.
     store.put_bytes(f"{prefix}/manifest.json", json.dumps(entries).encode(), content_type="application/json")
     timer.add("store_frames", started)
     return entries
 
 
-def store_frames(frames: list[SampledFrame], prefix: str, store: ObjectStore) -> list[dict[str, Any]]:
-    """Store each frame as ``<prefix>/NNNN.png``; the manifest entries ``{index, time, key}``."""
-    entries = []
-    for position, frame in enumerate(frames):
+def store_frames(store: ObjectStore, prefix: str, frames: Sequence[SampledFrame]) -> list[dict[str, Any]]:
+    """Encode and store each frame as ``{prefix}/{position:04d}.png``; their manifest entries.
+
+    Frames are encoded and stored on threads: Pillow's PNG encoder compresses without holding the
+    GIL and storage calls wait on the network, so the frames share the worker's cores and their
+    round trips overlap."""
+
+    def put(position: int) -> str:
         key = f"{prefix}/{position:04d}.png"
-        store.put_bytes(key, encode_png(frame.image), content_type="image/png")
+        store.put_bytes(key, encode_png(frames[position].image), content_type="image/png")
+        return key
+
+    with concurrent.futures.ThreadPoolExecutor(min(_STORE_THREADS, max(1, len(frames))), "store-frame") as pool:
+        keys = list(pool.map(put, range(len(frames))))
+    entries = []
+    for frame, key in zip(frames, keys, strict=True):
         entry: dict[str, Any] = {"index": frame.index, "time": frame.time, "key": key}
         if frame.offset is not None:
             entry["offset"] = frame.offset

@@ -60,7 +60,7 @@ def ingest_stored_video(video_id: str, ctx: VideoContext) -> None:
             sample = decode_frames_in_sandbox(
                 fetched.path, sampling, DecodeLimits.from_settings(ctx.settings), geometry=ctx.geometry()
             )
-        frames = store_frames(sample.frames, frames_prefix(video_id).rstrip("/"), ctx.store)
+        frames = store_frames(ctx.store, frames_prefix(video_id).rstrip("/"), sample.frames)
     except TransientError:
         raise
     except VideoQAError as exc:

@@ -8,6 +8,7 @@ before the batch forms, so a job that fails there ends alone with its own error.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -27,6 +28,9 @@ from worker.gpu.model import Completion, LoadedModel, Prompt, encode_prompt, ren
 from worker.gpu.token_stream import TokenStream
 
 log = logging.getLogger(__name__)
+
+# Stored frames fetched and decoded at once for one job.
+_LOAD_THREADS = 8
 
 
 @dataclass
@@ -53,10 +57,16 @@ def _load_prompt(job: Job, ctx: AnswerContext) -> tuple[Prompt, list[dict[str, A
     video_frames = []
     images = []
     sampled: list[dict[str, Any]] = []
+    # Every stored image of the job, fetched and decoded on threads: storage round trips overlap,
+    # and Pillow inflates PNG without holding the GIL.
+    keys = [f["key"] for item in media if item["kind"] == "video" for f in item["frames"]]
+    keys += [item["key"] for item in media if item["kind"] != "video"]
+    with concurrent.futures.ThreadPoolExecutor(min(_LOAD_THREADS, max(1, len(keys))), "load-frame") as pool:
+        loaded = dict(zip(keys, pool.map(lambda key: decode_png(ctx.store.get_bytes(key)), keys), strict=True))
     for item in media:
         if item["kind"] == "video":
             frames = item["frames"]
-            video_frames.append([decode_png(ctx.store.get_bytes(frame["key"])) for frame in frames])
+            video_frames.append([loaded[frame["key"]] for frame in frames])
             sampled += [
                 {"video": item["position"], "index": f["index"], "time": f["time"]}
                 | ({"offset": f["offset"]} if f.get("offset") is not None else {})
@@ -64,7 +74,7 @@ def _load_prompt(job: Job, ctx: AnswerContext) -> tuple[Prompt, list[dict[str, A
                 for f in frames
             ]
         else:
-            images.append(decode_png(ctx.store.get_bytes(item["key"])))
+            images.append(loaded[item["key"]])
     prompt = render_prompt(ctx.model.processor, request, video_frames, images)
     # Encoded here, per job: text or images the processor refuses fail this job, not its batch.
     return replace(prompt, encoded=encode_prompt(ctx.model, prompt)), sampled
