@@ -57,6 +57,8 @@ MAX_BATCH_SIZE = 32
 class BatchItem:
     key: str  # the job id
     prompt: Prompt
+    # A ``time.time()`` past which the job ends with ``timeout``; None: the batch's own deadline.
+    deadline: float | None = None
 
 
 @dataclass
@@ -66,6 +68,7 @@ class Outcome:
     error: VideoQAError | None = None
     cancelled: bool = False
     generated_tokens: int = 0  # new tokens the row had when it ended (also for cancelled rows)
+    step: int | None = None  # the in-flight loop's decode steps so far when the job ended
 
 
 def run_batch(
