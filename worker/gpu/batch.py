@@ -299,15 +299,16 @@ def job_memory_bytes(
     return tokens * (kv_cache_bytes_per_token(config, dtype_bytes) + activations)
 
 
-def default_batch_size(loaded: LoadedModel, *, reserve: float = 0.1) -> int:
+def default_batch_size(loaded: LoadedModel, *, reserve: float = 0.1, set_aside_bytes: int = 0) -> int:
     """How many 12-frame jobs fit next to the loaded model, keeping ``reserve`` of the GPU free
-    for the allocator's fragmentation and the vision tower's activations."""
+    for the allocator's fragmentation and the vision tower's activations, and ``set_aside_bytes``
+    (the prefix cache's) for other uses."""
     if not loaded.device.startswith("cuda"):
         return CPU_BATCH_SIZE
     free, total = memory_info(loaded)
     dtype_bytes = loaded.model.dtype.itemsize
     per_job = job_memory_bytes(loaded.model.config, dtype_bytes)
-    fits = int((free - reserve * total) // per_job)
+    fits = int((free - set_aside_bytes - reserve * total) // per_job)
     return max(1, min(MAX_BATCH_SIZE, fits))
 
 
