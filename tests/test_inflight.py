@@ -21,7 +21,7 @@ from tests.test_token_stream import Published
 from tests.tiny_jobs import frames, job, solo
 from worker.gpu.batch import BatchItem, Outcome
 from worker.gpu.inflight import run_inflight
-from worker.gpu.kv_rows import model_forward
+from worker.gpu.kv_rows import RunningRows, model_forward, prefill
 from worker.gpu.model import LoadedModel, load_model
 from worker.gpu.prefix_cache import PrefixCache
 from worker.gpu.token_stream import TokenStream
@@ -172,17 +172,49 @@ def test_jobs_past_their_deadline_end_with_timeout(loaded: LoadedModel, mixed: l
 def test_out_of_memory_in_a_step_sends_the_newest_rows_back_and_they_keep_their_tokens(
     loaded: LoadedModel, mixed: list[BatchItem], expected: dict[str, list[int]]
 ) -> None:
-    forward = Recorded(loaded, fail=lambda inputs: inputs["input_ids"].shape == (3, 1) or inputs["input_ids"].shape == (4, 1))
+    """The error comes from the last decoder layer, after the others have grown the cache: the
+    step is undone, and half of the rows go on."""
+
+    def too_many_rows(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if hidden.shape[0] > 2 and hidden.shape[1] == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.60 GiB")
+
+    forward = Recorded(loaded)
     published = Published()
     stream = TokenStream(loaded.processor.tokenizer, loaded.eos_token_ids, published)
-    outcomes = run_inflight(loaded, mixed, forward=forward, tokens=stream)
+    hook = loaded.model.model.language_model.layers[-1].register_forward_pre_hook(too_many_rows, with_kwargs=True)
+    try:
+        outcomes = run_inflight(loaded, mixed, forward=forward, tokens=stream)
+    finally:
+        hook.remove()
     stream.close()
     for key, tokens in expected.items():
         completion = outcomes[key].completion
         assert completion is not None and completion.token_ids == tokens
         # Rows that started again did not send their text twice.
         assert published.text(key) == completion.text
-    assert max(forward.decode_rows) == 2
+    # One step of 4 rows failed; from then on at most 2 rows at a time.
+    assert forward.decode_rows[0] == 4 and max(forward.decode_rows[1:]) == 2
+
+
+def test_a_merge_that_fails_leaves_the_running_rows_as_they_were(loaded: LoadedModel, mixed: list[BatchItem]) -> None:
+    forward = model_forward(loaded)
+    rows = RunningRows(forward)
+    with torch.inference_mode():
+        for item in mixed[1:3]:
+            rows.join(prefill(loaded, item.prompt.encoded, forward))  # type: ignore[arg-type]
+        before = [(layer.keys.clone(), layer.values.clone()) for layer in rows.cache.layers]
+        mask = rows.mask.clone()
+        broken = prefill(loaded, mixed[3].prompt.encoded, forward)  # type: ignore[arg-type]
+        # Its last layer cannot be merged (a real error from torch.cat, after the first layer merged).
+        last = broken.cache.layers[-1]
+        last.keys = last.keys[:, :1]
+        with pytest.raises(RuntimeError):
+            rows.join(broken)
+    assert torch.equal(rows.mask, mask)
+    for layer, (keys, values) in zip(rows.cache.layers, before, strict=True):
+        assert torch.equal(layer.keys, keys) and torch.equal(layer.values, values)
 
 
 def test_a_job_that_does_not_fit_alone_fails_with_resource_exhausted(

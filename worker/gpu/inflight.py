@@ -184,9 +184,24 @@ class InflightLoop:
         (token,) = choose_tokens(self.loaded, prefilled.logits, [item.prompt.generation])
         if self.tokens is not None:
             self.tokens.step({item.key: token})
-        if not self.extend(row, token):
+        if self.extend(row, token):
+            return True
+        joined = False
+        try:
             self.kv.join(prefilled)
-            self.rows.append(row)
+            joined = True
+        except Exception as exc:
+            if not _is_out_of_memory(exc):
+                raise
+        if not joined:
+            # Only a batch that already runs can be too full to merge into (a first row is not
+            # copied): the job starts again once rows have left.
+            del prefilled
+            _release_cached_memory(self.loaded)
+            log.warning("out of memory adding job %s to %d others; it waits", item.key, len(self.rows))
+            self.max_rows = len(self.rows)
+            return False
+        self.rows.append(row)
         return True
 
     def decode(self) -> None:

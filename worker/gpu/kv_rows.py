@@ -132,7 +132,8 @@ class RunningRows:
         return 0 if self.mask is None else int(self.mask.shape[1])
 
     def join(self, prefilled: Prefilled) -> None:
-        """Add ``prefilled``'s row below the others, left-padding whichever side is shorter."""
+        """Add ``prefilled``'s row below the others, left-padding whichever side is shorter. After
+        a failure (out of memory) the running rows are as they were."""
         import torch
         import torch.nn.functional as F
 
@@ -142,12 +143,23 @@ class RunningRows:
         if self.cache is None:
             self.cache, self.mask = theirs, their_mask
             return
-        length = max(self.length, their_length)
+        rows, length = self.rows, max(self.length, their_length)
         mine_pad, their_pad = length - self.length, length - their_length
-        for mine, other in zip(self.cache.layers, theirs.layers, strict=True):
-            mine.keys = torch.cat([F.pad(mine.keys, (0, 0, mine_pad, 0)), F.pad(other.keys, (0, 0, their_pad, 0))])
-            mine.values = torch.cat([F.pad(mine.values, (0, 0, mine_pad, 0)), F.pad(other.values, (0, 0, their_pad, 0))])
-        self.mask = torch.cat([F.pad(self.mask, (mine_pad, 0)), F.pad(their_mask, (their_pad, 0))])
+        mask = torch.cat([F.pad(self.mask, (mine_pad, 0)), F.pad(their_mask, (their_pad, 0))])
+        merged = 0
+        try:
+            # Layer by layer, so that the memory a merge needs beyond the cache is one layer's.
+            for mine, other in zip(self.cache.layers, theirs.layers, strict=True):
+                keys = torch.cat([F.pad(mine.keys, (0, 0, mine_pad, 0)), F.pad(other.keys, (0, 0, their_pad, 0))])
+                values = torch.cat([F.pad(mine.values, (0, 0, mine_pad, 0)), F.pad(other.values, (0, 0, their_pad, 0))])
+                mine.keys, mine.values = keys, values
+                merged += 1
+        except BaseException:
+            for layer in self.cache.layers[:merged]:  # back to the running rows, as views
+                layer.keys = layer.keys[:rows, :, mine_pad:]
+                layer.values = layer.values[:rows, :, mine_pad:]
+            raise
+        self.mask = mask
 
     def keep(self, rows: list[int]) -> None:
         """Keep only ``rows`` (in that order); cut the columns that are padding in every row left."""
