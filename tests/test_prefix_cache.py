@@ -110,3 +110,42 @@ def test_a_bound_of_zero_keeps_nothing(loaded: LoadedModel) -> None:
     assert completion.token_ids == solo(loaded, second)
     assert default_prefix_cache_bytes("cpu", 10**12) == 256 * 2**20
     assert default_prefix_cache_bytes("cuda", 100 * 2**30) == 20 * 2**30
+
+
+def test_a_follow_up_whose_history_holds_the_frames_reuses_the_first_jobs_prefix(loaded: LoadedModel) -> None:
+    """The first question puts the frames first in its turn; the follow-up's history repeats that
+    turn (its ``<video>`` placeholder), so both prompts start with the same tokens and frames."""
+    from dataclasses import replace
+
+    from common.schemas import Generation, MediaSource, Sampling, StoredRequest, Turn
+    from worker.gpu.batch import BatchItem
+    from worker.gpu.model import encode_prompt, render_prompt
+
+    images = frames(2, 9)
+    source = MediaSource(kind="upload", location="unused")
+
+    def prepared(key: str, question: str, history: list[Turn]) -> BatchItem:
+        request = StoredRequest(
+            question=question, prompt=None, videos=[source], images=[], sampling=Sampling(),
+            generation=Generation(max_new_tokens=10), history=history,
+        )  # fmt: skip
+        prompt = render_prompt(loaded.processor, request, [images], [])
+        return BatchItem(key, replace(prompt, encoded=encode_prompt(loaded, prompt)))
+
+    prefixes = PrefixCache(BOUND, loaded.model_id)
+    first = prepared("first", "What is the cat doing?", [])
+    answer = _answer(loaded, prefixes, first)
+    history = [Turn(role="user", content="<video>\nWhat is the cat doing?"), Turn(role="assistant", content=answer.text)]
+    follow_up = prepared("follow-up", "And then?", history)
+    completion = _answer(loaded, prefixes, follow_up)
+
+    assert completion.cached_tokens == visual_prefix_length(first.prompt.encoded.input_ids, loaded.image_token_id)  # type: ignore[union-attr]
+    assert completion.cached_tokens >= 0.9 * completion.prompt_tokens
+    encoded = follow_up.prompt.encoded
+    assert encoded is not None
+    with torch.inference_mode():
+        output = loaded.model.generate(
+            input_ids=torch.tensor([encoded.input_ids]), attention_mask=torch.ones(1, len(encoded.input_ids), dtype=torch.long),
+            pixel_values=encoded.pixel_values, do_sample=False, max_new_tokens=10,
+        )  # fmt: skip
+    assert completion.token_ids == output[0, len(encoded.input_ids) :].tolist()

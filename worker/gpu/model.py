@@ -74,7 +74,7 @@ class LoadedModel:
 class EncodedPrompt:
     input_ids: list[int]
     pixel_values: Any | None  # a tensor, one row per image in prompt order; None without images
-    pixel_digest: str = ""  # of pixel_values, which the prefix cache's keys hold
+    pixel_digest: str = ""  # of the images pixel_values are made from, which the prefix cache's keys hold
 
 
 @dataclass
@@ -256,7 +256,7 @@ def encode_prompt(loaded: LoadedModel, prompt: Prompt) -> EncodedPrompt:
     if not prompt.images:
         return EncodedPrompt(input_ids=ids, pixel_values=None)
     pixel_values = processor.image_processor(prompt.images, return_tensors="pt")["pixel_values"]
-    return EncodedPrompt(input_ids=ids, pixel_values=pixel_values, pixel_digest=pixel_digest(pixel_values))
+    return EncodedPrompt(input_ids=ids, pixel_values=pixel_values, pixel_digest=pixel_digest(prompt.images))
 
 
 def generation_key(generation: Generation) -> tuple[Any, ...]:

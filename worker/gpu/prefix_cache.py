@@ -7,8 +7,8 @@ their tokens up to the end of the last image's run. A job whose prompt starts wi
 skips the vision tower and the prefill of those tokens: it prefills only its own suffix against a
 copy of the cached keys and values.
 
-An entry is found by the model, the exact prefix token ids and a digest of the pixel values its
-images were given as: the same text over different frames (or the same frames sampled otherwise)
+An entry is found by the model, the exact prefix token ids and a digest of the pixels of its
+images: the same text over different frames (or the same frames sampled otherwise)
 never hits. Entries are evicted least recently used first, to stay within a byte bound
 (``VIDEOQA_PREFIX_CACHE_BYTES``); an entry larger than the bound is not kept.
 
@@ -31,12 +31,15 @@ CUDA_SHARE = 0.2
 CPU_BYTES = 256 * 2**20
 
 
-def pixel_digest(pixel_values: Any) -> str:
-    """A digest of a prompt's pixel values (a tensor of its images, in prompt order)."""
-    array = pixel_values.detach().to("cpu").contiguous().numpy()
+def pixel_digest(images: list[Any]) -> str:
+    """A digest of a prompt's images, in prompt order: the pixels its pixel values are made from
+    (the model's processor, part of the key through the model, turns equal images into equal
+    pixel values). Hashing the 8-bit images rather than the float tensor reads a quarter of the
+    bytes: a few milliseconds per 12 frames."""
     digest = hashlib.blake2b(digest_size=16)
-    digest.update(str((array.dtype.str, array.shape)).encode())
-    digest.update(array.tobytes())
+    for image in images:
+        digest.update(f"{image.mode}:{image.size[0]}x{image.size[1]};".encode())
+        digest.update(image.tobytes())
     return digest.hexdigest()
 
 
