@@ -57,6 +57,13 @@ def cache_layers(cache: Any) -> list[tuple[Any, Any]]:
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
+def pixel_input(loaded: LoadedModel, encoded: EncodedPrompt) -> Any:
+    """The prompt's pixel values on the model's device, in its dtype; None without images."""
+    if encoded.pixel_values is None:
+        return None
+    return encoded.pixel_values.to(loaded.model.device, loaded.model.dtype)
+
+
 @dataclass
 class Prefilled:
     cache: Any  # a DynamicCache of one row, without padding
@@ -76,7 +83,7 @@ def prefill(
     device = loaded.model.device
     ids = encoded.input_ids
     split = 0
-    if prefixes is not None and prefixes.enabled and encoded.pixel_values is not None and encoded.pixel_digest:
+    if prefixes is not None and prefixes.enabled and encoded.pixel_digest:
         split = visual_prefix_length(ids, loaded.image_token_id)
         if split >= len(ids):
             split = 0  # nothing after the images: no suffix to prefill on its own
@@ -92,7 +99,7 @@ def prefill(
             forward(
                 input_ids=torch.tensor([ids[:split]], device=device),
                 attention_mask=torch.ones(1, split, dtype=torch.long, device=device),
-                pixel_values=encoded.pixel_values.to(device, loaded.model.dtype),
+                pixel_values=pixel_input(loaded, encoded),
                 cache=cache,
             )
             # The next forward concatenates onto these tensors (new ones), so they stay as they are.
@@ -109,8 +116,9 @@ def prefill(
             "input_ids": torch.tensor([ids], device=device),
             "attention_mask": torch.ones(1, len(ids), dtype=torch.long, device=device),
         }
-        if encoded.pixel_values is not None:
-            inputs["pixel_values"] = encoded.pixel_values.to(device, loaded.model.dtype)
+        pixels = pixel_input(loaded, encoded)
+        if pixels is not None:
+            inputs["pixel_values"] = pixels
         output = forward(**inputs, cache=cache)
     return Prefilled(cache=cache, logits=output.logits[:, -1, :], prompt_tokens=len(ids), cached_tokens=cached)
 

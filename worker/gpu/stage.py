@@ -170,11 +170,8 @@ class _CancelPoll:
         return cancelled
 
 
-AdmitPrepared = Callable[[int], list[_Prepared]]
-
-
 def answer_jobs(
-    job_ids: list[str], ctx: AnswerContext, *, admit: AdmitPrepared | None = None
+    job_ids: list[str], ctx: AnswerContext, *, admit: Callable[[int], list[str]] | None = None
 ) -> dict[str, TransientError]:
     """Run the GPU stage of several jobs as one batch.
 
@@ -183,9 +180,11 @@ def answer_jobs(
     that met a transient error (storage unreachable) and should be tried again later; they stay
     ``generating``, which a retry accepts.
 
-    ``admit(free_rows)`` (in-flight batching only) is asked between decode steps for up to that
-    many more jobs, already prepared (``_prepare``); it must not block. Its jobs join the batch
-    and end as the others do; their time limit starts when they join.
+    ``admit(free_rows)`` (in-flight batching only) is asked between decode steps for the ids of
+    up to that many more jobs whose messages the caller holds; it must not block (it hands over
+    what is already claimed, or nothing). They are prepared here and join the batch, and end as
+    the others do: their time limit starts when they join, and the returned retries include them.
+    The caller settles their messages after this returns, as it does the first ones'.
     """
     jobs = ctx.jobs
     retry: dict[str, TransientError] = {}
@@ -217,10 +216,19 @@ def answer_jobs(
 
     def joining(free_rows: int) -> list[BatchItem]:
         assert admit is not None
-        joined = time.time()
         items = []
-        for ready in admit(free_rows):
-            job_id = ready.job.id
+        for job_id in admit(free_rows):
+            if job_id in prepared or job_id in retry:
+                continue
+            try:
+                with job_context(job_id):
+                    ready = _prepare(job_id, ctx)
+            except TransientError as exc:
+                retry[job_id] = exc
+                continue
+            if ready is None:
+                continue
+            joined = time.time()
             prepared[job_id] = ready
             jobs.mark(job_id, "generate", "start", at=joined)
             deadline = joined + ctx.time_limit_s if ctx.time_limit_s else None
