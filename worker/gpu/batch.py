@@ -20,7 +20,11 @@
   ``generate_fn`` is the one place that touches the model, so the split is testable anywhere.
 
 Rows that finished stay in the batch until its last row is done (the ``generate`` loop cannot drop
-them), so a batch of very different ``max_new_tokens`` spends some steps on padding.
+them), so a batch of very different ``max_new_tokens`` spends some steps on padding, and a job that
+arrives meanwhile waits for the whole batch. The worker's default is the in-flight loop
+(worker.gpu.inflight), where rows join and leave between steps; this static path is what
+``VIDEOQA_INFLIGHT_BATCHING=false`` runs, and the benchmarks' baseline. The batch sizing below
+serves both.
 """
 
 from __future__ import annotations
