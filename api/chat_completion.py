@@ -72,9 +72,12 @@ def finish_reason(job: Job, result: dict[str, Any]) -> str:
     return "length" if result["usage"]["completion_tokens"] >= limit else "stop"
 
 
-def usage(result: dict[str, Any]) -> dict[str, int]:
+def usage(result: dict[str, Any]) -> dict[str, Any]:
     prompt, completion = int(result["usage"]["prompt_tokens"]), int(result["usage"]["completion_tokens"])
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    counted: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    if "cached_tokens" in result["usage"]:  # OpenAI's place for prompt tokens served from a cache
+        counted["prompt_tokens_details"] = {"cached_tokens": int(result["usage"]["cached_tokens"])}
+    return counted
 
 
 def completion_body(job: Job, model: str) -> dict[str, Any]:

@@ -65,6 +65,9 @@ class SampledFrame(_View):
 class Usage(_View):
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = Field(
+        default=0, description="prompt tokens whose keys and values were reused from an earlier job over the same frames"
+    )
 
 
 class JobResult(_View):

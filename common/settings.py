@@ -198,6 +198,17 @@ class Settings(BaseSettings):
         default=0, ge=0, description="jobs a GPU worker generates together; `0` sizes it from free GPU memory (8 on CPU)"
     )
     batch_wait_ms: int = Field(default=50, ge=0, description="how long a batch waits for more queued jobs")
+    inflight_batching: bool = Field(
+        default=True,
+        description="jobs join a running batch between decode steps and leave it when done; off: one generate "
+        "call per batch",
+    )
+    prefix_cache_bytes: int | None = Field(
+        default=None,
+        ge=0,
+        description="bytes of device memory for the KV caches of recent frame sets, reused by the next question "
+        "about the same frames; unset: a fifth of the free GPU memory after loading (256 MiB on the CPU); 0: off",
+    )
     heartbeat_interval_s: float = Field(
         default=5.0, gt=0, description="GPU worker readiness refresh; the key expires after three intervals"
     )

@@ -104,4 +104,7 @@ def test_control_tokens_in_one_tenants_text_change_no_other_tenants_answer(  # t
             output = model.generate(**inputs, do_sample=False, max_new_tokens=max_new)
         expected = output[0, inputs["input_ids"].shape[1] :].tolist()
         assert result["answer"] == processor.tokenizer.decode(expected, skip_special_tokens=True)
-        assert result["usage"] == {"prompt_tokens": inputs["input_ids"].shape[1], "completion_tokens": len(expected)}
+        usage = result["usage"]
+        assert (usage["prompt_tokens"], usage["completion_tokens"]) == (inputs["input_ids"].shape[1], len(expected))
+        # An earlier job over the same frames leaves their prefix in the GPU worker's cache.
+        assert 0 <= usage["cached_tokens"] < usage["prompt_tokens"]

@@ -30,6 +30,7 @@ from worker.gpu.claims import GpuQueue
 from worker.gpu.stage import AnswerContext
 from worker.media.geometry import DEFAULT_RESAMPLE, FrameGeometry, processor_geometry
 from worker.gpu.model import LoadedModel, load_model
+from worker.gpu.prefix_cache import PrefixCache, default_prefix_cache_bytes
 from worker.cpu.stage import IngestContext
 from worker.cpu.video_stage import VideoContext
 from worker.cpu.webhooks import WebhookContext
@@ -77,6 +78,7 @@ class WorkerResources:
         self.hostname = ""
         self.batch_size = 1
         self.ready_since = 0.0
+        self.prefixes: PrefixCache | None = None
 
     @cached_property
     def jobs(self) -> JobStore:
@@ -117,7 +119,7 @@ class WorkerResources:
         """Load the model, run one warm-up generation and size the batch (before any job).
         Raises ``worker.gpu.model.ModelLoadError``."""
         from worker.gpu.batch import default_batch_size
-        from worker.gpu.model import ModelLoadError, warm_up
+        from worker.gpu.model import ModelLoadError, memory_info, warm_up
 
         self.hostname = hostname
         loaded = self.load_model()
@@ -130,7 +132,13 @@ class WorkerResources:
         for problem in size_setting_mismatches(loaded.model.config, self.settings):
             log.warning("%s", problem)
         self._check_geometry(loaded)
-        self.batch_size = self.settings.batch_size or default_batch_size(loaded)
+        prefix_bytes = self.settings.prefix_cache_bytes
+        if prefix_bytes is None:
+            prefix_bytes = default_prefix_cache_bytes(loaded.device, memory_info(loaded)[0])
+        self.prefixes = PrefixCache(prefix_bytes, loaded.model_id)
+        # The prefix cache fills over time: the batch is sized as if it were full.
+        self.batch_size = self.settings.batch_size or default_batch_size(loaded, set_aside_bytes=prefix_bytes)
+        log.info("prefix cache: up to %.2f GiB; batches of up to %d jobs", prefix_bytes / 2**30, self.batch_size)
         self.ready_since = time.time()
 
     def _check_geometry(self, loaded: LoadedModel) -> None:
@@ -183,6 +191,9 @@ class WorkerResources:
             model=self.load_model(),
             time_limit_s=self.settings.task_time_limit_s,
             max_attempts=self.settings.max_attempts,
+            inflight=self.settings.inflight_batching,
+            max_rows=self.batch_size,
+            prefixes=self.prefixes,
         )
 
 

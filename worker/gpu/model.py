@@ -21,6 +21,7 @@ from PIL import Image
 from common.schemas import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Generation, StoredRequest
 from common.settings import Settings
 from worker.gpu.conversation import render_conversation
+from worker.gpu.prefix_cache import pixel_digest
 from worker.gpu.prompt_ids import Span, prompt_ids
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,10 @@ class LoadedModel:
         return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_token_ids)
 
     @cached_property
+    def image_token_id(self) -> int:
+        return int(self.processor.tokenizer.convert_tokens_to_ids(self.processor.image_token))
+
+    @cached_property
     def image_token_count(self) -> int:
         """Ids the processor puts in place of one image token. Asked of the processor itself: every
         image is resized to the image processor's one size, so the count does not vary."""
@@ -69,6 +74,7 @@ class LoadedModel:
 class EncodedPrompt:
     input_ids: list[int]
     pixel_values: Any | None  # a tensor, one row per image in prompt order; None without images
+    pixel_digest: str = ""  # of the images pixel_values are made from, which the prefix cache's keys hold
 
 
 @dataclass
@@ -86,6 +92,7 @@ class Completion:
     token_ids: list[int]
     text: str
     prompt_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
 
     @property
     def completion_tokens(self) -> int:
@@ -246,8 +253,10 @@ def encode_prompt(loaded: LoadedModel, prompt: Prompt) -> EncodedPrompt:
     image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
     if ids.count(image_id) != loaded.image_token_count * len(prompt.images):
         raise ValueError(f"the prompt's image tokens do not match its {len(prompt.images)} images")
-    pixel_values = processor.image_processor(prompt.images, return_tensors="pt")["pixel_values"] if prompt.images else None
-    return EncodedPrompt(input_ids=ids, pixel_values=pixel_values)
+    if not prompt.images:
+        return EncodedPrompt(input_ids=ids, pixel_values=None)
+    pixel_values = processor.image_processor(prompt.images, return_tensors="pt")["pixel_values"]
+    return EncodedPrompt(input_ids=ids, pixel_values=pixel_values, pixel_digest=pixel_digest(prompt.images))
 
 
 def generation_key(generation: Generation) -> tuple[Any, ...]:
