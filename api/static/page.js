@@ -13,10 +13,14 @@ const STAGES = [
 ];
 const ENDINGS = { succeeded: "Answered", failed: "Failed", cancelled: "Cancelled" };
 const IMAGE_URL = /\.(jpe?g|png|gif|webp|bmp|tiff?)([?#]|$)/i;
+// Where an earlier turn's media went (docs/conversations.md); its frames are shown apart.
+const LEADING_PLACEHOLDERS = /^(?:<video>|<image>)+\n?/;
+// The steps a job whose frames are all stored already never takes.
+const SKIPPED_BY_STORED_FRAMES = ["queued", "ingesting"];
 
 const $ = (id) => document.getElementById(id);
 const chosenFiles = [];
-let shown = null; // {id, controller, blobs, seen, record}
+let shown = null; // the job on show: see show()
 
 function element(tag, { className, text, attrs } = {}, children = []) {
   const node = document.createElement(tag);
@@ -151,7 +155,7 @@ async function ask(event) {
     chosenFiles.length = 0;
     renderFiles();
     $("urls").value = "";
-    show(job.id, { question: job.request && job.request.question });
+    show(job.id, { record: job });
     $("job").focus();
     refreshJobs();
   } catch (error) {
@@ -173,12 +177,13 @@ async function followUp(event) {
   try {
     const job = await api.submitJob({ parent: shown.id, question });
     $("followup").value = "";
-    show(job.id, { question, keepTurns: true });
+    // The follow-up reuses these very frames: they stay shown while it runs.
+    const frames = (shown.record && shown.record.result && shown.record.result.frames) || [];
+    show(job.id, { record: job, frames });
     refreshJobs();
   } catch (error) {
     showError(errorBox, error);
-    const unknown = error.details && error.details.some((d) => d.field === "parent" && /^unknown field/.test(d.message));
-    errorBox.prepend(unknown ? "This service does not take follow-up questions yet.\n" : "", "The follow-up was not accepted: ");
+    errorBox.prepend("The follow-up was not accepted: ");
   } finally {
     button.disabled = false;
   }
@@ -186,21 +191,30 @@ async function followUp(event) {
 
 // ---- one job ----------------------------------------------------------------------------------
 
+// A job whose frames were all stored already (a follow-up, or stored videos) starts in queued_gpu:
+// it was never queued for the CPU stage nor went through it.
+function skippedCpuStage({ seen, record }) {
+  return seen.has("queued_gpu") && !seen.has("ingesting") && !(record && record.stages && record.stages.ingest);
+}
+
 function renderStages() {
   const { seen, record } = shown;
   const status = record ? record.status : "queued";
+  const skipped = skippedCpuStage(shown) ? SKIPPED_BY_STORED_FRAMES : [];
   // The last step is the ending reached, or the one hoped for while the job runs.
   const ending = ENDINGS[status] ? status : "succeeded";
   const items = [...STAGES, [ending, ENDINGS[ending]]];
   $("stages").replaceChildren(
     ...items.map(([name, label]) => {
       const reached = seen.has(name);
+      const when = reached ? `+${seen.get(name).toFixed(1)} s` : skipped.includes(name) ? "skipped" : "";
       const item = element("li", { attrs: { "data-stage": name } }, [
         element("span", { className: "label", text: label }),
         element("code", { text: name }),
-        element("span", { className: "when", text: reached ? `+${seen.get(name).toFixed(1)} s` : "" }),
+        element("span", { className: "when", text: when }),
       ]);
       item.classList.toggle("reached", reached);
+      item.classList.toggle("skipped", !reached && skipped.includes(name));
       if (name === status) item.setAttribute("aria-current", "step");
       return item;
     }),
@@ -208,16 +222,21 @@ function renderStages() {
   $("job-status").textContent = `Job ${ENDINGS[status] ? status : `is ${status}`}.`;
 }
 
+function turnElement(attrs, parts) {
+  return element("article", { className: "turn", attrs }, parts.map(([className, who, text, answerAttrs]) =>
+    element("p", { className: className === "answer" ? "answer-block" : className }, [
+      element("span", { className: "who", text: who }),
+      element("span", { className: className === "answer" ? "answer" : "text", text, attrs: answerAttrs }),
+    ])));
+}
+
 function turnFor(jobId, question) {
   let turn = $("turns").querySelector(`[data-job="${CSS.escape(jobId)}"]`);
   if (!turn) {
-    turn = element("article", { className: "turn", attrs: { "data-job": jobId } }, [
-      element("p", { className: "question" }, [element("span", { className: "who", text: "You asked" }), element("span", { className: "text" })]),
-      element("p", { className: "answer-block" }, [
-        element("span", { className: "who", text: "Answer" }),
-        // Busy while tokens arrive: a screen reader reads the answer once, when it is whole.
-        element("span", { className: "answer", attrs: { "aria-live": "polite", "aria-busy": "true" } }),
-      ]),
+    turn = turnElement({ "data-job": jobId }, [
+      ["question", "You asked", ""],
+      // Busy while tokens arrive: a screen reader reads the answer once, when it is whole.
+      ["answer", "Answer", undefined, { "aria-live": "polite", "aria-busy": "true" }],
     ]);
     $("turns").append(turn);
   }
@@ -225,10 +244,44 @@ function turnFor(jobId, question) {
   return turn;
 }
 
+// The turns before this job's own, from its record's request.history (a follow-up's holds its
+// parent's history, the parent's question and its answer): each question with the answer after it.
+function showEarlierTurns(record) {
+  const history = (record.request && record.request.history) || [];
+  if (shown.earlierShown || !Array.isArray(history)) return;
+  shown.earlierShown = true;
+  const turns = [];
+  for (const { role, content } of history) {
+    const last = turns[turns.length - 1];
+    if (role === "assistant" && last && last.length === 1 && last[0][0] === "question") {
+      last.push(["answer", "Answer", content]);
+    } else if (role === "user") {
+      turns.push([["question", "You asked", content.replace(LEADING_PLACEHOLDERS, "")]]);
+    } else {
+      turns.push([role === "system" ? ["question", "Instructions", content] : ["answer", "Answer", content]]);
+    }
+  }
+  const earlier = turns.map((parts) => turnElement({}, parts));
+  for (const turn of earlier) {
+    turn.classList.add("earlier");
+    for (const answer of turn.querySelectorAll(".answer")) answer.classList.add("final");
+  }
+  $("turns").prepend(...earlier);
+  if (record.request && record.request.parent) {
+    const parent = record.request.parent;
+    const open = element("button", { className: "link", text: parent, attrs: { type: "button", "aria-label": `Open job ${parent}` } });
+    open.addEventListener("click", () => { show(parent); $("job").focus(); });
+    $("job-parent").replaceChildren("Follows up job ", open, ", over the same frames.");
+    $("job-parent").hidden = false;
+  }
+}
+
 function onStatus(record) {
   shown.record = record;
   if (!shown.seen.has(record.status)) shown.seen.set(record.status, Math.max(0, record.updated_at - record.created_at));
   turnFor(record.id, record.request && record.request.question);
+  showEarlierTurns(record);
+  if (record.request && record.request.parent && !ENDINGS[record.status]) showParentFrames(record.request.parent);
   renderStages();
   $("cancel").hidden = Boolean(ENDINGS[record.status]);
 }
@@ -245,13 +298,29 @@ async function onDone(record) {
     showError($("job-error"), "The job was cancelled.");
   }
   $("followup-form").hidden = record.status !== "succeeded";
-  await showFrames(record);
+  showFrames((record.result && record.result.frames) || []);
   refreshJobs();
 }
 
-async function showFrames(record) {
-  const frames = (record.result && record.result.frames) || [];
-  const list = $("frames");
+// A job's record lists its frames in result.frames only, once it has ended; a follow-up's are its
+// parent's, so while it runs they are taken from the parent's record (fetched through the
+// follow-up's own frames route, which serves them from its submission on).
+async function showParentFrames(parentId) {
+  const mine = shown;
+  if (mine.frameKey !== null || mine.parentFramesAsked) return;
+  mine.parentFramesAsked = true;
+  try {
+    const parent = await api.getJob(parentId);
+    if (shown === mine && mine.frameKey === null) showFrames((parent.result && parent.result.frames) || []);
+  } catch {
+    // The parent is gone (retention): the frames come with the follow-up's result.
+  }
+}
+
+function showFrames(frames) {
+  const key = JSON.stringify(frames.map(({ video, index, time }) => [video, index, time]));
+  if (key === shown.frameKey) return; // the same frames are on show already
+  shown.frameKey = key;
   $("frames-title").hidden = frames.length === 0;
   const videos = new Set(frames.map((frame) => frame.video)).size;
   const mine = shown;
@@ -260,13 +329,13 @@ async function showFrames(record) {
     const caption = videos > 1 ? `video ${frame.video + 1} · ${when}` : when;
     const image = element("img", { attrs: { alt: `Frame ${n + 1}, ${caption}`, width: "160", height: "160" } });
     const item = element("li", {}, [element("figure", {}, [image, element("figcaption", { text: caption, attrs: { "data-time": String(frame.time) } })])]);
-    api.frameUrl(record.id, n, mine.controller.signal).then(
+    api.frameUrl(mine.id, n, mine.controller.signal).then(
       (url) => { mine.blobs.push(url); image.src = url; },
       (error) => { if (error.name !== "AbortError") item.append(element("p", { className: "error-text", text: api.describe(error) })); },
     );
     return item;
   });
-  list.replaceChildren(...items);
+  $("frames").replaceChildren(...items);
 }
 
 function leave() {
@@ -275,27 +344,35 @@ function leave() {
   for (const url of shown.blobs) URL.revokeObjectURL(url);
 }
 
-async function show(jobId, { question, keepTurns = false } = {}) {
+// Shows a job from its events; ``record`` (the record POST answered) and ``frames`` (a follow-up's,
+// known from its parent) show at once what is known before the first event arrives.
+async function show(jobId, { record, frames } = {}) {
   leave();
-  shown = { id: jobId, controller: new AbortController(), blobs: [], seen: new Map(), record: null };
+  shown = {
+    id: jobId, controller: new AbortController(), blobs: [], seen: new Map(), record: null,
+    earlierShown: false, frameKey: null, parentFramesAsked: false,
+  };
   const mine = shown;
   $("job-empty").hidden = true;
   $("job-view").hidden = false;
   $("job-id").textContent = jobId;
-  if (!keepTurns) $("turns").replaceChildren();
-  turnFor(jobId, question);
+  $("job-parent").hidden = true;
+  $("turns").replaceChildren();
+  turnFor(jobId);
   for (const id of ["job-error", "followup-error"]) showError($(id), null);
   $("followup-form").hidden = true;
   $("frames").replaceChildren();
   $("frames-title").hidden = true;
   $("cancel").hidden = false;
-  renderStages();
+  if (frames && frames.length) showFrames(frames);
+  if (record) onStatus(record);
+  else renderStages();
   markCurrent();
   try {
     for await (const message of jobEvents(jobId, mine.controller.signal)) {
       if (message.event === "status") onStatus(message.data);
       else if (message.event === "token") turnFor(jobId).querySelector(".answer").append(message.data.text);
-      else if (message.event === "done") await onDone(message.data);
+      else if (message.event === "done") onDone(message.data);
     }
   } catch (error) {
     if (error.name !== "AbortError" && shown === mine) showError($("job-error"), error);
