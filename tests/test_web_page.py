@@ -138,6 +138,7 @@ def test_a_person_asks_about_a_video_and_watches_the_answer_arrive(
     assert follow_up_job["status"] == "succeeded", follow_up_job
     assert follow_up_answer == follow_up_job["result"]["answer"]
     assert follow_up_job["request"]["parent"] == job_id
+    assert follow_up_job["request"]["generation"]["max_new_tokens"] == 12  # as long as the question it follows
     assert follow_up_job["result"]["frames"] == frames
     # No CPU stage ran for it: nothing fetched, decoded or stored; it started waiting for a GPU.
     assert "ingest" not in follow_up_job["stages"], follow_up_job["stages"]

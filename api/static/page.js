@@ -175,7 +175,11 @@ async function followUp(event) {
   const button = $("followup-submit");
   button.disabled = true;
   try {
-    const job = await api.submitJob({ parent: shown.id, question });
+    // Answered at the length the conversation's last question asked for (the API's default otherwise).
+    const body = { parent: shown.id, question };
+    const asked = shown.record && shown.record.request && shown.record.request.generation;
+    if (asked && asked.max_new_tokens) body.generation = { max_new_tokens: asked.max_new_tokens };
+    const job = await api.submitJob(body);
     $("followup").value = "";
     // The follow-up reuses these very frames: they stay shown while it runs.
     const frames = (shown.record && shown.record.result && shown.record.result.frames) || [];
@@ -269,9 +273,11 @@ function showEarlierTurns(record) {
   $("turns").prepend(...earlier);
   if (record.request && record.request.parent) {
     const parent = record.request.parent;
-    const open = element("button", { className: "link", text: parent, attrs: { type: "button", "aria-label": `Open job ${parent}` } });
+    const open = element("button", { className: "link", attrs: { type: "button", "aria-label": `Open job ${parent}` } }, [
+      element("code", { text: parent }),
+    ]);
     open.addEventListener("click", () => { show(parent); $("job").focus(); });
-    $("job-parent").replaceChildren("Follows up job ", open, ", over the same frames.");
+    $("job-parent").replaceChildren("Follow-up to job ", open);
     $("job-parent").hidden = false;
   }
 }
