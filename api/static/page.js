@@ -1,35 +1,18 @@
 // The page: a form that submits a job, the job's stages and answer as its events arrive, the
-// frames the model saw, follow-up questions, recent jobs and the API key. Text from the service
-// is only ever set as textContent, never parsed as HTML.
+// frames the model saw, follow-up questions and the conversation so far, recent jobs and the API
+// key. Text from the service is only ever set as textContent, never parsed as HTML.
 
 import * as api from "./client.js";
+import { element } from "./dom.js";
 import { jobEvents } from "./events.js";
+import { ENDINGS, renderStages } from "./stages.js";
+import { earlierTurns, turnFor } from "./turns.js";
 
-const STAGES = [
-  ["queued", "Queued"],
-  ["ingesting", "Sampling frames"],
-  ["queued_gpu", "Waiting for a GPU"],
-  ["generating", "Generating"],
-];
-const ENDINGS = { succeeded: "Answered", failed: "Failed", cancelled: "Cancelled" };
 const IMAGE_URL = /\.(jpe?g|png|gif|webp|bmp|tiff?)([?#]|$)/i;
-// Where an earlier turn's media went (docs/conversations.md); its frames are shown apart.
-const LEADING_PLACEHOLDERS = /^(?:<video>|<image>)+\n?/;
-// The steps a job whose frames are all stored already never takes.
-const SKIPPED_BY_STORED_FRAMES = ["queued", "ingesting"];
 
 const $ = (id) => document.getElementById(id);
 const chosenFiles = [];
 let shown = null; // the job on show: see show()
-
-function element(tag, { className, text, attrs } = {}, children = []) {
-  const node = document.createElement(tag);
-  if (className) node.className = className;
-  if (text !== undefined) node.textContent = text;
-  for (const [name, value] of Object.entries(attrs || {})) node.setAttribute(name, value);
-  node.append(...children);
-  return node;
-}
 
 function showError(box, error) {
   if (!error) {
@@ -195,84 +178,18 @@ async function followUp(event) {
 
 // ---- one job ----------------------------------------------------------------------------------
 
-// A job whose frames were all stored already (a follow-up, or stored videos) starts in queued_gpu:
-// it was never queued for the CPU stage nor went through it.
-function skippedCpuStage({ seen, record }) {
-  return seen.has("queued_gpu") && !seen.has("ingesting") && !(record && record.stages && record.stages.ingest);
+function showStages() {
+  $("job-status").textContent = renderStages($("stages"), shown.seen, shown.record);
 }
 
-function renderStages() {
-  const { seen, record } = shown;
-  const status = record ? record.status : "queued";
-  const skipped = skippedCpuStage(shown) ? SKIPPED_BY_STORED_FRAMES : [];
-  // The last step is the ending reached, or the one hoped for while the job runs.
-  const ending = ENDINGS[status] ? status : "succeeded";
-  const items = [...STAGES, [ending, ENDINGS[ending]]];
-  $("stages").replaceChildren(
-    ...items.map(([name, label]) => {
-      const reached = seen.has(name);
-      const when = reached ? `+${seen.get(name).toFixed(1)} s` : skipped.includes(name) ? "skipped" : "";
-      const item = element("li", { attrs: { "data-stage": name } }, [
-        element("span", { className: "label", text: label }),
-        element("code", { text: name }),
-        element("span", { className: "when", text: when }),
-      ]);
-      item.classList.toggle("reached", reached);
-      item.classList.toggle("skipped", !reached && skipped.includes(name));
-      if (name === status) item.setAttribute("aria-current", "step");
-      return item;
-    }),
-  );
-  $("job-status").textContent = `Job ${ENDINGS[status] ? status : `is ${status}`}.`;
-}
-
-function turnElement(attrs, parts) {
-  return element("article", { className: "turn", attrs }, parts.map(([className, who, text, answerAttrs]) =>
-    element("p", { className: className === "answer" ? "answer-block" : className }, [
-      element("span", { className: "who", text: who }),
-      element("span", { className: className === "answer" ? "answer" : "text", text, attrs: answerAttrs }),
-    ])));
-}
-
-function turnFor(jobId, question) {
-  let turn = $("turns").querySelector(`[data-job="${CSS.escape(jobId)}"]`);
-  if (!turn) {
-    turn = turnElement({ "data-job": jobId }, [
-      ["question", "You asked", ""],
-      // Busy while tokens arrive: a screen reader reads the answer once, when it is whole.
-      ["answer", "Answer", undefined, { "aria-live": "polite", "aria-busy": "true" }],
-    ]);
-    $("turns").append(turn);
-  }
-  if (question) turn.querySelector(".question .text").textContent = question;
-  return turn;
-}
-
-// The turns before this job's own, from its record's request.history (a follow-up's holds its
-// parent's history, the parent's question and its answer): each question with the answer after it.
+// The turns before the job's own, from its record's request.history (a follow-up's holds its
+// parent's history, the parent's question and its answer), and the parent it follows.
 function showEarlierTurns(record) {
-  const history = (record.request && record.request.history) || [];
-  if (shown.earlierShown || !Array.isArray(history)) return;
+  if (shown.earlierShown || !record.request) return;
   shown.earlierShown = true;
-  const turns = [];
-  for (const { role, content } of history) {
-    const last = turns[turns.length - 1];
-    if (role === "assistant" && last && last.length === 1 && last[0][0] === "question") {
-      last.push(["answer", "Answer", content]);
-    } else if (role === "user") {
-      turns.push([["question", "You asked", content.replace(LEADING_PLACEHOLDERS, "")]]);
-    } else {
-      turns.push([role === "system" ? ["question", "Instructions", content] : ["answer", "Answer", content]]);
-    }
-  }
-  const earlier = turns.map((parts) => turnElement({}, parts));
-  for (const turn of earlier) {
-    turn.classList.add("earlier");
-    for (const answer of turn.querySelectorAll(".answer")) answer.classList.add("final");
-  }
-  $("turns").prepend(...earlier);
-  if (record.request && record.request.parent) {
-    const parent = record.request.parent;
+  $("turns").prepend(...earlierTurns(record.request.history));
+  const parent = record.request.parent;
+  if (parent) {
     const open = element("button", { className: "link", attrs: { type: "button", "aria-label": `Open job ${parent}` } }, [
       element("code", { text: parent }),
     ]);
@@ -285,16 +202,16 @@ function showEarlierTurns(record) {
 function onStatus(record) {
   shown.record = record;
   if (!shown.seen.has(record.status)) shown.seen.set(record.status, Math.max(0, record.updated_at - record.created_at));
-  turnFor(record.id, record.request && record.request.question);
+  turnFor($("turns"), record.id, record.request && record.request.question);
   showEarlierTurns(record);
   if (record.request && record.request.parent && !ENDINGS[record.status]) showParentFrames(record.request.parent);
-  renderStages();
+  showStages();
   $("cancel").hidden = Boolean(ENDINGS[record.status]);
 }
 
 async function onDone(record) {
   onStatus(record);
-  const answer = turnFor(record.id).querySelector(".answer");
+  const answer = turnFor($("turns"), record.id).querySelector(".answer");
   if (record.result && typeof record.result.answer === "string") answer.textContent = record.result.answer;
   answer.classList.add("final");
   answer.setAttribute("aria-busy", "false");
@@ -364,7 +281,7 @@ async function show(jobId, { record, frames } = {}) {
   $("job-id").textContent = jobId;
   $("job-parent").hidden = true;
   $("turns").replaceChildren();
-  turnFor(jobId);
+  turnFor($("turns"), jobId);
   for (const id of ["job-error", "followup-error"]) showError($(id), null);
   $("followup-form").hidden = true;
   $("frames").replaceChildren();
@@ -372,12 +289,12 @@ async function show(jobId, { record, frames } = {}) {
   $("cancel").hidden = false;
   if (frames && frames.length) showFrames(frames);
   if (record) onStatus(record);
-  else renderStages();
+  else showStages();
   markCurrent();
   try {
     for await (const message of jobEvents(jobId, mine.controller.signal)) {
       if (message.event === "status") onStatus(message.data);
-      else if (message.event === "token") turnFor(jobId).querySelector(".answer").append(message.data.text);
+      else if (message.event === "token") turnFor($("turns"), jobId).querySelector(".answer").append(message.data.text);
       else if (message.event === "done") onDone(message.data);
     }
   } catch (error) {
@@ -402,6 +319,31 @@ function markCurrent() {
   }
 }
 
+// One item per job, kept from one refresh to the next and updated in place (moved only when the
+// order changed): the button a keyboard user is on keeps its focus when a job's status changes.
+function showJobs(jobs) {
+  const list = $("jobs");
+  const kept = new Map([...list.children].map((item) => [item.firstChild.dataset.job, item]));
+  const items = jobs.map((job) => {
+    let item = kept.get(job.id);
+    if (!item) {
+      const button = element("button", { className: "job", attrs: { type: "button", "data-job": job.id } }, [
+        element("span"), element("span", { className: "q" }), element("span", { className: "when" }),
+      ]);
+      button.addEventListener("click", () => { show(job.id); $("job").focus(); });
+      item = element("li", {}, [button]);
+    }
+    const [badge, question, when] = item.firstChild.children;
+    badge.className = `badge ${job.status}`;
+    badge.textContent = job.status;
+    question.textContent = (job.request && job.request.question) || "(no question)";
+    when.textContent = new Date(job.created_at * 1000).toLocaleTimeString();
+    return item;
+  });
+  items.forEach((item, i) => { if (list.children[i] !== item) list.insertBefore(item, list.children[i] || null); });
+  while (list.children.length > items.length) list.lastChild.remove();
+}
+
 // True when the list loaded; a 401 shows the key form instead.
 async function refreshJobs() {
   try {
@@ -409,19 +351,7 @@ async function refreshJobs() {
     showError($("jobs-error"), null);
     if (api.apiKey()) $("auth").hidden = false;
     $("jobs-empty").hidden = page.jobs.length > 0;
-    $("jobs").replaceChildren(
-      ...page.jobs.map((job) => {
-        const question = (job.request && job.request.question) || "(no question)";
-        const when = new Date(job.created_at * 1000).toLocaleTimeString();
-        const button = element("button", { className: "job", attrs: { type: "button", "data-job": job.id } }, [
-          element("span", { className: `badge ${job.status}`, text: job.status }),
-          element("span", { className: "q", text: question }),
-          element("span", { className: "when", text: when }),
-        ]);
-        button.addEventListener("click", () => { show(job.id); $("job").focus(); });
-        return element("li", {}, [button]);
-      }),
-    );
+    showJobs(page.jobs);
     markCurrent();
     return true;
   } catch (error) {
