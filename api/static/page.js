@@ -209,7 +209,7 @@ function onStatus(record) {
   $("cancel").hidden = Boolean(ENDINGS[record.status]);
 }
 
-async function onDone(record) {
+function onDone(record) {
   onStatus(record);
   const answer = turnFor($("turns"), record.id).querySelector(".answer");
   if (record.result && typeof record.result.answer === "string") answer.textContent = record.result.answer;
