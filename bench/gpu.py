@@ -51,9 +51,8 @@ from worker.gpu.model import LoadedModel, Prompt, generate_one_call, load_model
 FRAMES = 12
 NEW_TOKENS = 100
 BATCHES = (1, 2, 4, 8)
-QUESTION_WORDS = (
-    "Are these two cats in these videos doing the same thing, and what happens at the end of the clip in detail?"
-).split()
+QUESTION = "Are these two cats in these videos doing the same thing, and what happens at the end of the clip in detail?"
+QUESTION_WORDS = QUESTION.split()
 
 # (HBM bytes/s, dense fp16 FLOP/s): the reference's H100 figures; H200 has 4.8/3.35 of its bandwidth.
 PEAKS = {"H100": (3.0e12, 800e12), "H200": (3.0e12 * 4.8 / 3.35, 800e12)}
@@ -162,7 +161,7 @@ def same_as_solo(solo: list[list[int]], batched: list[list[int]]) -> str:
     """``7/8 (one differs from new token 37)``: batched answers equal to the job's solo answer."""
     same = sum(a == b for a, b in zip(solo, batched, strict=True))
     differing = [
-        next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
         for a, b in zip(solo, batched, strict=True)
         if a != b
     ]

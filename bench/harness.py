@@ -132,8 +132,8 @@ def running(processes: dict[str, list[str]], env: dict[str, str], *, workers: Se
     base_url = ""
     try:
         for name, argv in processes.items():
-            handle = open(logs / f"{name}.log", "ab")
-            stack.start(name, argv, stdout=handle, stderr=subprocess.STDOUT)
+            with open(logs / f"{name}.log", "ab") as handle:  # the process keeps its own copy
+                stack.start(name, argv, stdout=handle, stderr=subprocess.STDOUT)
             if name == "api":
                 bind = argv[argv.index("--bind") + 1]
                 base_url = f"http://{bind}"

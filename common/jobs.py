@@ -365,7 +365,7 @@ class JobStore:
                 for job_id, _ in scored:
                     pipe.hget(self.key(job_id), "status")
                 current = pipe.execute()
-            found += [job_id for (job_id, _), status in zip(scored, current) if status in wanted]
+            found += [job_id for (job_id, _), status in zip(scored, current, strict=True) if status in wanted]
             # A score cursor, not an offset: jobs created meanwhile do not shift what comes next.
             upper = f"({scored[-1][1]!r}"
         return [job for job in self._load(found[:limit]) if job.status in statuses]

@@ -14,7 +14,6 @@ from urllib.parse import urlparse
 from common.errors import MediaTooLarge, NotFound, StorageUnavailable
 from common.settings import Settings
 
-
 # Where the API keeps uploaded files: uploads/<job id>/<kind>-<position>-<name>.
 UPLOADS_PREFIX = "uploads/"
 
@@ -94,9 +93,8 @@ class LocalStore:
 
     def put_file(self, key: str, path: Path) -> None:
         target = self._path(key)
-        with self._temporary(target.parent) as tmp:
-            with open(path, "rb") as source:
-                shutil.copyfileobj(source, tmp)
+        with self._temporary(target.parent) as tmp, open(path, "rb") as source:
+            shutil.copyfileobj(source, tmp)
         os.replace(tmp.name, target)
 
     def get_file(self, key: str, path: Path) -> None:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import boto3
 import pytest
@@ -56,18 +57,17 @@ def redis_url() -> Iterator[str]:
 def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """moto's standalone server: boto3 talks to it over HTTP exactly as to MinIO or AWS."""
     port = free_port()
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
-    process = subprocess.Popen(
-        [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    with open(tmp_path_factory.mktemp("moto") / "moto.log", "wb") as log:  # the server keeps its own copy
+        process = subprocess.Popen(
+            [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     endpoint = f"http://127.0.0.1:{port}"
     wait_for_http(f"{endpoint}/moto-api/", timeout_s=120)
     yield endpoint
     process.terminate()
     process.wait(10)
-    log.close()
 
 
 @pytest.fixture(scope="session")
@@ -108,6 +108,17 @@ def sample_videos(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     from worker.fixtures.synthetic_videos import write_sample_videos
 
     return write_sample_videos(tmp_path_factory.mktemp("videos"))
+
+
+@pytest.fixture(scope="session")
+def direct_model(tiny_model_dir: Path) -> tuple[Any, Any]:
+    """The tiny model and its processor loaded in the test process: answers to compare the service's with."""
+    import torch
+    from transformers import LlavaForConditionalGeneration, LlavaProcessor
+
+    processor = LlavaProcessor.from_pretrained(tiny_model_dir)
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    return model.eval(), processor
 
 
 def service_env(redis_url: str, aws_env: dict[str, str], model_dir: Path, **extra: str) -> dict[str, str]:
@@ -158,8 +169,8 @@ class RunningService:
 
 
 def start_process(stack: Stack, logs: Path, name: str, argv: list[str], **extra_env: str) -> None:
-    handle = open(logs / f"{name}.log", "ab")
-    stack.start(name, argv, stdout=handle, stderr=subprocess.STDOUT, extra_env=extra_env)
+    with open(logs / f"{name}.log", "ab") as handle:  # the process keeps its own copy
+        stack.start(name, argv, stdout=handle, stderr=subprocess.STDOUT, extra_env=extra_env)
 
 
 def start_service(env: dict[str, str], logs: Path) -> RunningService:

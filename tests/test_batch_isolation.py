@@ -22,8 +22,8 @@ from tests.conftest import service_env, start_process
 from tests.redis_server import RedisServer
 from tests.test_batching_queue import publish_malformed
 from tests.test_gpu_worker import frames, queue_gpu_job, unbatched, wait_for
-from worker.gpu.model import LoadedModel, load_model
 from worker.cli.stack import Stack, gpu_worker_command
+from worker.gpu.model import LoadedModel, load_model
 
 torch.set_num_threads(1)
 

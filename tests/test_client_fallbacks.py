@@ -12,10 +12,10 @@ import os
 import subprocess
 import sys
 import threading
-from pathlib import Path
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 import pytest
 
@@ -27,7 +27,7 @@ DONE = {**RECORD, "status": "succeeded", "result": {"answer": "ab", "model": "m"
 
 
 class StandIn(BaseHTTPRequestHandler):
-    seen: list[tuple[str, dict[str, str]]] = []
+    seen: ClassVar[list[tuple[str, dict[str, str]]]] = []
     events_route = True
     polls_until_done = 2
 
@@ -42,11 +42,11 @@ class StandIn(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(payload)
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
         self._json(202, RECORD)
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         self.seen.append((self.path, dict(self.headers)))
         if self.path.startswith("/v1/jobs/j1/events") and self.events_route:
             self.send_response(200)

@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 from worker.cli.stack import free_port, redis_answers
 
 

@@ -22,8 +22,8 @@ from common.connections import redis_client
 from common.jobs import JobStatus, JobStore
 from tests.conftest import BUCKET, RunningService, service_env, start_process
 from worker.app.resources import load_geometry
-from worker.fixtures.synthetic_videos import write_cat_video
 from worker.cli.stack import Stack, cpu_worker_command, wait_for_workers
+from worker.fixtures.synthetic_videos import write_cat_video
 
 QUESTION = "Are these two cats in these two videos doing the same thing?"
 torch.set_num_threads(1)
@@ -47,15 +47,6 @@ def _stored_frames(service: RunningService, s3, job_id: str) -> list[list[Image.
             images.append(Image.open(io.BytesIO(body)).convert("RGB"))
         videos.append(images)
     return videos
-
-
-@pytest.fixture(scope="module")
-def direct_model(tiny_model_dir: Path):  # type: ignore[no-untyped-def]
-    from transformers import LlavaForConditionalGeneration, LlavaProcessor
-
-    processor = LlavaProcessor.from_pretrained(tiny_model_dir)
-    model = LlavaForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
-    return model.eval(), processor
 
 
 def test_two_video_question_equals_a_direct_generate(service: RunningService, s3, sample_videos: list[Path], direct_model) -> None:  # type: ignore[no-untyped-def]
@@ -108,7 +99,7 @@ def test_uploaded_video_stores_the_notebook_frames_exactly(service: RunningServi
         every_frame = sorted(container.decode(video=0), key=lambda frame: frame.pts)
     assert len(every_frame) == 120
     geometry = load_geometry(str(tiny_model_dir))
-    for stored, index in zip(_stored_frames(service, s3, job_id)[0], range(0, 120, 20)):
+    for stored, index in zip(_stored_frames(service, s3, job_id)[0], range(0, 120, 20), strict=True):
         expected = geometry.resize(every_frame[index].to_image())
         assert stored.size == (384, 384)
         assert np.array_equal(np.asarray(stored), np.asarray(expected))

@@ -14,9 +14,16 @@ import pytest
 
 from common.errors import InvalidMedia, InvalidRequest
 from common.schemas import Sampling
-from worker.media.sampling import Segment, choose_positions, decode_positions, decode_segments, index_stream, sample_frames
-from worker.media.mp4_index import read_timestamps
 from worker.fixtures.synthetic_videos import read_frame_index, write_cat_video
+from worker.media.mp4_index import read_timestamps
+from worker.media.sampling import (
+    Segment,
+    choose_positions,
+    decode_positions,
+    decode_segments,
+    index_stream,
+    sample_frames,
+)
 
 # Variable frame rate: irregular gaps, some long, some a few milliseconds.
 VFR_TIMES = [round(i * 0.04 + (0.03 if i % 5 == 2 else 0) + (0.2 if i >= 30 else 0), 3) for i in range(60)]

@@ -23,8 +23,8 @@ import pytest
 
 from common.errors import InvalidMedia
 from common.schemas import Sampling
-from worker.media.sampling import sample_frames
 from worker.fixtures.synthetic_videos import remux, write_cat_video
+from worker.media.sampling import sample_frames
 
 IN_STREAM = {"mpegts", "vob"}
 AVI_IN_STREAM = {"h264", "h264_bframes"}

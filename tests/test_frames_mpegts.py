@@ -15,9 +15,9 @@ from common.errors import InvalidMedia
 from common.schemas import Sampling
 from common.settings import load_settings
 from tests.conftest import RunningService
+from worker.fixtures.synthetic_videos import read_frame_index, write_cat_video
 from worker.media.decode import DecodeLimits, decode_frames_in_sandbox
 from worker.media.sampling import sample_frames
-from worker.fixtures.synthetic_videos import read_frame_index, write_cat_video
 
 # name -> (seconds, write_cat_video arguments), 25 fps: the shapes the sampling went wrong on.
 REPORTED = {

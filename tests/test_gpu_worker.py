@@ -25,10 +25,10 @@ from common.jobs import Job, JobStatus, JobStore
 from common.settings import Settings, load_settings
 from common.storage import ObjectStore, open_store
 from tests.conftest import service_env, start_process
-from worker.media.png import encode_png
+from worker.cli.stack import Stack, gpu_worker_command
 from worker.gpu.lifecycle import EX_CONFIG
 from worker.gpu.model import LoadedModel, load_model
-from worker.cli.stack import Stack, gpu_worker_command
+from worker.media.png import encode_png
 
 torch.set_num_threads(1)
 HOSTNAME = f"gpu0@{socket.gethostname()}"

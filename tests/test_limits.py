@@ -18,9 +18,9 @@ from common.jobs import KEY_PREFIX, JobStatus, JobStore
 from common.schemas import MediaSource, Sampling, StoredRequest
 from common.settings import Settings, load_settings
 from common.storage import LocalStore
-from worker.media.geometry import FrameGeometry
 from worker.cpu.stage import IngestContext, ingest_job
 from worker.fixtures.synthetic_videos import write_cat_video
+from worker.media.geometry import FrameGeometry
 
 VIDEO = {"url": "https://93.184.215.14/a.mp4"}
 

@@ -4,6 +4,7 @@ being read whole, and a presigned URL's signature reaches neither an error messa
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import socket
 import threading
@@ -66,10 +67,8 @@ class CountingProxy:
             pass
         finally:
             for end in (source, target):
-                try:
+                with contextlib.suppress(OSError):
                     end.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
 
     @staticmethod
     def _without_length(received: bytes) -> tuple[bytes | None, bytes, int | None]:
@@ -95,7 +94,7 @@ class _Forbidden(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args: object) -> None:
         pass
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         self.send_response(403)
         self.send_header("Content-Length", "0")
         self.end_headers()

@@ -13,8 +13,8 @@ from PIL import Image
 
 from common.errors import InvalidMedia, MediaTooLarge
 from common.settings import load_settings
-from worker.media.probe import MediaLimits, probe
 from worker.fixtures.synthetic_videos import write_cat_video
+from worker.media.probe import MediaLimits, probe
 
 LIMITS = MediaLimits.from_settings(load_settings({}))
 

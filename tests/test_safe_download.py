@@ -23,7 +23,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args: object) -> None:
         pass
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         self.server.hits.append(self.path)  # type: ignore[attr-defined]
         routes = self.server.routes  # type: ignore[attr-defined]
         action = routes.get(self.path, ("body", BODY))
@@ -95,7 +95,7 @@ def test_redirect_to_an_internal_address_is_blocked_at_that_hop(
     public: http.server.ThreadingHTTPServer, internal: http.server.ThreadingHTTPServer, tmp_path: Path
 ) -> None:
     public.routes["/go"] = ("redirect", _url(internal, "/secret"))  # type: ignore[attr-defined]
-    with pytest.raises(BlockedUrl, match="127.0.0.3"):
+    with pytest.raises(BlockedUrl, match=r"127\.0\.0\.3"):
         _get(_url(public, "/go"), tmp_path / "v")
     assert public.hits == ["/go"]  # type: ignore[attr-defined]
     assert internal.hits == []  # type: ignore[attr-defined]

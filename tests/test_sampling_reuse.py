@@ -22,9 +22,9 @@ from common.jobs import Job, JobStatus, JobStore
 from common.schemas import MediaSource, Sampling, StoredRequest
 from common.settings import Settings, load_settings
 from common.storage import LocalStore
-from worker.media.geometry import FrameGeometry
 from worker.cpu.stage import IngestContext, ingest_job
 from worker.fixtures.synthetic_videos import write_cat_video
+from worker.media.geometry import FrameGeometry
 
 
 class _VideoServer(http.server.BaseHTTPRequestHandler):
@@ -33,7 +33,7 @@ class _VideoServer(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args: object) -> None:
         pass
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         body: bytes = self.server.body  # type: ignore[attr-defined]
         etag = '"' + hashlib.sha256(body).hexdigest()[:16] + '"'
         if self.headers.get("If-None-Match") == etag:

@@ -12,7 +12,7 @@ import torch
 
 from common.api_keys import hash_key
 from tests.conftest import RunningService, service_env, start_service
-from tests.test_end_to_end import _stored_frames, direct_model  # noqa: F401 - a fixture
+from tests.test_end_to_end import _stored_frames
 from worker.cli.stack import wait_for_http
 
 torch.set_num_threads(1)

@@ -10,10 +10,10 @@ from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 
 from common.celery_config import GENERATE_TASK, INGEST_TASK, WEBHOOK_TASK
 from common.errors import TransientError, VideoQAError
-from worker.gpu.claims import answer_claimed_batch
-from worker.cpu.stage import ingest_job
 from worker.app.resources import WorkerResources
+from worker.cpu.stage import ingest_job
 from worker.cpu.webhooks import deliver
+from worker.gpu.claims import answer_claimed_batch
 
 log = logging.getLogger(__name__)
 

@@ -19,11 +19,11 @@ from common.jobs import JobStatus, JobStore
 from common.schemas import MediaSource, Sampling, StoredRequest
 from common.settings import Settings
 from common.storage import ObjectStore
-from worker.media.decode import DecodeLimits, decode_frames_in_sandbox
 from worker.cpu.fetch import fetch_if_changed, fetch_media, known_version, remember_version
+from worker.cpu.frame_store import ContentKeys
+from worker.media.decode import DecodeLimits, decode_frames_in_sandbox
 from worker.media.geometry import FrameGeometry
 from worker.media.png import encode_png
-from worker.cpu.frame_store import ContentKeys
 from worker.media.still_image import decode_image
 
 log = logging.getLogger(__name__)

@@ -101,7 +101,7 @@ def trim_indexes(client: redis.Redis, *, ttl_s: float, now: float) -> int:
                 for job_id in oldest:
                     pipe.exists(KEY_PREFIX + job_id)
                 present = pipe.execute()
-            gone = [job_id for job_id, there in zip(oldest, present) if not there]
+            gone = [job_id for job_id, there in zip(oldest, present, strict=True) if not there]
             if gone:
                 removed += int(client.zrem(index, *gone))
             if len(gone) < len(oldest):

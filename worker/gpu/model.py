@@ -269,7 +269,7 @@ def generate_batch(loaded: LoadedModel, prompts: list[Prompt]) -> list[Completio
         groups[generation_key(prompt.generation)].append(position)
     results: list[Completion | None] = [None] * len(prompts)
     for positions in groups.values():
-        for position, completion in zip(positions, generate_one_call(loaded, [prompts[p] for p in positions])):
+        for position, completion in zip(positions, generate_one_call(loaded, [prompts[p] for p in positions]), strict=True):
             results[position] = completion
     return [completion for completion in results if completion is not None]
 

@@ -22,9 +22,9 @@ from common.logging_config import job_context
 from common.schemas import StoredRequest
 from common.storage import ObjectStore
 from worker.gpu.batch import BatchItem, Outcome, describe, run_batch
-from worker.media.png import decode_png
 from worker.gpu.model import Completion, LoadedModel, Prompt, encode_prompt, render_prompt
 from worker.gpu.token_stream import TokenStream
+from worker.media.png import decode_png
 
 log = logging.getLogger(__name__)
 

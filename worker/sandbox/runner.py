@@ -423,14 +423,21 @@ class _AnswerUnpickler(pickle.Unpickler):
 def _checked_header(header: Any) -> tuple[Any, ...]:
     """``header`` if it has the shape ``_send`` gives headers, else ValueError."""
     if isinstance(header, tuple) and header and header[0] == "error":
-        if len(header) == 3 and isinstance(header[1], type) and issubclass(header[1], VideoQAError):
-            if isinstance(header[2], str):
-                return header
+        if (
+            len(header) == 3
+            and isinstance(header[1], type)
+            and issubclass(header[1], VideoQAError)
+            and isinstance(header[2], str)
+        ):
+            return header
     elif isinstance(header, tuple) and len(header) == 4 and header[0] in ("more", "last"):
         specs, peak = header[2], header[3]
-        if isinstance(specs, list) and all(isinstance(spec, tuple) and len(spec) == 2 for spec in specs):
-            if isinstance(peak, int):
-                return header
+        if (
+            isinstance(specs, list)
+            and all(isinstance(spec, tuple) and len(spec) == 2 for spec in specs)
+            and isinstance(peak, int)
+        ):
+            return header
     raise ValueError("not an answer header")
 
 
