@@ -1,5 +1,10 @@
 """Real services for the tests: Redis (a database of our own), moto's S3 server over HTTP,
-the tiny model, and the service's own processes started with the README's commands."""
+the tiny model, and the service's own processes started with the README's commands.
+
+Each test is either ``unit`` (in this process only: no Redis, no S3 server, no child process but
+the code checkers) or ``service`` (real processes). A test that uses a fixture reaching a server is
+``service`` by that alone; one that starts processes itself says so with ``pytest.mark.service``;
+every other test is ``unit``, and fails if it starts a process after all."""
 
 from __future__ import annotations
 
@@ -33,6 +38,44 @@ SPARE_REDIS_DB = REDIS_DB - 1
 BUCKET = "videoqa-test"
 # The key the service signs webhooks with; receivers in the tests verify with it.
 WEBHOOK_SECRET = "whsec_" + "dGVzdHMtb25seSB3ZWJob29rIHNpZ25pbmcga2V5IQ=="
+
+
+# Fixtures that reach a server outside the test process; `service` and `local_settings` reach them too.
+SERVER_FIXTURES = frozenset({"redis_url", "spare_redis_url", "s3_endpoint"})
+# The static checkers of the code: they read files and exit, and a unit test may run them.
+CHECKERS = frozenset({"ruff", "mypy", "lint-imports"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import torch
+
+    no_cuda = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        kinds = {mark.name for mark in item.iter_markers() if mark.name in ("unit", "service")}
+        servers = SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+        if "unit" in kinds and (servers or "service" in kinds):
+            raise pytest.UsageError(f"{item.nodeid} is marked unit but needs {sorted(servers) or 'service'}")
+        if not kinds:
+            item.add_marker(pytest.mark.service if servers else pytest.mark.unit)
+        if item.get_closest_marker("gpu") and not torch.cuda.is_available():
+            item.add_marker(no_cuda)
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_start_no_process(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A unit test that starts a process (other than a code checker) fails, naming the fix."""
+    if request.node.get_closest_marker("unit") is None:
+        return
+    popen = subprocess.Popen
+
+    class RefusedPopen(popen):  # type: ignore[type-arg]  # generic in the stubs only
+        def __init__(self, args: Any, *more: Any, **options: Any) -> None:
+            program = args if isinstance(args, str | os.PathLike) else args[0]
+            if Path(program).name not in CHECKERS:
+                raise AssertionError(f"a unit test started {program!r}: mark the test pytest.mark.service")
+            super().__init__(args, *more, **options)
+
+    monkeypatch.setattr(subprocess, "Popen", RefusedPopen)
 
 
 def _flushed(url: str) -> redis.Redis:
