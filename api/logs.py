@@ -17,7 +17,7 @@ from common.logging_config import JOB_ID_PATTERN, configure_logging, job_id_var,
 from common.settings import SettingsError, load_settings
 
 
-class JsonLogger(Logger):  # type: ignore[misc]
+class JsonLogger(Logger):
     def setup(self, cfg: Any) -> None:
         super().setup(cfg)
         try:

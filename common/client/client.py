@@ -189,6 +189,7 @@ class Client:
         no event stream (fall back on ``wait``).
         """
         failures = 0
+        error: requests.RequestException | None = None
         while True:
             headers = {"Accept": "text/event-stream"}
             if last_event_id is not None:

@@ -40,7 +40,7 @@ def build_worker_app(role: str) -> Celery:
         # reach (each prefork child inherits this; each also protects itself in worker.sandbox.runner).
         confinement.protect_caller()
 
-        def _load_geometry(**_: Any) -> None:
+        def _load_geometry(**signal_args: Any) -> None:
             # In the main process, before the pool forks: every child, the ones replacing dead
             # children included, inherits the geometry and starts in about a second, well within
             # the pool's start timeout even on a loaded machine (reading it is many seconds there).
@@ -49,7 +49,7 @@ def build_worker_app(role: str) -> Celery:
             except Exception:  # each child tries again; its jobs fail if it cannot either
                 log.exception("could not read the image geometry of %s", settings.model)
 
-        def _prepare(**_: Any) -> None:
+        def _prepare(**signal_args: Any) -> None:
             # Runs in each prefork child, never at import, so the first job does not pay for
             # starting the decode sandbox (nor for the geometry, when the main process failed).
             _ = resources.geometry  # read now, not on the first job

@@ -28,7 +28,7 @@ def failure_of(exc: BaseException) -> tuple[str, str]:
 
 
 def register_tasks(app: Celery, resources: WorkerResources) -> None:
-    class JobTask(Task):  # type: ignore[misc]
+    class JobTask(Task):
         """Ends the job as failed when the task gives up (retries spent, time limit, a bug)."""
 
         def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:

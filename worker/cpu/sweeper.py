@@ -24,6 +24,7 @@ import math
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import cast
 
 import redis
 
@@ -50,7 +51,7 @@ def live_jobs(client: redis.Redis, jobs: JobStore) -> dict[str, Job]:
     """Jobs not yet ended: each is in its tenant's active set until its terminal transition."""
     live: dict[str, Job] = {}
     for key in client.scan_iter(match=ACTIVE_PREFIX + "*", count=500):
-        for job_id in client.smembers(key):
+        for job_id in cast("set[str]", client.smembers(key)):  # the client decodes replies
             job = jobs.get(job_id)
             if job is not None and not job.status.terminal:
                 live[job.id] = job
@@ -96,7 +97,7 @@ def trim_indexes(client: redis.Redis, *, ttl_s: float, now: float) -> int:
         # Records expire job_ttl_s after their creation, which is the entry's score.
         removed += int(client.zremrangebyscore(index, "-inf", now - ttl_s))
         # A record can also be gone sooner (a lowered TTL, an operator): the oldest go first.
-        while oldest := client.zrange(index, 0, _PAGE - 1):
+        while oldest := cast("list[str]", client.zrange(index, 0, _PAGE - 1)):  # the client decodes replies
             with client.pipeline(transaction=False) as pipe:
                 for job_id in oldest:
                     pipe.exists(KEY_PREFIX + job_id)

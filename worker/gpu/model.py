@@ -158,7 +158,7 @@ def _load_model(settings: Settings) -> LoadedModel:
     # Left padding is what keeps batched greedy answers equal to unbatched ones.
     processor.tokenizer.padding_side = "left"
     model = LlavaForConditionalGeneration.from_pretrained(settings.model, dtype=dtype, attn_implementation=attn)
-    model.to(device).eval()
+    model.to(device).eval()  # type: ignore[arg-type]  # transformers types `to` through a decorator that loses `self`
     log.info("loaded %s on %s (%s, %s)", settings.model, device, dtype, attn)
     return LoadedModel(
         model=model,
@@ -333,7 +333,7 @@ def generate_one_call(loaded: LoadedModel, prompts: list[Prompt], *, watch: Gene
     ]
 
 
-def warm_up(loaded: LoadedModel) -> Completion:
+def warm_up(loaded: LoadedModel) -> list[Completion]:
     """One short generation on a blank frame: the first call pays for kernel selection and
     allocator growth, so the first job does not."""
     frame = _blank_image(loaded.processor)
