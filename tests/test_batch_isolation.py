@@ -25,6 +25,9 @@ from tests.test_gpu_worker import frames, queue_gpu_job, unbatched, wait_for
 from worker.cli.stack import Stack, gpu_worker_command
 from worker.gpu.model import LoadedModel, load_model
 
+# GPU workers and a Redis of their own run as processes.
+pytestmark = pytest.mark.service
+
 torch.set_num_threads(1)
 
 

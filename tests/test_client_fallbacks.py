@@ -109,6 +109,7 @@ def test_wait_polls_a_server_that_answers_at_once(stand_in: type[StandIn]) -> No
     assert len(polls) == 3 and all("wait=" in path for path in polls)
 
 
+@pytest.mark.service
 def test_videoqa_ask_streams_the_answer_as_it_comes(stand_in: type[StandIn]) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("VIDEOQA_")}
     done = subprocess.run(
@@ -122,6 +123,7 @@ def test_videoqa_ask_streams_the_answer_as_it_comes(stand_in: type[StandIn]) -> 
     assert "job j1: queued" in done.stderr and "succeeded" not in done.stderr
 
 
+@pytest.mark.service
 def test_videoqa_ask_on_a_terminal_shows_a_spinner(stand_in: type[StandIn]) -> None:
     import pty
 

@@ -63,6 +63,7 @@ def test_the_reported_files_sample_exactly(reported: dict[str, Path], name: str)
         assert np.array_equal(frame.array, arrays[frame.index])
 
 
+@pytest.mark.service
 def test_the_sandboxed_sampler_splits_an_mpegts_file_and_stays_exact(reported: dict[str, Path]) -> None:
     """Two children, each seeking into its own share of a long-GOP file."""
     path = reported["h264_long_gop.ts"]

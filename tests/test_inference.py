@@ -118,6 +118,7 @@ def _installed(site: Path, distribution: str, version: str) -> Path:
     return site
 
 
+@pytest.mark.service
 @pytest.mark.parametrize(("distribution", "version", "expected"), [("flash-attn-4", "4.0.0", "sdpa"), ("flash-attn", "2.7.4", "flash_attention_2")])
 def test_auto_attention_takes_flash_attention_2_only_from_the_flash_attn_distribution(
     tmp_path: Path, distribution: str, version: str, expected: str

@@ -88,6 +88,7 @@ def test_the_parts_are_there() -> None:
     ]
 
 
+@pytest.mark.service
 def test_keep_the_service_running() -> None:
     (command,) = quick_start()["Keep the service running"]
     assert command.split("#")[0].split() == ["videoqa", "up", "--tiny"]
@@ -163,6 +164,7 @@ def test_watch_events(service: RunningService, workdir: Path, sample_videos: lis
     assert "".join(json.loads(e.data)["text"] for e in events if e.event == "token") == answer
 
 
+@pytest.mark.service
 def test_the_webhook_receiver_tells_signed_from_forged() -> None:
     # Signed here by the contract's scheme, so the snippet is checked before a service sends any.
     import base64

@@ -23,6 +23,9 @@ from worker.media.geometry import FrameGeometry
 from worker.media.sampling import sample_frames
 from worker.sandbox.runner import Session, run_isolated, run_until
 
+# Every test decodes in the sandbox's own server process.
+pytestmark = pytest.mark.service
+
 LIMITS = DecodeLimits.from_settings(load_settings({}))
 
 

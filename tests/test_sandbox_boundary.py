@@ -29,7 +29,10 @@ from worker.sandbox import runner as sandbox
 from worker.sandbox.confinement import ENVIRONMENT_ALLOWLIST, OPEN_FILES, THREAD_ALLOWANCE, server_environment
 from worker.sandbox.runner import run_isolated
 
-pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the boundary is built from Linux features")
+pytestmark = [
+    pytest.mark.skipif(sys.platform != "linux", reason="the boundary is built from Linux features"),
+    pytest.mark.service,  # the sandbox's own server process, and commands of the tests' own
+]
 
 MEMORY = 512 * 1024 * 1024
 SECRETS = {

@@ -21,6 +21,9 @@ from worker.app.resources import load_geometry
 from worker.media.geometry import FrameGeometry
 from worker.media.still_image import decode_image
 
+# Images are decoded in the sandbox's own server process.
+pytestmark = pytest.mark.service
+
 GEOMETRY = FrameGeometry(96, 64, Image.Resampling.BICUBIC)
 
 

@@ -13,7 +13,7 @@ from common.storage import LocalStore, ObjectStore, S3Store, open_store
 from worker.cli.stack import free_port
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.service)])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> ObjectStore:
     if request.param == "local":
         return LocalStore(tmp_path / "store")

@@ -19,6 +19,9 @@ from PIL import Image
 from tests.conftest import RunningService, start_process
 from worker.cli.stack import Stack, api_command, cpu_worker_command, free_port, offline_cpu_env, wait_for_http
 
+# `videoqa up` and its checks run as commands.
+pytestmark = pytest.mark.service
+
 VIDEOQA = str(Path(sys.executable).with_name("videoqa"))
 HUB_MODEL = "llava-hf/llava-interleave-qwen-7b-hf"
 
