@@ -65,7 +65,7 @@ def reference_config(image_token_id: int) -> Any:
     text = Qwen2Config(
         vocab_size=152000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
         num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=32768,
-        rope_theta=1_000_000.0, hidden_act="silu", tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0}, hidden_act="silu", tie_word_embeddings=False,
     )  # fmt: skip
     vision = SiglipVisionConfig(
         hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16,
@@ -240,7 +240,10 @@ class Roofline:
         text = config.text_config
         per_image = tokens_per_image(config)
         prompt_tokens = FRAMES * per_image + 20 + 10  # frames, question, chat template
-        count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+
+        def count(module: torch.nn.Module) -> int:
+            return sum(p.numel() for p in module.parameters())
+
         vision = count(model.model.vision_tower)
         projector = count(model.model.multi_modal_projector)
         embedding = model.get_input_embeddings().weight.numel()

@@ -61,7 +61,7 @@ def create_gpu_jobs(
             "prompt": None,
             "videos": [{"kind": "upload", "location": "bench"}],
             "images": [],
-            "sampling": {"num_frames": len(job_media[0]["frames"])},  # type: ignore[arg-type]
+            "sampling": {"num_frames": len(job_media[0]["frames"])},
             "generation": {"max_new_tokens": new_tokens},
         }
         job = jobs.create(request)

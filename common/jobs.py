@@ -144,7 +144,10 @@ def _decode(raw: dict[str, str]) -> Job:
         if key.startswith("stage:"):
             _, name, edge = key.split(":", 2)
             stages.setdefault(name, {})[edge] = float(value)
-    loads = lambda name: json.loads(raw[name]) if raw.get(name) else None  # noqa: E731
+
+    def loads(name: str) -> Any:
+        return json.loads(raw[name]) if raw.get(name) else None
+
     return Job(
         id=raw["id"],
         status=JobStatus(raw["status"]),

@@ -64,18 +64,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(autouse=True)
 def _unit_tests_start_no_process(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """A unit test that starts a process (other than a code checker) fails, naming the fix."""
-    if request.node.get_closest_marker("unit") is None:
-        return
-    popen = subprocess.Popen
+    if request.node.get_closest_marker("unit") is not None:
+        monkeypatch.setattr(subprocess, "Popen", _CheckersOnlyPopen)
 
-    class RefusedPopen(popen):  # type: ignore[type-arg]  # generic in the stubs only
-        def __init__(self, args: Any, *more: Any, **options: Any) -> None:
-            program = args if isinstance(args, str | os.PathLike) else args[0]
-            if Path(program).name not in CHECKERS:
-                raise AssertionError(f"a unit test started {program!r}: mark the test pytest.mark.service")
-            super().__init__(args, *more, **options)
 
-    monkeypatch.setattr(subprocess, "Popen", RefusedPopen)
+class _CheckersOnlyPopen(subprocess.Popen[Any]):
+    def __init__(self, args: Any, *more: Any, **options: Any) -> None:
+        program = args if isinstance(args, str | os.PathLike) else args[0]
+        if Path(program).name not in CHECKERS:
+            raise AssertionError(f"a unit test started {program!r}: mark the test pytest.mark.service")
+        super().__init__(args, *more, **options)
 
 
 def _flushed(url: str) -> redis.Redis:
@@ -130,7 +128,7 @@ def monkeypatch_session() -> Iterator[pytest.MonkeyPatch]:
 
 
 @pytest.fixture(scope="session")
-def s3(aws_env: dict[str, str], monkeypatch_session: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+def s3(aws_env: dict[str, str], monkeypatch_session: pytest.MonkeyPatch):
     """A boto3 client of the test process, configured by the same variables the service gets."""
     for name, value in aws_env.items():
         monkeypatch_session.setenv(name, value)
@@ -201,7 +199,7 @@ class RunningService:
                 webhook["events"] = fields.pop("webhook_events").split(",")
         return self.client.submit([video], sampling=sampling, generation=generation, webhook=webhook, **fields).id
 
-    def wait(self, job_id: str, timeout_s: float = 120.0) -> dict:  # type: ignore[type-arg]
+    def wait(self, job_id: str, timeout_s: float = 120.0) -> dict:
         try:
             return self.client.wait(job_id, timeout_s, poll_interval=0.1).raw
         except WaitTimedOut as exc:

@@ -36,7 +36,7 @@ def loaded(tiny_model_dir: Path) -> LoadedModel:
     return load_model(load_settings({"VIDEOQA_MODEL": str(tiny_model_dir), "VIDEOQA_DEVICE": "cpu"}))
 
 
-def _assert_unbatched(loaded: LoadedModel, job: Job, images: list, question: str, max_new_tokens: int, log: str) -> None:  # type: ignore[type-arg]
+def _assert_unbatched(loaded: LoadedModel, job: Job, images: list, question: str, max_new_tokens: int, log: str) -> None:
     assert job.status is JobStatus.SUCCEEDED, (job.error, log[-3000:])
     assert job.result is not None
     expected = unbatched(loaded, images, question, max_new_tokens)
@@ -79,7 +79,7 @@ def test_jobs_that_cannot_be_prepared_and_malformed_messages_fail_alone(
     assert by_id[unreadable].error["code"] == "invalid_request"
     for job_id, (images, question, max_new) in zip((first, last), good, strict=True):
         _assert_unbatched(loaded, by_id[job_id], images, question, max_new, log)
-        assert by_id[job_id].result["batch_size"] == 2  # type: ignore[index]
+        assert by_id[job_id].result["batch_size"] == 2
     # Each malformed message was refused once and removed; none was unpickled.
     assert log.count("malformed message from the gpu queue") == 5, log[-4000:]
     assert client.llen("gpu") == 0 and client.hlen("unacked") == 0

@@ -73,14 +73,14 @@ def stand_in() -> Iterator[type[StandIn]]:
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    handler.url = f"http://127.0.0.1:{server.server_address[1]}"  # type: ignore[attr-defined]
+    handler.url = f"http://127.0.0.1:{server.server_address[1]}"
     yield handler
     server.shutdown()
     server.server_close()
 
 
 def test_events_resume_after_a_dropped_connection(stand_in: type[StandIn]) -> None:
-    events = list(Client(stand_in.url).events("j1"))  # type: ignore[attr-defined]
+    events = list(Client(stand_in.url).events("j1"))
     assert [(e.id, e.event) for e in events] == [("1", "status"), ("2", "token"), ("3", "token"), ("4", "done")]
     assert "".join(e.text for e in events) == "ab"
     assert events[0].job is not None and events[0].job.status == "queued"
@@ -91,7 +91,7 @@ def test_events_resume_after_a_dropped_connection(stand_in: type[StandIn]) -> No
 
 def test_events_on_a_server_without_them_is_a_clear_error(stand_in: type[StandIn]) -> None:
     stand_in.events_route = False
-    client = Client(stand_in.url)  # type: ignore[attr-defined]
+    client = Client(stand_in.url)
     with pytest.raises(EventsUnavailable) as missing:
         next(client.events("j1"))
     assert missing.value.code == "events_unavailable" and "wait()" in missing.value.message
@@ -102,7 +102,7 @@ def test_events_on_a_server_without_them_is_a_clear_error(stand_in: type[StandIn
 
 
 def test_wait_polls_a_server_that_answers_at_once(stand_in: type[StandIn]) -> None:
-    job = Client(stand_in.url).wait("j1", timeout=60, poll_interval=0.05)  # type: ignore[attr-defined]
+    job = Client(stand_in.url).wait("j1", timeout=60, poll_interval=0.05)
     assert job.status == "succeeded" and job.result is not None and job.result.answer == "ab"
     polls = [path for path, _ in stand_in.seen if path.startswith("/v1/jobs/j1?")]
     # Each request asked the server to hold it; this one answered at once, so the client asked again.
@@ -114,7 +114,7 @@ def test_videoqa_ask_streams_the_answer_as_it_comes(stand_in: type[StandIn]) -> 
     env = {k: v for k, v in os.environ.items() if not k.startswith("VIDEOQA_")}
     done = subprocess.run(
         [str(Path(sys.executable).with_name("videoqa")), "ask", "https://example.com/a.mp4", "-q", "What?",
-         "--server", stand_in.url],  # type: ignore[attr-defined]
+         "--server", stand_in.url],
         env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
@@ -131,7 +131,7 @@ def test_videoqa_ask_on_a_terminal_shows_a_spinner(stand_in: type[StandIn]) -> N
     env = {k: v for k, v in os.environ.items() if not k.startswith("VIDEOQA_")}
     process = subprocess.Popen(
         [str(Path(sys.executable).with_name("videoqa")), "ask", "https://example.com/a.mp4", "-q", "What?",
-         "--server", stand_in.url],  # type: ignore[attr-defined]
+         "--server", stand_in.url],
         env=env, stdin=follower, stdout=follower, stderr=follower,
     )  # fmt: skip
     os.close(follower)

@@ -30,12 +30,12 @@ torch.set_num_threads(1)
 
 
 def _submit(service: RunningService, **kwargs: object) -> str:
-    response = requests.post(service.url("/v1/jobs"), timeout=30, **kwargs)  # type: ignore[arg-type]
+    response = requests.post(service.url("/v1/jobs"), timeout=30, **kwargs)
     assert response.status_code == 202, response.text
     return str(response.json()["id"])
 
 
-def _stored_frames(service: RunningService, s3, job_id: str) -> list[list[Image.Image]]:  # type: ignore[no-untyped-def]
+def _stored_frames(service: RunningService, s3, job_id: str) -> list[list[Image.Image]]:
     """The frames the CPU worker stored for a job, read back from the S3 server."""
     job = JobStore(redis_client(service.settings), ttl_s=60).get(job_id)
     assert job is not None and job.media is not None
@@ -49,7 +49,7 @@ def _stored_frames(service: RunningService, s3, job_id: str) -> list[list[Image.
     return videos
 
 
-def test_two_video_question_equals_a_direct_generate(service: RunningService, s3, sample_videos: list[Path], direct_model) -> None:  # type: ignore[no-untyped-def]
+def test_two_video_question_equals_a_direct_generate(service: RunningService, s3, sample_videos: list[Path], direct_model) -> None:
     for path in sample_videos:
         s3.upload_file(str(path), BUCKET, f"inputs/{path.name}")
     job_id = _submit(
@@ -82,7 +82,7 @@ def test_two_video_question_equals_a_direct_generate(service: RunningService, s3
     assert result["usage"] == {"prompt_tokens": inputs["input_ids"].shape[1], "completion_tokens": len(expected)}
 
 
-def test_uploaded_video_stores_the_notebook_frames_exactly(service: RunningService, s3, tmp_path: Path, tiny_model_dir: Path) -> None:  # type: ignore[no-untyped-def]
+def test_uploaded_video_stores_the_notebook_frames_exactly(service: RunningService, s3, tmp_path: Path, tiny_model_dir: Path) -> None:
     video = write_cat_video(tmp_path / "bframes.mp4", seconds=4, fps=30, gop=30, bframes=2, variant=1)
     with open(video, "rb") as handle:
         job_id = _submit(
@@ -154,7 +154,7 @@ def test_unknown_job_id_is_404_over_http(service: RunningService) -> None:
 
 def test_a_cancelled_queued_job_never_runs(
     spare_redis_url: str, aws_env: dict[str, str], s3, tiny_model_dir: Path, sample_videos: list[Path], tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     """Cancelled while no worker runs; then a real CPU worker drains the queue and must skip it."""
     from api.app import create_app
     from common.settings import load_settings

@@ -113,7 +113,7 @@ def test_seeks_that_divide_evenly_run_on_decoders_of_their_own(
 
     def recording(*args: object, **kwargs: object) -> object:
         seen.add(threading.current_thread().name)
-        return original(*args, **kwargs)  # type: ignore[arg-type]
+        return original(*args, **kwargs)
 
     monkeypatch.setattr(frames, "_decode_on_one", recording)
     # Each decoder's frames come as soon as it is done with them, so the first can be sent on
@@ -162,7 +162,9 @@ def _demuxed(path: Path) -> tuple[list[int], list[int]]:
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         packets = [p for p in container.demux(stream) if p.size and not p.is_discard]
-    return sorted(p.pts for p in packets), sorted(p.pts for p in packets if p.is_keyframe)
+    stamped = [(p.pts, p.is_keyframe) for p in packets if p.pts is not None]
+    assert len(stamped) == len(packets), "a packet without a timestamp"
+    return sorted(pts for pts, _ in stamped), sorted(pts for pts, keyframe in stamped if keyframe)
 
 
 def _read_tables(path: Path) -> tuple[list[int], list[int]] | None:
@@ -289,7 +291,7 @@ def test_fps_strategy_on_a_variable_frame_rate_follows_time(videos: dict[str, Pa
     path = videos["vfr"]
     reference, times = _decode_everything(path)
     sampled = sample_frames(path, Sampling(num_frames=32, fps=4))
-    expected = []
+    expected: list[int] = []
     for j in range(32):
         at = next((i for i, t in enumerate(times) if t >= j * 0.25 - 1e-9), None)
         if at is None:

@@ -86,8 +86,8 @@ def wait_for(jobs: JobStore, job_ids: list[str], done: object, logs: Path, timeo
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         current = [jobs.get(job_id) for job_id in job_ids]
-        if all(job is not None and done(job) for job in current):  # type: ignore[operator]
-            return current  # type: ignore[return-value]
+        if all(job is not None and done(job) for job in current):
+            return current
         time.sleep(0.05)
     raise AssertionError(f"jobs did not get there: {current}\n{(logs / 'gpu.log').read_text()[-4000:]}")
 

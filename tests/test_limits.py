@@ -38,11 +38,11 @@ def _job_keys(settings: Settings) -> list[bytes]:
     return list(redis.Redis.from_url(settings.redis_url).scan_iter(f"{KEY_PREFIX}*"))
 
 
-def _error(response) -> dict:  # type: ignore[no-untyped-def,type-arg]
+def _error(response) -> dict:
     assert response.status_code == 400, response.get_json()
     error = response.get_json()["error"]
     assert error["code"] == "invalid_request"
-    return error  # type: ignore[no-any-return]
+    return error
 
 
 def test_question_and_prompt_share_one_limit_in_json_and_multipart(spare_redis_url: str, tmp_path: Path) -> None:

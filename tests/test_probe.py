@@ -45,7 +45,7 @@ def test_probe_describes_a_video(clip: Path) -> None:
 )
 def test_a_file_over_a_limit_is_refused_naming_it(clip: Path, change: dict[str, float], message: str) -> None:
     with pytest.raises(MediaTooLarge, match=message) as raised:
-        probe(clip, dataclasses.replace(LIMITS, **change))  # type: ignore[arg-type]
+        probe(clip, dataclasses.replace(LIMITS, **change))
     assert raised.value.code == "media_too_large"
 
 

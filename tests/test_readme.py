@@ -144,7 +144,12 @@ def test_receive_a_webhook(service: RunningService, workdir: Path) -> None:
         _listening(port)
         job_id = _run(submit.replace("9000", str(port)), "python", service, workdir).stdout.split()[-1]
         lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=lambda: [lines.put(line) for line in process.stdout or ()], daemon=True).start()
+
+        def pump() -> None:
+            for line in process.stdout or ():
+                lines.put(line)
+
+        threading.Thread(target=pump, daemon=True).start()
         line = lines.get(timeout=240)
         verdict, _, body = line.partition(" ")
         assert verdict == "verified", line

@@ -37,11 +37,11 @@ def long_video(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _limits(**changes: object) -> DecodeLimits:
-    return dataclasses.replace(LIMITS, **changes)  # type: ignore[arg-type]
+    return dataclasses.replace(LIMITS, **changes)
 
 
 def _sample(path: Path, sampling: Sampling, limits: DecodeLimits = LIMITS, **kwargs: object) -> VideoSample:
-    return decode_frames_in_sandbox(path, sampling, limits, **kwargs)  # type: ignore[arg-type]
+    return decode_frames_in_sandbox(path, sampling, limits, **kwargs)
 
 
 @pytest.mark.parametrize("processes", [1, 2])
@@ -135,7 +135,7 @@ def test_a_hanging_child_is_killed_at_the_deadline(tmp_path: Path, long_video: P
     assert len(_sample(long_video, Sampling(num_frames=2)).frames) == 2
 
 
-def _plan_then_work(release_file: str):  # type: ignore[no-untyped-def]
+def _plan_then_work(release_file: str):
     # Hands over a plan, then works on until the caller has acted on it (the release file).
     yield {"pid": os.getpid()}, []
     while not Path(release_file).exists():
@@ -143,7 +143,7 @@ def _plan_then_work(release_file: str):  # type: ignore[no-untyped-def]
     return "done", [np.arange(6, dtype=np.int32).reshape(2, 3)]
 
 
-def _plan_then_crash():  # type: ignore[no-untyped-def]
+def _plan_then_crash():
     yield "plan", []
     os.kill(os.getpid(), signal.SIGSEGV)
     return None, []

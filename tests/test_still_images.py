@@ -56,7 +56,7 @@ def _gif_bomb(path: Path, side: int = 50_000) -> Path:
 
 
 @pytest.mark.parametrize("make", [_png_bomb, _gif_bomb])
-def test_an_image_bomb_fails_media_too_large_before_it_is_decoded(tmp_path: Path, make) -> None:  # type: ignore[no-untyped-def]
+def test_an_image_bomb_fails_media_too_large_before_it_is_decoded(tmp_path: Path, make) -> None:
     bomb = make(tmp_path / "bomb")
     assert bomb.stat().st_size < 1_000_000
     with pytest.raises(MediaTooLarge, match=r"50000x50000 \(2500000000 pixels\); the limit is 67108864 pixels "
@@ -129,8 +129,8 @@ def test_an_image_bomb_fails_its_job_and_a_normal_image_is_stored_as_decoded(
     geometry = load_geometry(str(tiny_model_dir))
     # Where it lies depends on the tenant's scope and the retention period: find it by content.
     wanted = f"images/{hashlib.sha256(picture).hexdigest()}/{geometry.key()}"
-    listed = s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="service/")  # type: ignore[attr-defined]
+    listed = s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="service/")
     (key,) = [item["Key"] for page in listed for item in page.get("Contents", []) if wanted in item["Key"]]
-    stored = Image.open(io.BytesIO(s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()))  # type: ignore[attr-defined]
+    stored = Image.open(io.BytesIO(s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()))
     with Image.open(io.BytesIO(picture)) as image:
         assert np.array_equal(np.asarray(stored.convert("RGB")), np.asarray(geometry.resize(image.convert("RGB"))))

@@ -40,7 +40,7 @@ def test_round_trip_of_bytes_and_files(store: ObjectStore, tmp_path: Path) -> No
     store.ping()
 
 
-def test_s3_prefix_is_applied(s3) -> None:  # type: ignore[no-untyped-def]
+def test_s3_prefix_is_applied(s3) -> None:
     bucket = f"prefixed-{uuid.uuid4().hex[:8]}"
     S3Store(bucket, "jobs").put_bytes("k", b"v")
     assert s3.get_object(Bucket=bucket, Key="jobs/k")["Body"].read() == b"v"

@@ -30,7 +30,7 @@ def _lines(stream: object) -> queue.Queue[str]:
     found: queue.Queue[str] = queue.Queue()
 
     def _read() -> None:
-        for line in stream:  # type: ignore[attr-defined]
+        for line in stream:
             found.put(line)
 
     threading.Thread(target=_read, daemon=True).start()

@@ -51,7 +51,7 @@ def test_public_literal_addresses_pass_and_the_checked_address_is_kept() -> None
     assert (target.host, target.port, str(target.address)) == ("93.184.215.14", 8443, "93.184.215.14")
 
 
-def _resolver(answers: dict[str, list[str]]):  # type: ignore[no-untyped-def]
+def _resolver(answers: dict[str, list[str]]):
     # No DNS server of ours can be reached here: a resolver stands in for one, as a table.
     def resolve(host: str, port: int) -> list[IPAddress]:
         return [ipaddress.ip_address(a) for a in answers[host]]
