@@ -189,8 +189,9 @@ def ingest_job(job_id: str, ctx: IngestContext) -> None:
         # (an API configured with larger limits than its workers, say).
         sampled = sum(len(item["frames"]) if item["kind"] == "video" else 1 for item in media)
         check_sampled_size(
-            request.question, request.prompt, sampled, request.generation.max_new_tokens, ctx.settings
-        )
+            request.question, request.prompt, sampled, request.generation.max_new_tokens, ctx.settings,
+            history=[turn.content for turn in request.history],
+        )  # fmt: skip
     except TransientError:
         jobs.note_retry(job_id)
         raise
