@@ -47,8 +47,6 @@ CHECKERS = frozenset({"ruff", "mypy", "lint-imports"})
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    import torch
-
     no_cuda = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
         kinds = {mark.name for mark in item.iter_markers() if mark.name in ("unit", "service")}
@@ -57,8 +55,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             raise pytest.UsageError(f"{item.nodeid} is marked unit but needs {sorted(servers) or 'service'}")
         if not kinds:
             item.add_marker(pytest.mark.service if servers else pytest.mark.unit)
-        if item.get_closest_marker("gpu") and not torch.cuda.is_available():
+        if item.get_closest_marker("gpu") and not _cuda():
             item.add_marker(no_cuda)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 @pytest.fixture(autouse=True)
