@@ -28,6 +28,7 @@ DONE = {**RECORD, "status": "succeeded", "result": {"answer": "ab", "model": "m"
 
 class StandIn(BaseHTTPRequestHandler):
     seen: ClassVar[list[tuple[str, dict[str, str]]]] = []
+    url: ClassVar[str] = ""  # the stand-in's address, once it listens
     events_route = True
     polls_until_done = 2
 
@@ -69,7 +70,7 @@ class StandIn(BaseHTTPRequestHandler):
 
 @pytest.fixture()
 def stand_in() -> Iterator[type[StandIn]]:
-    handler = type("Handler", (StandIn,), {"seen": []})
+    handler: type[StandIn] = type("Handler", (StandIn,), {"seen": []})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

@@ -27,8 +27,17 @@ from worker.fixtures.synthetic_videos import write_cat_video
 from worker.media.geometry import FrameGeometry
 
 
+class _Server(http.server.ThreadingHTTPServer):
+    """Serves ``body``; ``sent`` lists the statuses it answered with."""
+
+    body: bytes
+    sent: list[int]
+
+
 class _VideoServer(http.server.BaseHTTPRequestHandler):
     """Serves one file with a strong ETag and honours If-None-Match, counting what it sent."""
+
+    server: _Server
 
     def log_message(self, *args: object) -> None:
         pass
@@ -51,8 +60,8 @@ class _VideoServer(http.server.BaseHTTPRequestHandler):
 
 
 @pytest.fixture()
-def server() -> Iterator[http.server.ThreadingHTTPServer]:
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _VideoServer)
+def server() -> Iterator[_Server]:
+    httpd = _Server(("127.0.0.1", 0), _VideoServer)
     httpd.sent = []
     httpd.body = b""
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
@@ -122,7 +131,7 @@ def test_a_second_job_on_the_same_bytes_does_not_decode_again(context: IngestCon
 
 
 def test_the_same_url_with_the_same_etag_is_neither_downloaded_nor_decoded(
-    context: IngestContext, server: http.server.ThreadingHTTPServer, video: Path, tmp_path: Path
+    context: IngestContext, server: _Server, video: Path, tmp_path: Path
 ) -> None:
     server.body = video.read_bytes()
     source = MediaSource.from_url(f"http://127.0.0.1:{server.server_address[1]}/cat.mp4")
@@ -153,7 +162,7 @@ def test_frames_older_than_half_the_retention_are_sampled_again(context: IngestC
 
 
 def test_tenants_share_neither_frames_nor_etag_records_unless_told_to(
-    context: IngestContext, server: http.server.ThreadingHTTPServer, video: Path
+    context: IngestContext, server: _Server, video: Path
 ) -> None:
     acme = _run_job(context, _upload(context, video, "a.mp4"), tenant="acme", num_frames=4)
     beta = _run_job(context, _upload(context, video, "b.mp4"), tenant="beta", num_frames=4)

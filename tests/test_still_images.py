@@ -8,6 +8,7 @@ import io
 import struct
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -114,7 +115,7 @@ def _submit(service: RunningService, video: Path, image: tuple[str, bytes]) -> s
 
 
 def test_an_image_bomb_fails_its_job_and_a_normal_image_is_stored_as_decoded(
-    service: RunningService, s3: object, sample_videos: list[Path], tmp_path: Path, tiny_model_dir: Path
+    service: RunningService, s3: Any, sample_videos: list[Path], tmp_path: Path, tiny_model_dir: Path
 ) -> None:
     bomb = _submit(service, sample_videos[0], ("bomb.png", _png_bomb(tmp_path / "bomb.png").read_bytes()))
     picture = _picture(tmp_path / "cat.png", "RGB").read_bytes()

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,7 @@ VIDEOQA = str(Path(sys.executable).with_name("videoqa"))
 HUB_MODEL = "llava-hf/llava-interleave-qwen-7b-hf"
 
 
-def _lines(stream: object) -> queue.Queue[str]:
+def _lines(stream: Iterable[str]) -> queue.Queue[str]:
     found: queue.Queue[str] = queue.Queue()
 
     def _read() -> None:
