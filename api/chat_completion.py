@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Any
 
 import redis
@@ -134,7 +134,7 @@ class _Chunks:
         return _data({**self.base, "choices": [], "usage": usage(result)})
 
 
-def completion_chunks(jobs: JobStore, events: JobEvents, job: Job, model: str, include_usage: bool) -> Iterator[str]:
+def completion_chunks(jobs: JobStore, events: JobEvents, job: Job, model: str, include_usage: bool) -> Generator[str, None, None]:
     """The job's answer as chunks as it is generated, then its end; the job is cancelled when the
     client leaves before that end (a failed write closes this generator: ``GeneratorExit``)."""
     chunks = _Chunks(job, model, include_usage)

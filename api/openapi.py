@@ -12,10 +12,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
+from api.idempotency import MAX_KEY_CHARS
 from api.openapi_chat import VIEWS as CHAT_VIEWS
 from api.openapi_chat import chat_operations
 from api.routes import LATEST_TIMESTAMP
-from api.idempotency import MAX_KEY_CHARS
 from api.submission import GENERATION_FIELDS, SAMPLING_FIELDS
 from api.waiting import MAX_WAIT_S
 from common.jobs import JobStatus

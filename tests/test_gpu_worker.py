@@ -25,10 +25,10 @@ from common.jobs import Job, JobStatus, JobStore
 from common.settings import Settings, load_settings
 from common.storage import ObjectStore, open_store
 from tests.conftest import service_env, start_process
-from worker.media.png import encode_png
+from worker.cli.stack import Stack, gpu_worker_command
 from worker.gpu.lifecycle import EX_CONFIG
 from worker.gpu.model import LoadedModel, load_model
-from worker.cli.stack import Stack, gpu_worker_command
+from worker.media.png import encode_png
 
 torch.set_num_threads(1)
 HOSTNAME = f"gpu0@{socket.gethostname()}"
@@ -86,8 +86,8 @@ def wait_for(jobs: JobStore, job_ids: list[str], done: object, logs: Path, timeo
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         current = [jobs.get(job_id) for job_id in job_ids]
-        if all(job is not None and done(job) for job in current):  # type: ignore[operator]
-            return current  # type: ignore[return-value]
+        if all(job is not None and done(job) for job in current):
+            return current
         time.sleep(0.05)
     raise AssertionError(f"jobs did not get there: {current}\n{(logs / 'gpu.log').read_text()[-4000:]}")
 

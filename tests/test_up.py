@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -19,15 +20,18 @@ from PIL import Image
 from tests.conftest import RunningService, start_process
 from worker.cli.stack import Stack, api_command, cpu_worker_command, free_port, offline_cpu_env, wait_for_http
 
+# `videoqa up` and its checks run as commands.
+pytestmark = pytest.mark.service
+
 VIDEOQA = str(Path(sys.executable).with_name("videoqa"))
 HUB_MODEL = "llava-hf/llava-interleave-qwen-7b-hf"
 
 
-def _lines(stream: object) -> queue.Queue[str]:
+def _lines(stream: Iterable[str]) -> queue.Queue[str]:
     found: queue.Queue[str] = queue.Queue()
 
     def _read() -> None:
-        for line in stream:  # type: ignore[attr-defined]
+        for line in stream:
             found.put(line)
 
     threading.Thread(target=_read, daemon=True).start()

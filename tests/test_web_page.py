@@ -188,7 +188,7 @@ def file_server(sample_videos: list[Path]) -> Iterator[str]:
 
 
 @pytest.fixture()
-def keyed_service(  # type: ignore[no-untyped-def]
+def keyed_service(
     spare_redis_url: str, aws_env: dict[str, str], s3, tiny_model_dir: Path, tmp_path: Path
 ) -> Iterator[RunningService]:
     """API keys on; the API and a CPU worker, without a GPU worker until the test starts one,

@@ -26,15 +26,15 @@ from common.storage import ObjectStore, open_store
 from common.url_policy import UrlPolicy
 from common.videos import VideoStore
 from common.webhooks import webhook_sender
-from worker.gpu.claims import GpuQueue
-from worker.gpu.stage import AnswerContext
-from worker.media.geometry import DEFAULT_RESAMPLE, FrameGeometry, processor_geometry
-from worker.gpu.model import LoadedModel, load_model
-from worker.gpu.prefix_cache import PrefixCache, default_prefix_cache_bytes
 from worker.cpu.stage import IngestContext
 from worker.cpu.video_stage import VideoContext
 from worker.cpu.webhooks import WebhookContext
+from worker.gpu.claims import GpuQueue
 from worker.gpu.lifecycle import describe
+from worker.gpu.model import LoadedModel, load_model
+from worker.gpu.prefix_cache import PrefixCache, default_prefix_cache_bytes
+from worker.gpu.stage import AnswerContext
+from worker.media.geometry import DEFAULT_RESAMPLE, FrameGeometry, processor_geometry
 
 log = logging.getLogger(__name__)
 

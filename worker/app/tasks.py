@@ -10,11 +10,11 @@ from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 
 from common.celery_config import GENERATE_TASK, INGEST_TASK, VIDEO_TASK, WEBHOOK_TASK
 from common.errors import TransientError, VideoQAError
-from worker.gpu.claims import answer_claimed_batch
+from worker.app.resources import WorkerResources
 from worker.cpu.stage import ingest_job
 from worker.cpu.video_stage import ingest_stored_video
-from worker.app.resources import WorkerResources
 from worker.cpu.webhooks import deliver
+from worker.gpu.claims import answer_claimed_batch
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ def failure_of(exc: BaseException) -> tuple[str, str]:
 
 
 def register_tasks(app: Celery, resources: WorkerResources) -> None:
-    class JobTask(Task):  # type: ignore[misc]
+    class JobTask(Task):
         """Ends the job as failed when the task gives up (retries spent, time limit, a bug)."""
 
         def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:

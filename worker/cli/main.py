@@ -12,7 +12,15 @@ import click
 
 from worker.cli.ask import ask
 from worker.cli.demo import DEMO_QUESTION, TINY_MODEL_DIR, ensure_tiny_model, run_demo
-from worker.cli.stack import Stack, api_command, cpu_worker_command, flower_command, flower_env, gpu_worker_command, http_ok
+from worker.cli.stack import (
+    Stack,
+    api_command,
+    cpu_worker_command,
+    flower_command,
+    flower_env,
+    gpu_worker_command,
+    http_ok,
+)
 
 
 @click.group()

@@ -146,7 +146,7 @@ class Stack:
         self, name: str, argv: Sequence[str], *, extra_env: Mapping[str, str] | None = None, **popen: object
     ) -> subprocess.Popen[bytes]:
         env = {**self.env, **(extra_env or {})}
-        process = subprocess.Popen(list(argv), env=env, start_new_session=True, **popen)  # type: ignore[call-overload]
+        process = subprocess.Popen(list(argv), env=env, start_new_session=True, **popen)  # type: ignore[call-overload]  # the caller's options pass through
         self.processes[name] = process
         return process
 

@@ -42,8 +42,8 @@ from worker.gpu.model import (
     Prompt,
     completion_from_tokens,
     generate_one_call,
-    memory_info,
     generation_key,
+    memory_info,
 )
 from worker.gpu.token_stream import TokenStream
 

@@ -166,7 +166,7 @@ def _load_model(settings: Settings) -> LoadedModel:
     # Left padding is what keeps batched greedy answers equal to unbatched ones.
     processor.tokenizer.padding_side = "left"
     model = LlavaForConditionalGeneration.from_pretrained(settings.model, dtype=dtype, attn_implementation=attn)
-    model.to(device).eval()
+    model.to(device).eval()  # type: ignore[arg-type]  # transformers types `to` through a decorator that loses `self`
     log.info("loaded %s on %s (%s, %s)", settings.model, device, dtype, attn)
     return LoadedModel(
         model=model,
@@ -187,8 +187,8 @@ def render_prompt(
     turn format (the template cannot interleave text between images). The prompt records where the
     user's text lies, so that it is tokenized as text. With earlier turns: worker.gpu.conversation."""
     if request.history:
-        text, ordered, spans = render_conversation(processor, request, video_frames, images)
-        return Prompt(text, ordered, request.generation, user_spans=spans)
+        text, ordered, turn_spans = render_conversation(processor, request, video_frames, images)
+        return Prompt(text, ordered, request.generation, user_spans=turn_spans)
     if request.prompt is None:
         ordered = [frame for frames in video_frames for frame in frames] + list(images)
         content: list[dict[str, str]] = [{"type": "image"} for _ in ordered]
@@ -282,7 +282,7 @@ def generate_batch(loaded: LoadedModel, prompts: list[Prompt]) -> list[Completio
         groups[generation_key(prompt.generation)].append(position)
     results: list[Completion | None] = [None] * len(prompts)
     for positions in groups.values():
-        for position, completion in zip(positions, generate_one_call(loaded, [prompts[p] for p in positions])):
+        for position, completion in zip(positions, generate_one_call(loaded, [prompts[p] for p in positions]), strict=True):
             results[position] = completion
     return [completion for completion in results if completion is not None]
 
@@ -346,7 +346,7 @@ def generate_one_call(loaded: LoadedModel, prompts: list[Prompt], *, watch: Gene
     ]
 
 
-def warm_up(loaded: LoadedModel) -> Completion:
+def warm_up(loaded: LoadedModel) -> list[Completion]:
     """One short generation on a blank frame: the first call pays for kernel selection and
     allocator growth, so the first job does not."""
     frame = _blank_image(loaded.processor)

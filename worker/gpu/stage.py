@@ -26,10 +26,10 @@ from common.schemas import StoredRequest
 from common.storage import ObjectStore
 from worker.gpu.batch import CPU_BATCH_SIZE, BatchItem, Outcome, describe, run_batch
 from worker.gpu.inflight import run_inflight
-from worker.media.png import decode_png
 from worker.gpu.model import Completion, LoadedModel, Prompt, encode_prompt, render_prompt
 from worker.gpu.prefix_cache import PrefixCache
 from worker.gpu.token_stream import TokenStream
+from worker.media.png import decode_png
 
 log = logging.getLogger(__name__)
 
