@@ -119,8 +119,8 @@ def test_a_short_job_joins_a_long_batch_and_finishes_long_before_it(loaded: Load
     assert outcomes["short"].step == 9 + 3
     for item in long_jobs:
         assert outcomes[item.key].step == len(answers[item.key]) - 1 > 9 + 3 + 20
-    cached = outcomes["short"].completion.cached_tokens  # type: ignore[union-attr]
-    assert (cached >= 0.9 * outcomes["short"].completion.prompt_tokens) if same_frames else cached == 0  # type: ignore[union-attr]
+    cached = outcomes["short"].completion.cached_tokens
+    assert (cached >= 0.9 * outcomes["short"].completion.prompt_tokens) if same_frames else cached == 0
 
 
 def test_admission_asks_for_the_free_rows_and_queued_jobs_wait_for_one(loaded: LoadedModel, mixed: list[BatchItem]) -> None:
@@ -203,10 +203,10 @@ def test_a_merge_that_fails_leaves_the_running_rows_as_they_were(loaded: LoadedM
     rows = RunningRows(forward)
     with torch.inference_mode():
         for item in mixed[1:3]:
-            rows.join(prefill(loaded, item.prompt.encoded, forward))  # type: ignore[arg-type]
+            rows.join(prefill(loaded, item.prompt.encoded, forward))
         before = [(layer.keys.clone(), layer.values.clone()) for layer in rows.cache.layers]
         mask = rows.mask.clone()
-        broken = prefill(loaded, mixed[3].prompt.encoded, forward)  # type: ignore[arg-type]
+        broken = prefill(loaded, mixed[3].prompt.encoded, forward)
         # Its last layer cannot be merged (a real error from torch.cat, after the first layer merged).
         last = broken.cache.layers[-1]
         last.keys = last.keys[:, :1]

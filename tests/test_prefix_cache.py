@@ -24,7 +24,7 @@ def loaded(tiny_model_dir: Path) -> LoadedModel:
     return load_model(load_settings({"VIDEOQA_MODEL": str(tiny_model_dir), "VIDEOQA_DEVICE": "cpu"}))
 
 
-def _answer(loaded: LoadedModel, prefixes: PrefixCache, item):  # type: ignore[no-untyped-def]
+def _answer(loaded: LoadedModel, prefixes: PrefixCache, item):
     completion = run_inflight(loaded, [item], prefixes=prefixes)[item.key].completion
     assert completion is not None
     return completion
@@ -41,11 +41,11 @@ def test_a_second_question_over_the_same_frames_reuses_their_prefix_and_keeps_it
 
     assert done_first.token_ids == solo(loaded, first) and done_first.cached_tokens == 0
     assert done_second.token_ids == solo(loaded, second)
-    assert done_second.prompt_tokens == len(second.prompt.encoded.input_ids)  # type: ignore[union-attr]
+    assert done_second.prompt_tokens == len(second.prompt.encoded.input_ids)
     assert done_second.cached_tokens >= 0.9 * done_second.prompt_tokens
     # Exactly the tokens through the last frame's run: the question is prefilled on its own.
     image_id = loaded.image_token_id
-    assert done_second.cached_tokens == visual_prefix_length(second.prompt.encoded.input_ids, image_id)  # type: ignore[union-attr]
+    assert done_second.cached_tokens == visual_prefix_length(second.prompt.encoded.input_ids, image_id)
     assert (prefixes.hits, prefixes.misses, len(prefixes.entries)) == (1, 1, 1)
     assert done_first.token_ids != done_second.token_ids  # different questions, different answers
 
@@ -56,7 +56,7 @@ def test_the_same_text_over_other_pixels_is_never_served_from_the_cache(loaded: 
     _answer(loaded, prefixes, job(loaded, "a", frames(2, 1), question, 8))
     other = job(loaded, "b", frames(2, 2), question, 8)
     # Same token ids, other pixels.
-    assert other.prompt.encoded.input_ids == job(loaded, "a", frames(2, 1), question, 8).prompt.encoded.input_ids  # type: ignore[union-attr]
+    assert other.prompt.encoded.input_ids == job(loaded, "a", frames(2, 1), question, 8).prompt.encoded.input_ids
 
     completion = _answer(loaded, prefixes, other)
 
@@ -94,7 +94,7 @@ def test_a_hit_leaves_the_cached_keys_and_values_as_they_were(loaded: LoadedMode
     second = job(loaded, "b", images, "And then what happens?", 10)
     assert run_inflight(loaded, [second, job(loaded, "c", frames(1, 7), "other?", 6)], prefixes=prefixes)[
         "b"
-    ].completion.cached_tokens > 0  # type: ignore[union-attr]
+    ].completion.cached_tokens > 0
 
     for (keys, values), (old_keys, old_values) in zip(entry.layers, before, strict=True):
         assert torch.equal(keys, old_keys) and torch.equal(values, old_values)
@@ -139,7 +139,7 @@ def test_a_follow_up_whose_history_holds_the_frames_reuses_the_first_jobs_prefix
     follow_up = prepared("follow-up", "And then?", history)
     completion = _answer(loaded, prefixes, follow_up)
 
-    assert completion.cached_tokens == visual_prefix_length(first.prompt.encoded.input_ids, loaded.image_token_id)  # type: ignore[union-attr]
+    assert completion.cached_tokens == visual_prefix_length(first.prompt.encoded.input_ids, loaded.image_token_id)
     assert completion.cached_tokens >= 0.9 * completion.prompt_tokens
     encoded = follow_up.prompt.encoded
     assert encoded is not None

@@ -42,12 +42,12 @@ def client(spare_redis_url: str, tmp_path: Path) -> FlaskClient:
     return create_app(settings).test_client()
 
 
-def _upload(client: FlaskClient, key: str = KEY_A, **fields: str) -> dict:  # type: ignore[type-arg]
+def _upload(client: FlaskClient, key: str = KEY_A, **fields: str) -> dict:
     data = {"video": (io.BytesIO(b"not decoded here: no worker runs"), "clip.mp4"), **fields}
     response = client.post("/v1/videos", data=data, content_type="multipart/form-data", headers=_auth(key))
     assert response.status_code == 202, response.get_json()
     assert response.headers["Location"] == f"/v1/videos/{response.get_json()['id']}"
-    return response.get_json()  # type: ignore[no-any-return]
+    return response.get_json()
 
 
 # -- the models ---------------------------------------------------------------------------------
@@ -63,7 +63,7 @@ def _upload(client: FlaskClient, key: str = KEY_A, **fields: str) -> dict:  # ty
         ({"url": "ftp://a/v.mp4"}, "must be an http://, https:// or s3:// URL"),
     ],
 )
-def test_media_names_exactly_one_source(body: dict, message: str) -> None:  # type: ignore[type-arg]
+def test_media_names_exactly_one_source(body: dict, message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         MediaInput.model_validate(body)
     assert MediaInput.model_validate({"video_id": VIDEO_ID}).video_id == VIDEO_ID
@@ -178,7 +178,7 @@ def test_a_new_video_is_processing_and_only_its_tenant_sees_it(client: FlaskClie
         ({"json": {"url": "https://93.184.215.14/v.mp4", "sampling": {"end": -1}}}, "sampling.end"),
     ],
 )
-def test_bad_video_submissions_are_400_naming_the_field(client: FlaskClient, request_kwargs: dict, field: str) -> None:  # type: ignore[type-arg]
+def test_bad_video_submissions_are_400_naming_the_field(client: FlaskClient, request_kwargs: dict, field: str) -> None:
     response = client.post("/v1/videos", headers=_auth(KEY_A), **request_kwargs)
     assert response.status_code == 400, response.get_json()
     error = response.get_json()["error"]

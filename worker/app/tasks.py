@@ -50,7 +50,7 @@ def register_tasks(app: Celery, resources: WorkerResources) -> None:
     def ingest(job_id: str) -> None:
         ingest_job(job_id, resources.ingest_context())
 
-    class VideoTask(Task):  # type: ignore[misc]
+    class VideoTask(Task):
         """Ends the stored video as failed when its task gives up."""
 
         def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
