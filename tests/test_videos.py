@@ -86,11 +86,14 @@ def test_ingest_once_then_jobs_by_video_id_answer_as_jobs_by_url(service: Runnin
     # No CPU stage: the jobs wait for a GPU from the start, their media already named.
     assert [job["status"] for job in submitted] == ["queued_gpu", "queued_gpu"]
     by_id = [_succeeded(service, job["id"]) for job in submitted]
-    for url_job, id_job in zip(by_url, by_id):
+    for url_job, id_job in zip(by_url, by_id, strict=True):
         _conforms(spec, "JobView", id_job)
         assert id_job["result"]["answer"] == url_job["result"]["answer"]
         assert _frames(id_job) == _frames(url_job) == [(0, f["index"], f["time"]) for f in video["frames"]]
-        assert id_job["result"]["usage"] == url_job["result"]["usage"]
+        # The same tokens; how many of the prompt's came from the GPU worker's prefix cache depends
+        # on which job over these frames ran first.
+        usage, url_usage = id_job["result"]["usage"], url_job["result"]["usage"]
+        assert {**usage, "cached_tokens": 0} == {**url_usage, "cached_tokens": 0}
         # Nothing was fetched or decoded for them: no ingest stage ran, no download or decode time.
         assert "ingest" not in id_job["stages"] and "ingest" in url_job["stages"]
         assert not {"download", "decode", "store_frames", "ingest"} & set(id_job["result"]["timings"])
