@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
-
-import redis
-from celery import Celery
 from flask import Flask
 from prometheus_client import CollectorRegistry
 
@@ -17,31 +12,15 @@ from api.limits import init_limits
 from api.logs import bind_job_ids
 from api.ops import ops
 from api.routes import bp
-from common.celery_config import INGEST_TASK, make_celery
+from api.services import Services
+from common.celery_config import make_celery
 from common.connections import redis_client
 from common.jobs import JobStore
 from common.metrics import RedisCollector
 from common.readiness import ready_workers
 from common.settings import Settings, load_settings
-from common.storage import ObjectStore, open_store
+from common.storage import open_store
 from common.webhooks import webhook_sender
-
-
-@dataclass
-class Services:
-    """What the routes use, built once per process and attached to the app."""
-
-    settings: Settings
-    jobs: JobStore
-    store: ObjectStore
-    celery: Celery
-    redis: redis.Redis
-    metrics: CollectorRegistry
-    idempotency: IdempotencyKeys
-
-    @property
-    def enqueue_ingest(self) -> Callable[[str], None]:
-        return lambda job_id: self.celery.send_task(INGEST_TASK, args=[job_id])
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -59,7 +38,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     # Read from Redis at scrape time, so every API process reports the same values.
     metrics = CollectorRegistry()
     metrics.register(RedisCollector(client, lambda: [worker.hostname for worker in ready_workers(client)]))
-    app.extensions["videoqa"] = Services(
+    Services(
         settings=settings,
         jobs=JobStore(client, ttl_s=settings.job_ttl_s, on_terminal=webhook_sender(client, celery)),
         store=open_store(settings),
@@ -67,7 +46,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         redis=client,
         metrics=metrics,
         idempotency=IdempotencyKeys(client, ttl_s=settings.idempotency_ttl_s),
-    )
+    ).attach(app)
     register_error_handlers(app)
     # Authentication runs first, so the rate limiter counts per tenant.
     app.before_request(Authenticator(parse_api_keys(settings.api_keys)).authenticate_request)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from flask import Blueprint, Response, current_app, jsonify, request, stream_with_context, url_for
+from flask import Blueprint, Response, jsonify, request, stream_with_context, url_for
 
 from api.auth import current_tenant
+from api.services import current_services
 from api.streaming import event_stream, resume_after
 from api.submission import submit_job
 from api.waiting import preferred_wait, wait_for_end, wait_seconds
@@ -20,10 +21,6 @@ bp = Blueprint("v1", __name__)
 LATEST_TIMESTAMP = 253402300799
 
 
-def _services() -> Any:
-    return current_app.extensions["videoqa"]
-
-
 def _job_body(job: Job) -> dict[str, Any]:
     body = job.to_public()
     body["links"] = {"self": url_for("v1.get_job", job_id=job.id)}
@@ -31,7 +28,7 @@ def _job_body(job: Job) -> dict[str, Any]:
 
 
 def _load(job_id: str) -> Job:
-    job = _services().jobs.get(job_id)
+    job = current_services().jobs.get(job_id)
     # Another tenant's job is indistinguishable from one that does not exist.
     if job is None or job.tenant != current_tenant().name:
         raise NotFound(f"no job {job_id!r} (unknown, or past retention)")
@@ -39,13 +36,13 @@ def _load(job_id: str) -> Job:
 
 
 def _wait(job: Job, seconds: float) -> Job:
-    services = _services()
+    services = current_services()
     return wait_for_end(services.jobs, JobEvents(services.redis), job.id, seconds) or job
 
 
 @bp.post("/v1/jobs")
 def create_job() -> tuple[Response, int, dict[str, str]]:
-    services = _services()
+    services = current_services()
     # Checked before the job exists: a bad preference must not leave a job behind.
     prefer = preferred_wait(request.headers.getlist("Prefer"))
     wait = wait_seconds(prefer, "Prefer: wait") if prefer is not None else None
@@ -78,7 +75,7 @@ def get_job(job_id: str) -> Response:
 
 @bp.get("/v1/jobs/<job_id>/events")
 def job_events(job_id: str) -> Response:
-    services = _services()
+    services = current_services()
     after = resume_after(request.headers.get("Last-Event-ID"))
     job = _load(job_id)
     stream = event_stream(
@@ -94,7 +91,7 @@ def job_events(job_id: str) -> Response:
 
 @bp.delete("/v1/jobs/<job_id>")
 def cancel_job(job_id: str) -> Response:
-    jobs: JobStore = _services().jobs
+    jobs: JobStore = current_services().jobs
     job = _load(job_id)
     if not jobs.cancel(job_id):
         job = _load(job_id)
@@ -115,7 +112,7 @@ def list_jobs() -> Response:
     # float() also reads nan, inf and 1e999; Redis refuses them as a bound (a 503 otherwise).
     if before is not None and not (math.isfinite(before) and 0 <= before <= LATEST_TIMESTAMP):
         raise InvalidRequest(f"before must be a timestamp in seconds between 0 and {LATEST_TIMESTAMP}")
-    jobs = _services().jobs.list(
+    jobs = current_services().jobs.list(
         limit=limit, before=before, tenant=current_tenant().name, statuses=_statuses(request.args.get("status"))
     )
     next_cursor = jobs[-1].created_at if len(jobs) == limit else None

@@ -13,13 +13,13 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from enum import StrEnum
 from typing import Any
 
 import redis
 
 from common.errors import TooManyActiveJobs
 from common.events import EVENTS_MAXLEN, STATUS_EVENT_LUA, events_key
+from common.job_status import ACTIVE, TERMINAL, JobStatus
 from common.metrics import METRICS_KEY, SUBMITTED_FIELD, TERMINAL_HOOK_LUA
 
 KEY_PREFIX = "videoqa:job:"
@@ -32,23 +32,6 @@ WEBHOOK_FIELD = "webhook"
 
 log = logging.getLogger(__name__)
 
-
-class JobStatus(StrEnum):
-    QUEUED = "queued"
-    INGESTING = "ingesting"
-    QUEUED_GPU = "queued_gpu"
-    GENERATING = "generating"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-    @property
-    def terminal(self) -> bool:
-        return self in TERMINAL
-
-
-TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
-ACTIVE = frozenset(JobStatus) - TERMINAL
 
 # Compare-and-set in one round trip: the status moves only from an allowed one, so a redelivered
 # or late task can never overwrite a terminal state or move a job backwards. A terminal transition
