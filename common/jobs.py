@@ -19,6 +19,7 @@ import redis
 
 from common.errors import TooManyActiveJobs
 from common.events import EVENTS_MAXLEN, STATUS_EVENT_LUA, events_key
+from common.handoff import VERSION_FIELD as HANDOFF_VERSION_FIELD
 from common.job_status import ACTIVE, TERMINAL, JobStatus
 from common.metrics import METRICS_KEY, SUBMITTED_FIELD, TERMINAL_HOOK_LUA
 
@@ -79,6 +80,8 @@ class Job:
     request: dict[str, Any]
     media: list[dict[str, Any]] | None = None
     ingest_timings: dict[str, float] = field(default_factory=dict)
+    # Of the CPU stage's hand-off (``media``, ``ingest_timings``): common.handoff reads them.
+    handoff_version: int = 1
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
     stages: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -137,6 +140,7 @@ def _decode(raw: dict[str, str]) -> Job:
         request=loads("request") or {},
         media=loads("media"),
         ingest_timings=loads("ingest_timings") or {},
+        handoff_version=int(raw.get(HANDOFF_VERSION_FIELD) or 1),
         result=loads("result"),
         error=loads("error"),
         stages=stages,

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import redis
 
+from common.handoff import Handoff
 from common.jobs import ACTIVE_PREFIX, INDEX_KEY, KEY_PREFIX, TENANT_INDEX_PREFIX, Job, JobStore
 from common.storage import UPLOADS_PREFIX, ObjectStore, StoredObject
 
@@ -64,11 +65,7 @@ def keys_of(job: Job) -> set[str]:
         for source in job.request.get(kind) or []:
             if source.get("kind") == "upload":
                 keys.add(source["location"])
-    for item in job.media or []:
-        keys.update(frame["key"] for frame in item.get("frames", []))
-        if "key" in item:
-            keys.add(item["key"])
-    return keys
+    return keys | Handoff.of(job).storage_keys()
 
 
 def expired(
