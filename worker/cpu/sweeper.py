@@ -65,6 +65,7 @@ def keys_of(job: Job) -> set[str]:
         for source in job.request.get(kind) or []:
             if source.get("kind") == "upload":
                 keys.add(source["location"])
+    # A hand-off this release cannot read raises: the sweep stops rather than delete what the job reads.
     return keys | Handoff.of(job).storage_keys()
 
 
