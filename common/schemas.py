@@ -54,6 +54,10 @@ class Generation(_Strict):
     top_p: float | None = Field(default=None, gt=0, le=1)
 
 
+# The options' names as the flat fields of a multipart form.
+SAMPLING_FIELDS = tuple(Sampling.model_fields)
+GENERATION_FIELDS = tuple(Generation.model_fields)
+
 WebhookEvent = Literal["succeeded", "failed", "cancelled"]
 WEBHOOK_EVENTS: tuple[WebhookEvent, ...] = ("succeeded", "failed", "cancelled")
 
