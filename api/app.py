@@ -6,11 +6,13 @@ from flask import Flask
 from prometheus_client import CollectorRegistry
 
 from api.auth import Authenticator, parse_api_keys
+from api.chat_routes import bp as openai_bp
 from api.errors import register_error_handlers
 from api.idempotency import IdempotencyKeys
 from api.limits import init_limits
 from api.logs import bind_job_ids
 from api.ops import ops
+from api.page import page
 from api.routes import bp
 from api.services import Services
 from common.celery_config import make_celery
@@ -25,7 +27,7 @@ from common.webhooks import webhook_sender
 
 def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or load_settings()
-    app = Flask(__name__, static_folder=None)  # the API serves no files
+    app = Flask(__name__, static_folder=None)  # the page's files are served by api.page
     # Werkzeug refuses a larger body from Content-Length, or stops a chunked one at the cap.
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes
     app.config["MAX_FORM_PARTS"] = 4 * (settings.max_videos + settings.max_images) + 32
@@ -50,8 +52,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     register_error_handlers(app)
     # Authentication runs first, so the rate limiter counts per tenant.
     app.before_request(Authenticator(parse_api_keys(settings.api_keys)).authenticate_request)
-    init_limits(app, bp, settings)
+    init_limits(app, [bp, openai_bp], settings)
     app.register_blueprint(bp)
+    app.register_blueprint(openai_bp)
     app.register_blueprint(ops)
+    app.register_blueprint(page)
     bind_job_ids(app)
     return app

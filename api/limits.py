@@ -21,7 +21,7 @@ def _limit_key() -> str:
     return f"addr:{request.remote_addr or 'unknown'}"
 
 
-def init_limits(app: Flask, blueprint: Blueprint, settings: Settings) -> Limiter:
+def init_limits(app: Flask, blueprints: list[Blueprint], settings: Settings) -> Limiter:
     limiter = Limiter(
         key_func=_limit_key,
         app=app,
@@ -35,7 +35,10 @@ def init_limits(app: Flask, blueprint: Blueprint, settings: Settings) -> Limiter
         # not turn that into a 500.
         swallow_errors=True,
     )
-    limiter.limit(settings.rate_limit, methods=["POST"])(blueprint)
+    # One count per key across the blueprints: a chat completion is a job submission too.
+    shared = limiter.shared_limit(settings.rate_limit, scope="submissions", methods=["POST"])
+    for blueprint in blueprints:
+        shared(blueprint)
 
     @app.errorhandler(RateLimitExceeded)
     def _refused(exc: RateLimitExceeded) -> tuple[Response, int]:

@@ -12,6 +12,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
+from api.openapi_chat import VIEWS as CHAT_VIEWS
+from api.openapi_chat import chat_operations
 from api.routes import LATEST_TIMESTAMP
 from api.idempotency import MAX_KEY_CHARS
 from api.submission import GENERATION_FIELDS, SAMPLING_FIELDS
@@ -70,6 +72,9 @@ class JobResult(_View):
     model: str
     frames: list[SampledFrame]
     usage: Usage
+    finish_reason: Literal["stop", "length"] | None = Field(
+        default=None, description="stop: the model ended its answer; length: max_new_tokens did"
+    )
     timings: dict[str, float] = Field(description="seconds per stage, in pipeline order, and the total")
     batch_size: int | None = Field(default=None, description="jobs generated together with this one, itself included")
 
@@ -315,6 +320,47 @@ def _operations() -> dict[str, dict[str, Any]]:
                 },
             }
         },
+        "/v1/jobs/{job_id}/frames/{n}": {
+            "get": {
+                "operationId": "jobFrame",
+                "summary": "One sampled frame of a job, as stored for the model (PNG)",
+                "security": BEARER,
+                "parameters": [
+                    JOB_ID,
+                    {
+                        "name": "n",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string", "pattern": "^[0-9]{1,6}$"},
+                        "description": "the frame's position in `result.frames`, from 0",
+                    },
+                ],
+                "responses": {
+                    "200": {"description": "the frame", "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}},
+                    "400": _error("n is not a whole number"),
+                    "404": _error("unknown job, not ingested yet, no such frame, or past retention"),
+                    **common_errors,
+                },
+            }
+        },
+        "/": {
+            "get": {
+                "operationId": "page",
+                "summary": "The web page: ask about videos, watch the answer stream in",
+                "responses": {"200": {"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}}},
+            }
+        },
+        "/assets/{name}": {
+            "get": {
+                "operationId": "pageAsset",
+                "summary": "The page's scripts, style sheet and icon",
+                "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "responses": {
+                    "200": {"description": "the file", "content": {"*/*": {"schema": {"type": "string"}}}},
+                    "404": _error("no such file"),
+                },
+            }
+        },
         "/healthz": {
             "get": {
                 "operationId": "health",
@@ -364,6 +410,7 @@ def build_spec(version: str) -> dict[str, Any]:
         (ErrorResponse, "serialization"),
         (Health, "serialization"),
         (Readiness, "serialization"),
+        *((view, "serialization") for view in CHAT_VIEWS),
     ]
     _, definitions = models_json_schema(models, ref_template=REF)
     return {
@@ -373,7 +420,7 @@ def build_spec(version: str) -> dict[str, Any]:
             "version": version,
             "description": "Ask questions about videos: submit a job, poll it for the answer.",
         },
-        "paths": _operations(),
+        "paths": {**_operations(), **chat_operations(BEARER)},
         "components": {
             "schemas": definitions.get("$defs", {}),
             "securitySchemes": {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, request, stream_with_context, url_for
@@ -14,9 +15,11 @@ from api.submission import submit_job
 from api.waiting import preferred_wait, wait_for_end, wait_seconds
 from common.errors import Conflict, InvalidRequest, NotFound
 from common.events import JobEvents
+from common.handoff import Handoff
 from common.jobs import Job, JobStatus, JobStore
 
 bp = Blueprint("v1", __name__)
+_FRAME_NUMBER = re.compile(r"[0-9]{1,6}")
 # The end of year 9999: a cursor past it is not a creation time of this service.
 LATEST_TIMESTAMP = 253402300799
 
@@ -87,6 +90,26 @@ def job_events(job_id: str) -> Response:
         # No cache may keep it and no proxy buffer it (nginx reads X-Accel-Buffering).
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
+
+
+@bp.get("/v1/jobs/<job_id>/frames/<n>")
+def job_frame(job_id: str, n: str) -> Response:
+    """The job's ``n``-th sampled frame as stored (PNG): ``n`` counts as ``result.frames`` does."""
+    if not _FRAME_NUMBER.fullmatch(n):
+        raise InvalidRequest(f"frame number must be a whole number from 0; got {n!r}")
+    job = _load(job_id)
+    if job.media is None:
+        raise NotFound(f"job {job_id} has no frames yet (they are stored once it has been ingested)")
+    keys = [frame.key for video in Handoff.of(job).videos for frame in video.frames]
+    if int(n) >= len(keys):
+        raise NotFound(f"job {job_id} has {len(keys)} frames, numbered from 0")
+    try:
+        data = current_services().store.get_bytes(keys[int(n)])
+    except NotFound:
+        # The storage key is internal; the caller learns only that the frame is gone.
+        raise NotFound(f"frame {n} of job {job_id} is no longer stored (past retention)") from None
+    # Private: the frame belongs to one tenant, and a shared cache must not keep it.
+    return Response(data, mimetype="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
 
 @bp.delete("/v1/jobs/<job_id>")

@@ -21,7 +21,7 @@ from api.problems import flat_problems, unknown_field_message
 from common.errors import InvalidRequest, ServiceUnavailable, TooManyActiveJobs, VideoQAError
 from common.jobs import Job, JobStore
 from common.logging_config import job_id_var
-from common.schemas import GENERATION_FIELDS, SAMPLING_FIELDS, JobRequest, MediaSource, StoredRequest, check_limits
+from common.schemas import GENERATION_FIELDS, SAMPLING_FIELDS, JobRequest, MediaInput, MediaSource, StoredRequest, check_limits
 from common.settings import Settings
 from common.storage import UPLOADS_PREFIX, ObjectStore
 from common.url_policy import BlockedUrl, UrlPolicy
@@ -87,17 +87,26 @@ def _store_upload(store: ObjectStore, job_id: str, kind: str, position: int, upl
     return MediaSource(kind="upload", location=key, filename=upload.filename)
 
 
-def _store_uploads(
-    store: ObjectStore, job_id: str, video_files: list[FileStorage], image_files: list[FileStorage]
+# One video or image of a job, in the job's order: a file sent with the request, or a URL.
+MediaEntry = FileStorage | MediaInput
+
+
+def _sources(store: ObjectStore, job_id: str, kind: str, media: list[MediaEntry]) -> list[MediaSource]:
+    return [
+        _store_upload(store, job_id, kind, position, item) if isinstance(item, FileStorage) else MediaSource.from_url(item.url)
+        for position, item in enumerate(media)
+    ]
+
+
+def _store_media(
+    store: ObjectStore, job_id: str, videos: list[MediaEntry], images: list[MediaEntry]
 ) -> tuple[list[MediaSource], list[MediaSource]]:
     try:
-        videos = [_store_upload(store, job_id, "video", i, f) for i, f in enumerate(video_files)]
-        images = [_store_upload(store, job_id, "image", i, f) for i, f in enumerate(image_files)]
+        return _sources(store, job_id, "video", videos), _sources(store, job_id, "image", images)
     except Exception:
         # A later file was refused (empty, storage failed): the job will not exist.
         _discard_uploads(store, job_id)
         raise
-    return videos, images
 
 
 def _discard_uploads(store: ObjectStore, job_id: str) -> None:
@@ -164,11 +173,39 @@ def submit_job(
         raise InvalidRequest(
             f"unsupported content type {req.mimetype or 'none'!r}: send application/json or multipart/form-data"
         )
+    # Files first, then URLs: a request carries one or the other, or files in multipart alone.
+    return submit_request(
+        parsed, [*video_files, *parsed.videos], [*image_files, *parsed.images],
+        settings=settings, jobs=jobs, store=store, enqueue_ingest=enqueue_ingest, tenant=tenant,
+        idempotency=idempotency, idempotency_key=req.headers.get("Idempotency-Key"),
+        flat=req.mimetype == "multipart/form-data",
+    )  # fmt: skip
+
+
+def submit_request(
+    parsed: JobRequest,
+    videos: list[MediaEntry],
+    images: list[MediaEntry],
+    *,
+    settings: Settings,
+    jobs: JobStore,
+    store: ObjectStore,
+    enqueue_ingest: Any,
+    tenant: Tenant = PUBLIC,
+    idempotency: IdempotencyKeys | None = None,
+    idempotency_key: str | None = None,
+    flat: bool = False,
+) -> tuple[Job, bool]:
+    """Check, store and queue a parsed request whose media are ``videos`` and ``images`` in the
+    job's order (``parsed.videos`` and ``parsed.images`` are the URLs among them); ``flat``:
+    problems are named as a multipart form names its fields."""
+    video_files = [item for item in videos if isinstance(item, FileStorage)]
+    image_files = [item for item in images if isinstance(item, FileStorage)]
     problems = check_limits(parsed, settings, uploaded_videos=len(video_files), uploaded_images=len(image_files))
     policy = UrlPolicy.from_allowlist(settings.fetch_allowlist_entries)
     problems += _blocked_urls(parsed, policy)
     problems += _webhook_problems(parsed, settings, policy)
-    if req.mimetype == "multipart/form-data":
+    if flat:
         problems = flat_problems(problems)
     if tenant.key_sha256:
         problems += _foreign_s3_keys(parsed, tenant)
@@ -177,10 +214,9 @@ def submit_job(
 
     job_id = uuid.uuid4().hex
     claim: Claim | None = None
-    key = req.headers.get("Idempotency-Key")
-    if key is not None and idempotency is not None:
+    if idempotency_key is not None and idempotency is not None:
         digest = fingerprint(parsed, {"videos": video_files, "images": image_files})
-        held = idempotency.claim(tenant.name, check_key(key), digest, job_id, jobs)
+        held = idempotency.claim(tenant.name, check_key(idempotency_key), digest, job_id, jobs)
         if isinstance(held, Job):
             job_id_var.set(held.id)
             return held, True
@@ -191,7 +227,7 @@ def submit_job(
         if jobs.active_count(tenant.name) >= settings.max_active_jobs_per_tenant:
             raise TooManyActiveJobs(settings.max_active_jobs_per_tenant)
         return _create(
-            parsed, video_files, image_files,
+            parsed, videos, images,
             job_id=job_id, settings=settings, jobs=jobs, store=store, enqueue_ingest=enqueue_ingest, tenant=tenant,
         ), False  # fmt: skip
     except Exception:
@@ -202,8 +238,8 @@ def submit_job(
 
 def _create(
     parsed: JobRequest,
-    video_files: list[FileStorage],
-    image_files: list[FileStorage],
+    media_videos: list[MediaEntry],
+    media_images: list[MediaEntry],
     *,
     job_id: str,
     settings: Settings,
@@ -212,9 +248,7 @@ def _create(
     enqueue_ingest: Any,
     tenant: Tenant,
 ) -> Job:
-    videos, images = _store_uploads(store, job_id, video_files, image_files)
-    videos += [MediaSource.from_url(item.url) for item in parsed.videos]
-    images += [MediaSource.from_url(item.url) for item in parsed.images]
+    videos, images = _store_media(store, job_id, media_videos, media_images)
     stored = StoredRequest(
         question=parsed.question,
         prompt=parsed.prompt,
@@ -223,6 +257,7 @@ def _create(
         sampling=parsed.sampling,
         generation=parsed.generation,
         webhook=parsed.webhook,
+        history=parsed.history,
     )
     try:
         job = jobs.create(

@@ -11,6 +11,7 @@ reaches a GPU.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from common.errors import InvalidRequest
@@ -45,8 +46,12 @@ class JobSize:
         )
 
 
-def job_size(question: str, prompt: str | None, images: int, max_new_tokens: int, settings: Settings) -> JobSize:
+def job_size(
+    question: str, prompt: str | None, images: int, max_new_tokens: int, settings: Settings, *, history: Sequence[str] = ()
+) -> JobSize:
+    """``history``: the text of each earlier turn, every one with its own turn markup."""
     text = text_token_bound(question) + text_token_bound(prompt or "") + TURN_TOKENS
+    text += sum(text_token_bound(turn) + TURN_TOKENS for turn in history)
     return JobSize(images=images, image_tokens=settings.image_tokens, text_tokens=text, new_tokens=max_new_tokens)
 
 
@@ -61,8 +66,10 @@ def size_problem(size: JobSize, settings: Settings) -> str | None:
     return f"the job needs up to {size.total} tokens ({size.describe()}); the limit is {limit} ({reason})"
 
 
-def check_sampled_size(question: str, prompt: str | None, images: int, max_new_tokens: int, settings: Settings) -> None:
+def check_sampled_size(
+    question: str, prompt: str | None, images: int, max_new_tokens: int, settings: Settings, *, history: Sequence[str] = ()
+) -> None:
     """Raise ``InvalidRequest`` when the frames and images a job really has do not fit."""
-    problem = size_problem(job_size(question, prompt, images, max_new_tokens, settings), settings)
+    problem = size_problem(job_size(question, prompt, images, max_new_tokens, settings, history=history), settings)
     if problem is not None:
         raise InvalidRequest(problem)

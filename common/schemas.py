@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -58,6 +59,29 @@ class Generation(_Strict):
 SAMPLING_FIELDS = tuple(Sampling.model_fields)
 GENERATION_FIELDS = tuple(Generation.model_fields)
 
+
+class Turn(_Strict):
+    """One earlier turn of the conversation a job continues."""
+
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(
+        description="the turn's text; in user turns, <video> / <image> placeholders take the job's next video / image"
+    )
+
+
+def placeholder_counts(text: str) -> tuple[int, int]:
+    """The ``<video>`` and ``<image>`` placeholders in ``text``."""
+    return text.count(VIDEO_PLACEHOLDER), text.count(IMAGE_PLACEHOLDER)
+
+
+def places_media(prompt: str | None, history: Sequence[Turn]) -> bool:
+    """Whether placeholders say where the job's media go: with a ``prompt``, or when a user turn of
+    the history holds one. Otherwise every video and image goes into the job's own turn, first."""
+    return prompt is not None or any(
+        turn.role == "user" and any(placeholder_counts(turn.content)) for turn in history
+    )
+
+
 WebhookEvent = Literal["succeeded", "failed", "cancelled"]
 WEBHOOK_EVENTS: tuple[WebhookEvent, ...] = ("succeeded", "failed", "cancelled")
 
@@ -96,6 +120,11 @@ class JobRequest(_Strict):
     )
     sampling: Sampling = Field(default_factory=Sampling)
     generation: Generation = Field(default_factory=Generation)
+    history: list[Turn] = Field(
+        default_factory=list,
+        description="earlier turns, oldest first, before this job's own (question and prompt); their text counts "
+        "in VIDEOQA_MAX_TEXT_CHARS; see docs/conversations.md for where the media go",
+    )
     webhook: Webhook | None = Field(default=None, description="signed POST of the record when the job ends")
 
     @field_validator("question")
@@ -111,6 +140,14 @@ class JobRequest(_Strict):
     def _shares_the_text_limit(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is not None:
             _check_text_length(len(value) + len(info.data.get("question") or ""), info, "with the question")
+        return value
+
+    @field_validator("history")
+    @classmethod
+    def _history_shares_the_text_limit(cls, value: list[Turn], info: ValidationInfo) -> list[Turn]:
+        if value:
+            own = len(info.data.get("question") or "") + len(info.data.get("prompt") or "")
+            _check_text_length(own + sum(len(turn.content) for turn in value), info, "with the question and prompt")
         return value
 
     @classmethod
@@ -148,6 +185,18 @@ class StoredRequest(BaseModel):
     sampling: Sampling
     generation: Generation
     webhook: Webhook | None = None
+    # Absent from records written before conversations existed.
+    history: list[Turn] = Field(default_factory=list)
+
+    def user_turn(self) -> Turn:
+        """This job's own turn as a history entry renders it: what a follow-up puts, with the answer
+        as an assistant turn, after this job's history (docs/conversations.md)."""
+        if self.prompt is not None:
+            return Turn(role="user", content=f"{self.prompt}\n{self.question}")
+        if places_media(None, self.history):
+            return Turn(role="user", content=self.question)
+        media = VIDEO_PLACEHOLDER * len(self.videos) + IMAGE_PLACEHOLDER * len(self.images)
+        return Turn(role="user", content=f"{media}\n{self.question}" if media else self.question)
 
 
 def check_limits(
@@ -162,17 +211,7 @@ def check_limits(
     n_images = len(request.images) + uploaded_images
     if n_videos + n_images == 0:
         problems.append({"field": "videos", "message": "at least one video or image is required"})
-    if request.prompt is not None:
-        found_videos = request.prompt.count(VIDEO_PLACEHOLDER)
-        found_images = request.prompt.count(IMAGE_PLACEHOLDER)
-        if (found_videos, found_images) != (n_videos, n_images):
-            problems.append(
-                {
-                    "field": "prompt",
-                    "message": f"has {found_videos} <video> and {found_images} <image> placeholders "
-                    f"for {n_videos} videos and {n_images} images",
-                }
-            )
+    problems += _placeholder_problems(request, n_videos, n_images)
     if n_videos > settings.max_videos:
         problems.append({"field": "videos", "message": f"at most {settings.max_videos} videos per job"})
     if n_images > settings.max_images:
@@ -194,8 +233,30 @@ def check_limits(
         ]
     # An upper bound: a video gives at most num_frames frames, whatever the strategy.
     frames = n_videos * request.sampling.num_frames + n_images
-    size = job_size(request.question, request.prompt, frames, request.generation.max_new_tokens, settings)
+    size = job_size(
+        request.question, request.prompt, frames, request.generation.max_new_tokens, settings,
+        history=[turn.content for turn in request.history],
+    )  # fmt: skip
     problem = size_problem(size, settings)
     if problem is not None:
         problems.append({"field": "size", "message": problem})
     return problems
+
+
+def _placeholder_problems(request: JobRequest, n_videos: int, n_images: int) -> list[dict[str, str]]:
+    """With placeholders, one per video and image: across the history's user turns, then the prompt."""
+    if not places_media(request.prompt, request.history):
+        return []
+    in_history = [placeholder_counts(turn.content) for turn in request.history if turn.role == "user"]
+    found_videos = sum(videos for videos, _ in in_history)
+    found_images = sum(images for _, images in in_history)
+    if request.prompt is not None:
+        found_videos += request.prompt.count(VIDEO_PLACEHOLDER)
+        found_images += request.prompt.count(IMAGE_PLACEHOLDER)
+    if (found_videos, found_images) == (n_videos, n_images):
+        return []
+    counts = f"{found_videos} <video> and {found_images} <image> placeholders for {n_videos} videos and {n_images} images"
+    if not any(videos or images for videos, images in in_history):
+        return [{"field": "prompt", "message": f"has {counts}"}]
+    holders = "the history's user turns" + (" and the prompt" if request.prompt is not None else "")
+    return [{"field": "history", "message": f"{holders} have {counts}"}]

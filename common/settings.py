@@ -29,124 +29,163 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="VIDEOQA_", extra="ignore", frozen=True)
 
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str = Field(default="redis://127.0.0.1:6379/0", description="broker and job records")
     storage_url: str = Field(
         default=str(DEFAULT_STORAGE_DIR),
-        description="s3://bucket/prefix, or a local directory",
+        description="`s3://bucket/prefix` or a local directory",
     )
     s3_endpoint_url: str | None = Field(
-        default=None, description="S3 endpoint (MinIO, R2); AWS_ENDPOINT_URL is used when unset"
+        default=None, description="S3 endpoint (MinIO, R2); `AWS_ENDPOINT_URL` is used when unset"
     )
     model: str = Field(default=DEFAULT_MODEL, description="hub id or local folder of the model")
-    device: Literal["auto", "cuda", "cpu"] = "auto"
-    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    device: Literal["auto", "cuda", "cpu"] = Field(default="auto", description="where GPU workers run the model")
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = Field(
+        default="auto", description="attention kernels; `auto`: `flash_attention_2` when usable on CUDA, else `sdpa`"
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO",
+        description="level of the service's own log lines (API and workers; gunicorn's own: `--log-level`)",
+    )
     log_format: Literal["auto", "json", "console"] = Field(
-        default="auto", description="json lines, or console lines for people; auto: console when stderr is a terminal"
+        default="auto",
+        description="`json` (one object a line), `console` (short lines for people); `auto`: console when stderr "
+        "is a terminal",
     )
     image_size: int = Field(
         default=384,
         ge=1,
         description="side of the square frames CPU workers store for a hub model (a local model folder's "
-        "processor config says it instead)",
+        "processor config says it instead); GPU workers warn when it disagrees with the model",
     )
 
     # Limits
-    max_videos: int = Field(default=8, ge=1)
-    max_images: int = Field(default=8, ge=0)
-    max_frames: int = Field(default=32, ge=1, description="largest num_frames per video")
-    max_new_tokens: int = Field(default=512, ge=1)
+    max_videos: int = Field(default=8, ge=1, description="videos per job")
+    max_images: int = Field(default=8, ge=0, description="images per job")
+    max_frames: int = Field(default=32, ge=1, description="largest `num_frames` per video")
+    max_new_tokens: int = Field(default=512, ge=1, description="largest `max_new_tokens`")
     max_text_chars: int = Field(
         default=4000,
         ge=1,
-        description="question and prompt together, in characters",
+        description="`question`, `prompt` and `history` together, in characters",
         # The older name, from when it bounded the question alone, keeps working.
         validation_alias=AliasChoices(
             "max_text_chars", "VIDEOQA_MAX_TEXT_CHARS", "max_question_chars", "VIDEOQA_MAX_QUESTION_CHARS"
         ),
     )
-    image_tokens: int = Field(default=729, ge=1, description="tokens the model spends on one frame or image")
+    image_tokens: int = Field(
+        default=729, ge=1, description="tokens one frame or image takes in the model (27 x 27 patches)"
+    )
     context_tokens: int = Field(
-        default=32768, ge=1, description="the model's context: prompt and new tokens of one job together"
+        default=32768,
+        ge=1,
+        description="the model's context: a job's prompt and new tokens must fit it, or it is refused at "
+        "submission (docs/limits.md)",
     )
     max_job_tokens: int = Field(
-        default=32768, ge=1, description="largest job (prompt and new tokens) a GPU worker's memory is sized for"
+        default=32768,
+        ge=1,
+        description="largest job (prompt and new tokens) a GPU worker's memory is sized for; larger jobs are "
+        "refused at submission (docs/limits.md)",
     )
-    max_download_bytes: int = Field(default=2 * 1024**3, ge=1)
-    max_upload_bytes: int = Field(default=2 * 1024**3, ge=1)
-    download_connect_timeout_s: float = Field(default=10.0, gt=0)
-    download_read_timeout_s: float = Field(default=30.0, gt=0)
+    max_download_bytes: int = Field(
+        default=2 * 1024**3, ge=1, description="cap on a downloaded video or `s3://` object, enforced while it streams"
+    )
+    max_upload_bytes: int = Field(default=2 * 1024**3, ge=1, description="request body cap (`413` above it)")
+    download_connect_timeout_s: float = Field(default=10.0, gt=0, description="connect timeout of a download")
+    download_read_timeout_s: float = Field(default=30.0, gt=0, description="read timeout of a download")
     download_deadline_s: float = Field(default=600.0, gt=0, description="total time for one download")
     fetch_allowlist: str = Field(
         default="",
         description="comma-separated hosts or networks (CIDR) that may be fetched although not public",
     )
     max_video_seconds: float = Field(default=4 * 3600, gt=0, description="longest video, by its stream")
-    max_video_pixels: int = Field(default=4096 * 2160, ge=1, description="largest width x height")
+    max_video_pixels: int = Field(default=4096 * 2160, ge=1, description="largest width x height (default 4096 x 2160)")
     max_video_frames: int = Field(default=500_000, ge=1, description="most frames in a video stream")
     max_streams: int = Field(default=16, ge=1, description="most streams (video, audio, subtitles) in a file")
     max_image_pixels: int = Field(
-        default=8192 * 8192, ge=1, description="largest width x height of an image, read before it is decoded"
+        default=8192 * 8192, ge=1, description="largest width x height of an image (default 8192 x 8192), checked before it is decoded"
     )
 
     # Decoding: each video is probed and decoded in child processes with these limits
     decode_memory_mb: int = Field(default=2048, ge=64, description="memory limit (heap, buffers, stacks) of a decode process")
     decode_timeout_s: float = Field(default=300.0, gt=0, description="deadline for sampling one video")
-    decode_processes: int = Field(default=0, ge=0, description="processes per long video; 0: one per core")
+    decode_processes: int = Field(
+        default=0,
+        ge=0,
+        description="processes for one long video; `0`: one per core; the cores left to a process run decoders on "
+        "threads of their own (set `1` when worker concurrency already fills the cores)",
+    )
 
     # Access
     api_keys: str = Field(
         default="",
-        description="comma-separated tenant:sha256-of-key[:s3-prefix|s3-prefix...]; empty turns authentication off",
+        description="comma-separated `tenant:sha256-of-key[:s3-prefix|s3-prefix...]`; empty turns authentication off",
     )
-    rate_limit: str = Field(default="120/minute", description="job submissions per API key (or client address)")
-    max_active_jobs_per_tenant: int = Field(default=500, ge=1)
+    rate_limit: str = Field(default="120/minute", description="job submissions per API key (per client address without keys)")
+    max_active_jobs_per_tenant: int = Field(default=500, ge=1, description="jobs queued or running per tenant")
     events_heartbeat_s: float = Field(
         default=15.0, gt=0, description="a comment line on an idle event stream this often, so proxies keep it open"
     )
     share_frames_across_tenants: bool = Field(
         default=False,
-        description="reuse frames, images and ETag records of the same bytes across tenants "
-        "(timings then show a tenant that another one sent those bytes before)",
+        description="reuse frames, images and ETag records of the same bytes across tenants; off, each tenant's are its "
+        "own, so timings never show that another tenant sent the same bytes",
     )
 
     # Retention of stored objects (see docs/retention.md)
     storage_retention_s: int = Field(
-        default=7 * 24 * 3600, ge=60, description="frames, images and ETag records older than this are deleted"
+        default=7 * 24 * 3600,
+        ge=60,
+        description="frames, images and ETag records older than this are deleted (uploads go once their job "
+        "ended); at least 4 x `VIDEOQA_TASK_TIME_LIMIT_S` (docs/retention.md)",
     )
-    sweep_interval_s: float = Field(default=3600.0, gt=0, description="how often CPU workers delete expired objects")
+    sweep_interval_s: float = Field(
+        default=3600.0, gt=0, description="how often CPU workers delete expired objects and job index entries"
+    )
 
     # Webhooks and idempotent submission (see docs/webhooks.md)
     webhook_secret: SecretStr | None = Field(
-        default=None, description="whsec_ + base64 key signing webhook deliveries; unset, webhooks are refused"
+        default=None,
+        description="`whsec_` + base64 key signing webhook deliveries; unset, webhooks are refused "
+        "(docs/webhooks.md)",
     )
     webhook_retry_s: float = Field(
-        default=24 * 3600, gt=0, description="a delivery is retried for this long after the job ended"
+        default=24 * 3600, gt=0, description="a failed delivery is retried until this long after the job ended"
     )
-    webhook_backoff_s: float = Field(default=5.0, gt=0, description="first retry of a delivery, doubling")
+    webhook_backoff_s: float = Field(
+        default=5.0, gt=0, description="first retry of a failed delivery, doubling (at most 15 min)"
+    )
     webhook_timeout_s: float = Field(default=10.0, gt=0, description="connect and read timeout of one delivery")
-    idempotency_ttl_s: int = Field(default=24 * 3600, ge=1, description="how long an Idempotency-Key names its job")
+    idempotency_ttl_s: int = Field(default=24 * 3600, ge=1, description="how long an `Idempotency-Key` names its job")
 
     # Reliability
-    visibility_timeout_s: int = Field(default=3600, ge=5)
-    task_time_limit_s: int = Field(default=1800, ge=10)
+    visibility_timeout_s: int = Field(
+        default=3600, ge=5, description="Redis redelivers an unacknowledged task after this"
+    )
+    task_time_limit_s: int = Field(
+        default=1800, ge=10, description="hard limit of a task; must be below the visibility timeout"
+    )
     job_ttl_s: int = Field(default=7 * 24 * 3600, ge=60, description="how long job records are kept")
     transient_retries: int = Field(
         default=5,
         ge=0,
-        description="retries of transient storage and network errors, in either stage",
+        description="retries (with backoff) of transient storage and network errors, in either stage",
         # The older name, from when only the CPU stage retried, keeps working.
         validation_alias=AliasChoices(
             "transient_retries", "VIDEOQA_TRANSIENT_RETRIES", "ingest_max_retries", "VIDEOQA_INGEST_MAX_RETRIES"
         ),
     )
     max_attempts: int = Field(
-        default=3, ge=1, description="deliveries that end their worker before a job fails as poison"
+        default=3, ge=1, description="deliveries that end their worker before a job fails as `poison`"
     )
-    retry_backoff_s: int = Field(default=2, ge=1, description="first retry after up to this many seconds, doubling")
-    reconcile_interval_s: float = Field(default=30.0, gt=0, description="how often CPU workers look for lost jobs")
+    retry_backoff_s: int = Field(
+        default=2, ge=1, description="the first retry comes within this many seconds, doubling each time (at most a minute)"
+    )
+    reconcile_interval_s: float = Field(
+        default=30.0, gt=0, description="how often CPU workers look for jobs with no queue message"
+    )
     reconcile_after_s: float = Field(
-        default=300.0, gt=0, description="a job unchanged this long with no queue message is sent again"
+        default=300.0, gt=0, description="how long a job with no queue message must be unchanged to be sent again"
     )
     worker_start_timeout_s: float = Field(
         default=60.0, gt=0, description="how long a new CPU worker pool process may take to start before it is replaced"
@@ -154,16 +193,21 @@ class Settings(BaseSettings):
 
     # GPU workers
     batch_size: int = Field(
-        default=0, ge=0, description="jobs a GPU worker generates together; 0 sizes it from free GPU memory"
+        default=0, ge=0, description="jobs a GPU worker generates together; `0` sizes it from free GPU memory (8 on CPU)"
     )
     batch_wait_ms: int = Field(default=50, ge=0, description="how long a batch waits for more queued jobs")
     heartbeat_interval_s: float = Field(
-        default=5.0, gt=0, description="readiness refresh of a GPU worker; its key expires after three"
+        default=5.0, gt=0, description="GPU worker readiness refresh; the key expires after three intervals"
     )
 
     # Clients: `videoqa ask` and `Client.from_settings()`
-    server: str = Field(default="http://127.0.0.1:8000", description="the API that clients send requests to")
-    api_key: str | None = Field(default=None, repr=False, description="the key clients send (from `videoqa api-key`)")
+    server: str = Field(default="http://127.0.0.1:8000", description="the API `videoqa ask` and `Client.from_settings()` talk to")
+    api_key: str | None = Field(
+        default=None,
+        repr=False,
+        description="the key `videoqa ask` and `Client.from_settings()` send (`Authorization: Bearer`), one "
+        "`videoqa api-key` made",
+    )
 
     @field_validator("redis_url")
     @classmethod

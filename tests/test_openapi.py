@@ -4,6 +4,7 @@ route, and describing the responses the API really sends."""
 from __future__ import annotations
 
 import io
+import re
 from typing import Any
 
 import pytest
@@ -51,7 +52,7 @@ def test_the_document_is_a_valid_openapi_3_1_spec(spec: dict[str, Any]) -> None:
 
 def test_every_route_is_in_the_spec_and_nothing_else(app: Flask, spec: dict[str, Any]) -> None:
     routes = {
-        (rule.rule.replace("<", "{").replace(">", "}"), method.lower())
+        (re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule), method.lower())
         for rule in app.url_map.iter_rules()
         for method in rule.methods or ()
         if method not in {"HEAD", "OPTIONS"}
@@ -112,3 +113,17 @@ def test_docs_page_renders_every_operation_and_schema(client: FlaskClient, spec:
     for name in spec["components"]["schemas"]:
         assert f'id="schema-{name}"' in page
     assert "<script" not in page  # nothing to fetch: it renders on a closed network
+
+
+def test_openai_compatible_routes_answer_in_their_documented_shapes(client: FlaskClient, spec: dict[str, Any]) -> None:
+    listed = client.get("/v1/models").get_json()
+    _conforms(spec, "ModelList", listed)
+    _conforms(spec, "ModelCard", client.get(f"/v1/models/{listed['data'][0]['id']}").get_json())
+    for path, response in (
+        ("/v1/chat/completions", client.post("/v1/chat/completions", json={"model": "nope", "messages": []})),
+        ("/v1/chat/completions", client.post("/v1/chat/completions", json={"model": listed["data"][0]["id"], "n": 3})),
+        ("/v1/models/{model_id}", client.get("/v1/models/nope")),
+    ):
+        method = "post" if path == "/v1/chat/completions" else "get"
+        assert str(response.status_code) in spec["paths"][path][method]["responses"]
+        _conforms(spec, "OpenAIError", response.get_json())

@@ -190,8 +190,9 @@ def ingest_job(job_id: str, ctx: IngestContext) -> None:
         # The API checked an upper bound; what was sampled is checked again before a GPU sees it
         # (an API configured with larger limits than its workers, say).
         check_sampled_size(
-            request.question, request.prompt, handoff.image_count, request.generation.max_new_tokens, ctx.settings
-        )
+            request.question, request.prompt, handoff.image_count, request.generation.max_new_tokens, ctx.settings,
+            history=[turn.content for turn in request.history],
+        )  # fmt: skip
     except TransientError:
         jobs.note_retry(job_id)
         raise

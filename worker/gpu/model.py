@@ -19,6 +19,7 @@ from PIL import Image
 
 from common.schemas import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Generation, StoredRequest
 from common.settings import Settings
+from worker.gpu.conversation import render_conversation
 from worker.gpu.prompt_ids import Span, prompt_ids
 
 log = logging.getLogger(__name__)
@@ -176,7 +177,10 @@ def render_prompt(
     """Without ``prompt``: the model's own chat template, frames of every video then the images,
     then the question. With ``prompt``: its placeholders expanded in the user's order, in the same
     turn format (the template cannot interleave text between images). The prompt records where the
-    user's text lies, so that it is tokenized as text."""
+    user's text lies, so that it is tokenized as text. With earlier turns: worker.gpu.conversation."""
+    if request.history:
+        text, ordered, spans = render_conversation(processor, request, video_frames, images)
+        return Prompt(text, ordered, request.generation, user_spans=spans)
     if request.prompt is None:
         ordered = [frame for frames in video_frames for frame in frames] + list(images)
         content: list[dict[str, str]] = [{"type": "image"} for _ in ordered]

@@ -113,6 +113,8 @@ def _publish(prepared: _Prepared, completion: Completion, ctx: AnswerContext, ba
         "model": ctx.model.model_id,
         "frames": prepared.handoff.result_frames(),
         "usage": {"prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens},
+        # "stop": the model ended its answer; "length": max_new_tokens did.
+        "finish_reason": "stop" if completion.token_ids[-1:] and completion.token_ids[-1] in ctx.model.eos_token_ids else "length",
         "timings": _timings(job, prepared.handoff, time.time(), {"load_frames": prepared.load_seconds}),
         "batch_size": batch_size,
     }
