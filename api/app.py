@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from flask import Flask
+from flask.json.provider import DefaultJSONProvider
 from prometheus_client import CollectorRegistry
 
 from api.auth import Authenticator, parse_api_keys
@@ -15,6 +16,7 @@ from api.ops import ops
 from api.page import page
 from api.routes import bp
 from api.services import Services
+from api.video_routes import videos_bp
 from common.celery_config import make_celery
 from common.connections import redis_client
 from common.jobs import JobStore
@@ -22,6 +24,7 @@ from common.metrics import RedisCollector
 from common.readiness import ready_workers
 from common.settings import Settings, load_settings
 from common.storage import open_store
+from common.videos import VideoStore
 from common.webhooks import webhook_sender
 
 
@@ -31,7 +34,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     # Werkzeug refuses a larger body from Content-Length, or stops a chunked one at the cap.
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes
     app.config["MAX_FORM_PARTS"] = 4 * (settings.max_videos + settings.max_images) + 32
-    app.json.sort_keys = False  # type: ignore[attr-defined]
+    if isinstance(app.json, DefaultJSONProvider):
+        app.json.sort_keys = False  # fields in the order the schemas declare them
     client = redis_client(settings)
     celery = make_celery(settings)
     # A "task-sent" event would be a second broker write on every submission (an eighth of its
@@ -48,13 +52,15 @@ def create_app(settings: Settings | None = None) -> Flask:
         redis=client,
         metrics=metrics,
         idempotency=IdempotencyKeys(client, ttl_s=settings.idempotency_ttl_s),
+        videos=VideoStore(client, ttl_s=settings.storage_retention_s),
     ).attach(app)
     register_error_handlers(app)
     # Authentication runs first, so the rate limiter counts per tenant.
     app.before_request(Authenticator(parse_api_keys(settings.api_keys)).authenticate_request)
-    init_limits(app, [bp, openai_bp], settings)
+    init_limits(app, [bp, openai_bp, videos_bp], settings)
     app.register_blueprint(bp)
     app.register_blueprint(openai_bp)
+    app.register_blueprint(videos_bp)
     app.register_blueprint(ops)
     app.register_blueprint(page)
     bind_job_ids(app)

@@ -23,8 +23,7 @@ from api.chat_completion import completion_body, completion_chunks, openai_error
 from api.chat_request import ChatJob, Medium, chat_job, served_model_ids
 from api.errors import invalid, validation_problems
 from api.services import Services, current_services
-from api.submission import MediaEntry
-from api.submission import submit_request
+from api.submission import MediaEntry, submit_request
 from api.waiting import wait_for_end
 from common.errors import InvalidRequest, NotFound, PayloadTooLarge
 from common.events import JobEvents
@@ -99,6 +98,7 @@ def _submit(chat: ChatJob, services: Services) -> Job:
             settings=settings, jobs=services.jobs, store=services.store, enqueue_ingest=services.enqueue_ingest,
             tenant=current_tenant(), idempotency=services.idempotency,
             idempotency_key=request.headers.get("Idempotency-Key"),
+            video_store=services.videos, enqueue_generate=services.enqueue_generate,
         )[0]  # fmt: skip
     except ValidationError as exc:
         raise invalid(_chat_params(validation_problems(exc))) from None

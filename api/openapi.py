@@ -12,10 +12,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
+from api.idempotency import MAX_KEY_CHARS
 from api.openapi_chat import VIEWS as CHAT_VIEWS
 from api.openapi_chat import chat_operations
 from api.routes import LATEST_TIMESTAMP
-from api.idempotency import MAX_KEY_CHARS
 from api.submission import GENERATION_FIELDS, SAMPLING_FIELDS
 from api.waiting import MAX_WAIT_S
 from common.jobs import JobStatus
@@ -65,6 +65,9 @@ class SampledFrame(_View):
 class Usage(_View):
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = Field(
+        default=0, description="prompt tokens whose keys and values were reused from an earlier job over the same frames"
+    )
 
 
 class JobResult(_View):
@@ -180,6 +183,9 @@ BEARER: list[dict[str, list[str]]] = [{}, {"bearerAuth": []}]
 
 
 def _operations() -> dict[str, dict[str, Any]]:
+    # Imported here: that module builds on this one's helpers.
+    from api.openapi_videos import video_operations
+
     job = {"description": "the job", "content": _json("JobView")}
     common_errors = {
         "401": _error("missing or unknown API key (when keys are configured)"),
@@ -320,6 +326,7 @@ def _operations() -> dict[str, dict[str, Any]]:
                 },
             }
         },
+        **video_operations(common_errors),
         "/v1/jobs/{job_id}/frames/{n}": {
             "get": {
                 "operationId": "jobFrame",
@@ -403,10 +410,13 @@ def _operations() -> dict[str, dict[str, Any]]:
 
 
 def build_spec(version: str) -> dict[str, Any]:
+    from api.openapi_videos import VIDEO_MODELS
+
     models: list[tuple[type[BaseModel], Literal["validation", "serialization"]]] = [
         (JobRequest, "validation"),
         (JobView, "serialization"),
         (JobPage, "serialization"),
+        *VIDEO_MODELS,
         (ErrorResponse, "serialization"),
         (Health, "serialization"),
         (Readiness, "serialization"),

@@ -8,12 +8,13 @@ the user wrote it (flat names in multipart forms), and points an unknown field a
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
 from common.schemas import GENERATION_FIELDS, SAMPLING_FIELDS, Generation, JobRequest, MediaInput, Sampling
+
 # Where an unknown field inside a JSON body was found, and which fields belong there.
 _NESTED: dict[str, type[BaseModel]] = {
     "videos": MediaInput,
@@ -31,7 +32,7 @@ def _number(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-_BY_TYPE: dict[str, Callable[[dict[str, Any]], str]] = {
+_BY_TYPE: dict[str, Callable[[Mapping[str, Any]], str]] = {
     "missing": lambda e: "is required",
     "model_type": lambda e: _SHAPES.get(str((e.get("ctx") or {}).get("class_name")), "must be an object"),
     "model_attributes_type": lambda e: "must be an object",
@@ -61,7 +62,7 @@ _BY_TYPE: dict[str, Callable[[dict[str, Any]], str]] = {
 }
 
 
-def plain_message(error: dict[str, Any]) -> str:
+def plain_message(error: Mapping[str, Any]) -> str:
     """One pydantic error as a sentence about the field, without pydantic's wording."""
     make = _BY_TYPE.get(error["type"])
     if make is not None:

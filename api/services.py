@@ -11,10 +11,11 @@ from flask import Flask, current_app
 from prometheus_client import CollectorRegistry
 
 from api.idempotency import IdempotencyKeys
-from common.celery_config import INGEST_TASK
+from common.celery_config import GENERATE_TASK, INGEST_TASK, VIDEO_TASK
 from common.jobs import JobStore
 from common.settings import Settings
 from common.storage import ObjectStore
+from common.videos import VideoStore
 
 _EXTENSION = "videoqa"
 
@@ -28,10 +29,20 @@ class Services:
     redis: redis.Redis
     metrics: CollectorRegistry
     idempotency: IdempotencyKeys
+    videos: VideoStore
 
     @property
     def enqueue_ingest(self) -> Callable[[str], None]:
         return lambda job_id: self.celery.send_task(INGEST_TASK, args=[job_id])
+
+    @property
+    def enqueue_generate(self) -> Callable[[str], None]:
+        """For jobs whose media are all stored already: they skip the CPU stage."""
+        return lambda job_id: self.celery.send_task(GENERATE_TASK, args=[job_id])
+
+    @property
+    def enqueue_video(self) -> Callable[[str], None]:
+        return lambda video_id: self.celery.send_task(VIDEO_TASK, args=[video_id])
 
     def attach(self, app: Flask) -> None:
         app.extensions[_EXTENSION] = self

@@ -73,17 +73,17 @@ class Running:
 
     def wait(
         self, job_ids: Sequence[str], timeout_s: float = 600.0, poll_s: float = 0.25
-    ) -> dict[str, dict]:  # type: ignore[type-arg]
+    ) -> dict[str, dict]:
         """The finished jobs' records (a failed job raises)."""
         return self.wait_for(job_ids, lambda job: Job.from_json(job).done, timeout_s, poll_s)
 
     def wait_for(
         self,
         job_ids: Sequence[str],
-        reached: Callable[[dict], bool],  # type: ignore[type-arg]
+        reached: Callable[[dict], bool],
         timeout_s: float = 600.0,
         poll_s: float = 0.25,
-    ) -> dict[str, dict]:  # type: ignore[type-arg]
+    ) -> dict[str, dict]:
         """Until every job's record satisfies ``reached``; those records (a failed job raises).
 
         Every figure comes from the records' own timestamps, so polling slowly loses no precision,
@@ -92,7 +92,7 @@ class Running:
         per pending job not among them; otherwise one request per pending job.
         """
         pending = set(job_ids)
-        records: dict[str, dict] = {}  # type: ignore[type-arg]
+        records: dict[str, dict] = {}
         deadline = time.monotonic() + timeout_s
         while pending:
             if time.monotonic() > deadline:

@@ -48,6 +48,8 @@ class VideoMedia(BaseModel):
     kind: Literal["video"] = "video"
     position: int  # the video's position in the request
     frames: list[StoredFrame]
+    # A stored video's id (``POST /v1/videos``): its frames were sampled once, under its own keys.
+    video_id: str | None = None
 
 
 class ImageMedia(BaseModel):

@@ -6,6 +6,7 @@ so a watcher never misses a change nor sees one twice.
 
 from __future__ import annotations
 
+import builtins
 import json
 import logging
 import time
@@ -13,7 +14,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -129,7 +130,10 @@ def _decode(raw: dict[str, str]) -> Job:
         if key.startswith("stage:"):
             _, name, edge = key.split(":", 2)
             stages.setdefault(name, {})[edge] = float(value)
-    loads = lambda name: json.loads(raw[name]) if raw.get(name) else None  # noqa: E731
+
+    def loads(name: str) -> Any:
+        return json.loads(raw[name]) if raw.get(name) else None
+
     return Job(
         id=raw["id"],
         status=JobStatus(raw["status"]),
@@ -180,10 +184,12 @@ class JobStore:
         tenant: str = DEFAULT_TENANT,
         max_active: int | None = None,
         webhook: bool = False,
+        media: list[dict[str, Any]] | None = None,
     ) -> Job:
         """Store a new queued job; with ``max_active``, raise ``TooManyActiveJobs`` instead when
         the tenant already has that many jobs not yet ended. With ``webhook``, the record starts
-        an empty delivery state."""
+        an empty delivery state. With ``media`` (every frame stored already), the job starts
+        ``queued_gpu``: it has no CPU stage."""
         job_id = job_id or uuid.uuid4().hex
         now = time.time()
         fields = {
@@ -195,6 +201,10 @@ class JobStore:
             "attempts": "0",
             "request": json.dumps(request),
         }
+        if media is not None:
+            fields["status"] = str(JobStatus.QUEUED_GPU)
+            fields["media"] = json.dumps(media)
+            fields["stage:queue_gpu:start"] = repr(now)
         if webhook:
             fields[WEBHOOK_FIELD] = json.dumps(
                 {"attempts": 0, "last_status": None, "last_error": None, "delivered_at": None}
@@ -211,7 +221,7 @@ class JobStore:
                         if pipe.scard(active) >= max_active:
                             raise TooManyActiveJobs(max_active)
                         pipe.multi()
-                    pipe.hset(self.key(job_id), mapping=fields)
+                    pipe.hset(self.key(job_id), mapping=cast("dict[Any, Any]", fields))  # redis-py: keys of any encodable type
                     pipe.expire(self.key(job_id), self._ttl_s)
                     pipe.zadd(INDEX_KEY, {job_id: now})
                     pipe.hincrby(METRICS_KEY, SUBMITTED_FIELD, 1)
@@ -231,7 +241,7 @@ class JobStore:
         return _decode(fields)
 
     def get(self, job_id: str) -> Job | None:
-        raw = self._redis.hgetall(self.key(job_id))
+        raw = cast("dict[str, str]", self._redis.hgetall(self.key(job_id)))  # the client decodes replies
         return _decode(raw) if raw else None
 
     def transition(
@@ -338,26 +348,30 @@ class JobStore:
         self._redis.zremrangebyscore(index, "-inf", cutoff)
         upper = f"({before}" if before is not None else "+inf"
         if not statuses:
-            ids = self._redis.zrevrangebyscore(index, upper, "-inf", start=0, num=limit)
+            ids = cast("list[str]", self._redis.zrevrangebyscore(index, upper, "-inf", start=0, num=limit))
             return self._load(ids)
         # The index holds no status: walk it newest first, a chunk at a time, until the page is full.
         wanted = {str(status) for status in statuses}
         found: list[str] = []
         chunk = max(limit, 100)
         while len(found) < limit:
-            scored = self._redis.zrevrangebyscore(index, upper, "-inf", start=0, num=chunk, withscores=True)
+            scored = cast(  # the client decodes replies
+                "list[tuple[str, float]]",
+                self._redis.zrevrangebyscore(index, upper, "-inf", start=0, num=chunk, withscores=True),
+            )
             if not scored:
                 break
             with self._redis.pipeline(transaction=False) as pipe:
                 for job_id, _ in scored:
                     pipe.hget(self.key(job_id), "status")
                 current = pipe.execute()
-            found += [job_id for (job_id, _), status in zip(scored, current) if status in wanted]
+            found += [job_id for (job_id, _), status in zip(scored, current, strict=True) if status in wanted]
             # A score cursor, not an offset: jobs created meanwhile do not shift what comes next.
             upper = f"({scored[-1][1]!r}"
         return [job for job in self._load(found[:limit]) if job.status in statuses]
 
-    def _load(self, ids: list[str]) -> list[Job]:
+    # `builtins.list`: in this class `list` is the method above.
+    def _load(self, ids: builtins.list[str]) -> builtins.list[Job]:
         with self._redis.pipeline(transaction=False) as pipe:
             for job_id in ids:
                 pipe.hgetall(self.key(job_id))

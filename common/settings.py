@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
-
-import base64
-import binascii
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -112,8 +111,9 @@ class Settings(BaseSettings):
     decode_processes: int = Field(
         default=0,
         ge=0,
-        description="processes for one long video; `0`: one per core; the cores left to a process run decoders on "
-        "threads of their own (set `1` when worker concurrency already fills the cores)",
+        description="at most this many processes for one video, split by GOP when the plan's decoding outweighs "
+        "starting a process; `0`: one per core; the cores left to a process run decoders on threads of their own "
+        "(set `1` when worker concurrency already fills the cores)",
     )
 
     # Access
@@ -137,7 +137,8 @@ class Settings(BaseSettings):
         default=7 * 24 * 3600,
         ge=60,
         description="frames, images and ETag records older than this are deleted (uploads go once their job "
-        "ended); at least 4 x `VIDEOQA_TASK_TIME_LIMIT_S` (docs/retention.md)",
+        "ended); stored videos (`POST /v1/videos`) and their frames last this long from their creation; "
+        "at least 4 x `VIDEOQA_TASK_TIME_LIMIT_S` (docs/retention.md)",
     )
     sweep_interval_s: float = Field(
         default=3600.0, gt=0, description="how often CPU workers delete expired objects and job index entries"
@@ -196,6 +197,17 @@ class Settings(BaseSettings):
         default=0, ge=0, description="jobs a GPU worker generates together; `0` sizes it from free GPU memory (8 on CPU)"
     )
     batch_wait_ms: int = Field(default=50, ge=0, description="how long a batch waits for more queued jobs")
+    inflight_batching: bool = Field(
+        default=True,
+        description="jobs join a running batch between decode steps and leave it when done; off: one generate "
+        "call per batch",
+    )
+    prefix_cache_bytes: int | None = Field(
+        default=None,
+        ge=0,
+        description="bytes of device memory for the KV caches of recent frame sets, reused by the next question "
+        "about the same frames; unset: a fifth of the free GPU memory after loading (256 MiB on the CPU); 0: off",
+    )
     heartbeat_interval_s: float = Field(
         default=5.0, gt=0, description="GPU worker readiness refresh; the key expires after three intervals"
     )

@@ -24,7 +24,6 @@ from tests.conftest import service_env
 from worker.cli.stack import Stack, cpu_worker_command, gpu_worker_command
 
 
-
 class Cluster:
     def __init__(self, env: dict[str, str], logs: Path) -> None:
         self.env, self.logs = env, logs
@@ -92,7 +91,7 @@ class Cluster:
         return broker_state(redis.Redis.from_url(self.settings.redis_url)) + "\n" + self.stack.tail_logs(4000)
 
 
-def _job_of(message: dict) -> str:  # type: ignore[type-arg]
+def _job_of(message: dict) -> str:
     return str(message.get("headers", {}).get("argsrepr"))
 
 

@@ -71,7 +71,7 @@ def test_a_handoff_is_stored_as_the_records_have_always_held_it(jobs: JobStore) 
     assert json.loads(raw["media"]) == LEGACY_MEDIA
     assert json.loads(raw["ingest_timings"]) == LEGACY_TIMINGS
     assert raw["handoff_version"] == str(HANDOFF_VERSION)
-    read = Handoff.of(jobs.get(job.id))  # type: ignore[arg-type]
+    read = Handoff.of(jobs.get(job.id))
     assert read == handoff
     assert read.result_frames() == RESULT_FRAMES
     assert read.image_count == 5
@@ -83,7 +83,7 @@ def test_a_handoff_is_stored_as_the_records_have_always_held_it(jobs: JobStore) 
 def test_a_record_written_before_the_version_field_reads_as_version_one(jobs: JobStore) -> None:
     job = jobs.create({"question": "q"})
     assert jobs.transition(job.id, JobStatus.QUEUED_GPU, media=LEGACY_MEDIA, ingest_timings=LEGACY_TIMINGS)
-    read = Handoff.of(jobs.get(job.id))  # type: ignore[arg-type]
+    read = Handoff.of(jobs.get(job.id))
     assert read.version == 1
     assert read.result_frames() == RESULT_FRAMES
     assert read.ingest_timings == LEGACY_TIMINGS
@@ -96,7 +96,7 @@ def test_a_record_from_a_newer_release_fails_clearly(jobs: JobStore) -> None:
         job.id, JobStatus.QUEUED_GPU, media=LEGACY_MEDIA, handoff_version=str(HANDOFF_VERSION + 1)
     )
     with pytest.raises(HandoffUnreadable, match=f"newer CPU worker .*version {HANDOFF_VERSION + 1}") as caught:
-        Handoff.of(jobs.get(job.id))  # type: ignore[arg-type]
+        Handoff.of(jobs.get(job.id))
     assert caught.value.code == "internal"
 
 
@@ -104,7 +104,7 @@ def test_entries_that_do_not_parse_fail_clearly(jobs: JobStore) -> None:
     job = jobs.create({"question": "q"})
     assert jobs.transition(job.id, JobStatus.QUEUED_GPU, media=[{"kind": "audio", "position": 0}])
     with pytest.raises(HandoffUnreadable, match="prepared media cannot be read"):
-        Handoff.of(jobs.get(job.id))  # type: ignore[arg-type]
+        Handoff.of(jobs.get(job.id))
 
 
 def test_a_stored_manifest_keeps_its_json() -> None:

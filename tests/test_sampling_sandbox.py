@@ -7,6 +7,7 @@ import dataclasses
 import os
 import signal
 import time
+import uuid
 from collections.abc import Generator
 from pathlib import Path
 
@@ -17,11 +18,17 @@ from PIL import Image
 from common.errors import InvalidMedia, InvalidRequest, MediaTooLarge
 from common.schemas import Sampling
 from common.settings import load_settings
-from worker.media.decode import DecodeLimits, VideoSample, decode_frames_in_sandbox
-from worker.media.sampling import sample_frames
-from worker.media.geometry import FrameGeometry
+from common.storage import LocalStore, ObjectStore, S3Store
+from worker.cpu.stage import store_frames
 from worker.fixtures.synthetic_videos import read_frame_index, write_cat_video
+from worker.media.decode import DecodeLimits, VideoSample, decode_frames_in_sandbox
+from worker.media.geometry import FrameGeometry
+from worker.media.png import decode_png
+from worker.media.sampling import sample_frames
 from worker.sandbox.runner import Session, run_isolated, run_until
+
+# Every test decodes in the sandbox's own server process.
+pytestmark = pytest.mark.service
 
 LIMITS = DecodeLimits.from_settings(load_settings({}))
 
@@ -34,24 +41,87 @@ def long_video(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _limits(**changes: object) -> DecodeLimits:
-    return dataclasses.replace(LIMITS, **changes)  # type: ignore[arg-type]
+    return dataclasses.replace(LIMITS, **changes)
 
 
 def _sample(path: Path, sampling: Sampling, limits: DecodeLimits = LIMITS, **kwargs: object) -> VideoSample:
-    return decode_frames_in_sandbox(path, sampling, limits, **kwargs)  # type: ignore[arg-type]
+    return decode_frames_in_sandbox(path, sampling, limits, **kwargs)
 
 
 @pytest.mark.parametrize("processes", [1, 2])
 @pytest.mark.parametrize("sampling", [Sampling(num_frames=16), Sampling(num_frames=5, fps=2, start=1.5)])
 def test_children_give_the_frames_of_in_process_decoding(long_video: Path, processes: int, sampling: Sampling) -> None:
     expected = sample_frames(long_video, sampling)
-    sample = _sample(long_video, sampling, _limits(processes=processes))
+    # Children counted as free: the plan splits this small video as it would a large one.
+    sample = _sample(long_video, sampling, _limits(processes=processes, child_start_s=0.0))
     assert sample.frame_count == 300
     assert [(f.index, f.time) for f in sample.frames] == [(f.index, f.time) for f in expected]
     for got, want in zip(sample.frames, expected, strict=True):
         assert np.array_equal(got.array, want.array)
     if sampling.fps is None:
         assert sample.processes == processes
+
+
+def test_a_small_video_stays_in_one_child(long_video: Path) -> None:
+    """Decoding 300 frames of 160x120 costs less than starting a second child."""
+    sample = _sample(long_video, Sampling(num_frames=16), _limits(processes=4))
+    assert sample.processes == 1
+
+
+def test_the_plan_splits_by_gop_when_decoding_outweighs_a_child() -> None:
+    """A 20 s clip of 600 frames, keyframes every 250, 12 targets: three seeks decoding 201, 201
+    and 51 frames. In 1080p each GOP gets a child of its own; in 64x64 it all stays in one."""
+    from fractions import Fraction
+
+    from worker.media.decode import split_by_cost
+    from worker.media.sampling import StreamIndex, plan_segments
+
+    index = StreamIndex(pts=list(range(600)), keyframe_pts=[0, 250, 500], time_base=Fraction(1, 30))
+    segments = plan_segments(index, list(range(0, 600, 50)))
+    assert [s.start for s in segments] == [0, 250, 500]
+    assert split_by_cost(index, segments, 1920 * 1080, processes=8) == [[s] for s in segments]
+    assert split_by_cost(index, segments, 1920 * 1080, processes=2) == [segments[:1], segments[1:]]
+    assert split_by_cost(index, segments, 1920 * 1080, processes=1) == [segments]
+    assert split_by_cost(index, segments, 64 * 64, processes=8) == [segments]
+
+
+@pytest.fixture(scope="module")
+def short_hd_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # bench/short_hd.py's clip: 20 s of 1080p H.264, GOP 250, three B-frames.
+    return write_cat_video(tmp_path_factory.mktemp("short_hd") / "hd.mp4", seconds=20, fps=30, width=1920,
+                           height=1080, gop=250, bframes=3, preset="veryfast", threads=2)  # fmt: skip
+
+
+def test_a_short_hd_clip_split_by_gop_gives_the_frames_of_one_child(short_hd_clip: Path) -> None:
+    alone = _sample(short_hd_clip, Sampling(num_frames=12), _limits(processes=1))
+    split = _sample(short_hd_clip, Sampling(num_frames=12), _limits(processes=3))
+    assert (alone.processes, split.processes) == (1, 3)
+    assert [f.index for f in split.frames] == [i * 50 for i in range(12)]
+    assert [(f.index, f.time) for f in split.frames] == [(f.index, f.time) for f in alone.frames]
+    for got, want in zip(split.frames, alone.frames, strict=True):
+        assert np.array_equal(got.array, want.array), f"frame {got.index} differs"
+        assert read_frame_index(got.array) == got.index
+
+
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_stored_frames_read_back_as_the_pixels_sampled(
+    short_hd_clip: Path, tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
+    """Frames are stored on threads, lossless: what the GPU side reads is what was sampled."""
+    geometry = FrameGeometry(384, 384, Image.Resampling.BICUBIC)
+    sample = _sample(short_hd_clip, Sampling(num_frames=12), geometry=geometry)
+    if backend == "s3":
+        request.getfixturevalue("s3")  # moto's server, and this process's AWS variables
+        store: ObjectStore = S3Store(f"frames-{uuid.uuid4().hex[:12]}", "p")
+    else:
+        store = LocalStore(tmp_path / "store")
+    entries = store_frames(store, "frames/clip", sample.frames)
+    assert [(e.index, e.time) for e in entries] == [(f.index, f.time) for f in sample.frames]
+    assert [e.key for e in entries] == [f"frames/clip/{i:04d}.png" for i in range(12)]
+    for entry, frame in zip(entries, sample.frames, strict=True):
+        read = np.asarray(decode_png(store.get_bytes(entry.key)))
+        assert read.shape == (384, 384, 3)
+        assert np.array_equal(read, frame.array), f"frame {frame.index} differs once stored"
 
 
 def test_children_resize_as_the_model_would(long_video: Path) -> None:
@@ -78,7 +148,7 @@ def test_a_window_outside_the_video_is_a_bad_request(long_video: Path) -> None:
 def test_limits_hold_when_the_header_declares_nothing(tmp_path: Path) -> None:
     # Written to a pipe: no duration and no frame count in the file; the stream still counts.
     path = write_cat_video(tmp_path / "pipe.mkv", seconds=3, fps=20, width=96, height=64, to_pipe=True)
-    with pytest.raises(MediaTooLarge, match="60 frames; the limit is 50 .VIDEOQA_MAX_VIDEO_FRAMES"):
+    with pytest.raises(MediaTooLarge, match=r"60 frames; the limit is 50 \(VIDEOQA_MAX_VIDEO_FRAMES"):
         _sample(path, Sampling(), _limits(media=dataclasses.replace(LIMITS.media, max_frames=50)))
     with pytest.raises(MediaTooLarge, match="VIDEOQA_MAX_VIDEO_SECONDS"):
         _sample(path, Sampling(), _limits(media=dataclasses.replace(LIMITS.media, max_seconds=2.5)))
@@ -95,7 +165,7 @@ def test_a_decoder_out_of_memory_fails_the_video_and_the_next_one_decodes(tmp_pa
 
 def test_a_decode_past_the_deadline_is_stopped(tmp_path: Path) -> None:
     path = write_cat_video(tmp_path / "hd.mp4", seconds=2, fps=30, width=1280, height=720, gop=60)
-    with pytest.raises(InvalidMedia, match="longer than 0.05 s .VIDEOQA_DECODE_TIMEOUT_S"):
+    with pytest.raises(InvalidMedia, match=r"longer than 0\.05 s \(VIDEOQA_DECODE_TIMEOUT_S"):
         _sample(path, Sampling(num_frames=16), _limits(deadline_s=0.05))
 
 
@@ -110,7 +180,7 @@ def _hang(pid_file: str) -> None:
 
 
 def test_a_crashing_child_fails_the_video_not_the_caller(long_video: Path) -> None:
-    with pytest.raises(InvalidMedia, match="crashed .SIGSEGV"):
+    with pytest.raises(InvalidMedia, match=r"crashed \(SIGSEGV"):
         run_isolated([(_crash, ())], LIMITS.memory_bytes, LIMITS.deadline_s)
     assert len(_sample(long_video, Sampling(num_frames=2)).frames) == 2
 
@@ -132,7 +202,7 @@ def test_a_hanging_child_is_killed_at_the_deadline(tmp_path: Path, long_video: P
     assert len(_sample(long_video, Sampling(num_frames=2)).frames) == 2
 
 
-def _plan_then_work(release_file: str):  # type: ignore[no-untyped-def]
+def _plan_then_work(release_file: str):
     # Hands over a plan, then works on until the caller has acted on it (the release file).
     yield {"pid": os.getpid()}, []
     while not Path(release_file).exists():
@@ -140,7 +210,7 @@ def _plan_then_work(release_file: str):  # type: ignore[no-untyped-def]
     return "done", [np.arange(6, dtype=np.int32).reshape(2, 3)]
 
 
-def _plan_then_crash():  # type: ignore[no-untyped-def]
+def _plan_then_crash():
     yield "plan", []
     os.kill(os.getpid(), signal.SIGSEGV)
     return None, []
@@ -164,7 +234,7 @@ def test_a_child_that_dies_after_its_plan_fails_the_session() -> None:
     with Session(LIMITS.memory_bytes, time.monotonic() + 30, 30) as session:
         child = session.start(_plan_then_crash, ())
         assert session.next_answer(child) == ("plan", [])
-        with pytest.raises(InvalidMedia, match="crashed .SIGSEGV"):
+        with pytest.raises(InvalidMedia, match=r"crashed \(SIGSEGV"):
             session.finish()
 
 
@@ -210,7 +280,7 @@ def _answer_claiming_a_terabyte() -> tuple[None, list[np.ndarray]]:
 
 def test_an_answer_that_would_run_code_in_the_caller_is_refused(tmp_path: Path, long_video: Path) -> None:
     marker = tmp_path / "ran"
-    with pytest.raises(InvalidMedia, match="answer was refused: UnpicklingError: posix.system may not appear"):
+    with pytest.raises(InvalidMedia, match=r"answer was refused: UnpicklingError: posix\.system may not appear"):
         run_isolated([(_answer_with_code, (str(marker),))], LIMITS.memory_bytes, LIMITS.deadline_s)
     assert not marker.exists()
     assert len(_sample(long_video, Sampling(num_frames=2)).frames) == 2

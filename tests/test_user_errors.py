@@ -27,7 +27,7 @@ def client(local_settings: Settings) -> FlaskClient:
     return create_app(local_settings).test_client()
 
 
-def _details(response) -> dict[str, str]:  # type: ignore[no-untyped-def]
+def _details(response) -> dict[str, str]:
     assert response.status_code == 400, response.get_json()
     error = response.get_json()["error"]
     assert error["code"] == "invalid_request"
@@ -51,7 +51,7 @@ def test_validation_messages_are_plain_words(client: FlaskClient) -> None:
         "question": "must not be blank",
         "videos.0.url": "must be an http://, https:// or s3:// URL",
         "videos.1": 'must be an object such as {"url": "https://example.com/video.mp4"}',
-        "videos.2.url": "is required",
+        "videos.2": "give exactly one of url and video_id",
         "sampling.num_frames": "must be a whole number",
         "sampling.fps": "must be greater than 0",
         "generation.do_sample": "must be true or false",

@@ -26,6 +26,7 @@ class Frame:
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens reused from an earlier job over the same frames
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,11 @@ class Result:
             answer=body["answer"],
             model=body.get("model", ""),
             frames=[Frame.from_json(frame) for frame in body.get("frames", [])],
-            usage=Usage(int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))),
+            usage=Usage(
+                int(usage.get("prompt_tokens", 0)),
+                int(usage.get("completion_tokens", 0)),
+                int(usage.get("cached_tokens", 0)),
+            ),
             timings={name: float(seconds) for name, seconds in (body.get("timings") or {}).items()},
             raw=body,
         )
@@ -78,6 +83,36 @@ class Job:
             created_at=float(body.get("created_at", 0.0)),
             updated_at=float(body.get("updated_at", 0.0)),
             result=Result.from_json(body["id"], body["result"]) if body.get("result") else None,
+            error=body.get("error"),
+            raw=body,
+        )
+
+
+@dataclass(frozen=True)
+class StoredVideo:
+    """A stored video as ``GET /v1/videos/{id}`` shows it; jobs name it ``{"video_id": id}``."""
+
+    id: str
+    status: str
+    frames: list[Frame]
+    frame_count: int | None
+    duration: float | None
+    error: dict[str, Any] | None
+    raw: dict[str, Any] = field(repr=False)
+
+    @property
+    def ref(self) -> dict[str, str]:
+        """The entry naming it in a job's ``videos``."""
+        return {"video_id": self.id}
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> StoredVideo:
+        return cls(
+            id=body["id"],
+            status=body["status"],
+            frames=[Frame(video=0, index=int(f["index"]), time=float(f["time"])) for f in body.get("frames", [])],
+            frame_count=body.get("frame_count"),
+            duration=body.get("duration"),
             error=body.get("error"),
             raw=body,
         )

@@ -24,14 +24,17 @@ from common.readiness import WorkerReadiness
 from common.settings import Settings
 from common.storage import ObjectStore, open_store
 from common.url_policy import UrlPolicy
+from common.videos import VideoStore
 from common.webhooks import webhook_sender
+from worker.cpu.stage import IngestContext
+from worker.cpu.video_stage import VideoContext
+from worker.cpu.webhooks import WebhookContext
 from worker.gpu.claims import GpuQueue
+from worker.gpu.lifecycle import describe
+from worker.gpu.model import LoadedModel, load_model
+from worker.gpu.prefix_cache import PrefixCache, default_prefix_cache_bytes
 from worker.gpu.stage import AnswerContext
 from worker.media.geometry import DEFAULT_RESAMPLE, FrameGeometry, processor_geometry
-from worker.gpu.model import LoadedModel, load_model
-from worker.cpu.stage import IngestContext
-from worker.cpu.webhooks import WebhookContext
-from worker.gpu.lifecycle import describe
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +78,16 @@ class WorkerResources:
         self.hostname = ""
         self.batch_size = 1
         self.ready_since = 0.0
+        self.prefixes: PrefixCache | None = None
 
     @cached_property
     def jobs(self) -> JobStore:
         client = redis_client(self.settings)
         return JobStore(client, ttl_s=self.settings.job_ttl_s, on_terminal=webhook_sender(client, self.celery))
+
+    @cached_property
+    def videos(self) -> VideoStore:
+        return VideoStore(self.jobs.client, ttl_s=self.settings.storage_retention_s)
 
     @cached_property
     def store(self) -> ObjectStore:
@@ -111,7 +119,7 @@ class WorkerResources:
         """Load the model, run one warm-up generation and size the batch (before any job).
         Raises ``worker.gpu.model.ModelLoadError``."""
         from worker.gpu.batch import default_batch_size
-        from worker.gpu.model import ModelLoadError, warm_up
+        from worker.gpu.model import ModelLoadError, memory_info, warm_up
 
         self.hostname = hostname
         loaded = self.load_model()
@@ -124,7 +132,13 @@ class WorkerResources:
         for problem in size_setting_mismatches(loaded.model.config, self.settings):
             log.warning("%s", problem)
         self._check_geometry(loaded)
-        self.batch_size = self.settings.batch_size or default_batch_size(loaded)
+        prefix_bytes = self.settings.prefix_cache_bytes
+        if prefix_bytes is None:
+            prefix_bytes = default_prefix_cache_bytes(loaded.device, memory_info(loaded)[0])
+        self.prefixes = PrefixCache(prefix_bytes, loaded.model_id)
+        # The prefix cache fills over time: the batch is sized as if it were full.
+        self.batch_size = self.settings.batch_size or default_batch_size(loaded, set_aside_bytes=prefix_bytes)
+        log.info("prefix cache: up to %.2f GiB; batches of up to %d jobs", prefix_bytes / 2**30, self.batch_size)
         self.ready_since = time.time()
 
     def _check_geometry(self, loaded: LoadedModel) -> None:
@@ -156,7 +170,11 @@ class WorkerResources:
             store=self.store,
             geometry=lambda: self.geometry,
             enqueue_answer=lambda job_id: self.celery.send_task(GENERATE_TASK, args=[job_id]),
+            videos=self.videos,
         )
+
+    def video_context(self) -> VideoContext:
+        return VideoContext(settings=self.settings, videos=self.videos, store=self.store, geometry=lambda: self.geometry)
 
     def webhook_context(self) -> WebhookContext:
         return WebhookContext(
@@ -173,6 +191,9 @@ class WorkerResources:
             model=self.load_model(),
             time_limit_s=self.settings.task_time_limit_s,
             max_attempts=self.settings.max_attempts,
+            inflight=self.settings.inflight_batching,
+            max_rows=self.batch_size,
+            prefixes=self.prefixes,
         )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any
+from typing import Any, ClassVar
 
 import redis
 from celery import bootsteps
@@ -14,6 +14,7 @@ from common.errors import VideoQAError
 from common.storage import ObjectStore, open_store
 from worker.app.reconciler import reconcile
 from worker.app.resources import resources_of
+from worker.app.video_reconciler import reconcile_videos
 from worker.cpu.sweeper import sweep
 from worker.gpu.lifecycle import EX_CONFIG, Heartbeat
 
@@ -52,7 +53,7 @@ class ModelSetup(bootsteps.StartStopStep):
 class ReconcilerStep(bootsteps.StartStopStep):
     """Runs ``reconcile`` on the worker's timer (CPU workers only)."""
 
-    requires = {"celery.worker.components:Timer"}
+    requires: ClassVar[set[str]] = {"celery.worker.components:Timer"}
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         super().__init__(worker, **kwargs)
@@ -70,6 +71,12 @@ class ReconcilerStep(bootsteps.StartStopStep):
                     lambda task, job_id: worker.app.send_task(task, args=[job_id]),
                     stale_after_s=settings.reconcile_after_s,
                 )
+                reconcile_videos(
+                    resources.jobs.client,
+                    resources.videos,
+                    lambda task, video_id: worker.app.send_task(task, args=[video_id]),
+                    stale_after_s=settings.reconcile_after_s,
+                )
             except redis.RedisError as exc:
                 log.warning("reconciler: Redis unavailable (%s); next scan later", exc.__class__.__name__)
 
@@ -84,7 +91,7 @@ class SweeperStep(bootsteps.StartStopStep):
     """Runs ``sweep`` on the worker's timer (CPU workers only), in a thread of its own: listing a
     large bucket must not hold up the worker's event loop."""
 
-    requires = {"celery.worker.components:Timer"}
+    requires: ClassVar[set[str]] = {"celery.worker.components:Timer"}
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         super().__init__(worker, **kwargs)

@@ -75,7 +75,7 @@ def up(
     if tiny:
         env["VIDEOQA_MODEL"] = str(ensure_tiny_model(TINY_MODEL_DIR))
     check_startup(env)
-    stack = Stack(env=env)
+    stack = Stack(env=env, die_with_parent=True)
     plan = ServicePlan(host, port, api_workers, cpu_concurrency, gpu_workers)
     client = stack.start_service(plan)
     if flower:
@@ -87,6 +87,9 @@ def up(
         user, password = auth.split(":", 1)
         stack.start("flower", flower_command(), extra_env=flower_env(user, password))
     signal.signal(signal.SIGTERM, _interrupt)
+    # A shell starts background commands with SIGINT ignored, and the ignore is inherited across
+    # exec: without this, "Ctrl-C stops it" would not hold for an `up` started by a script.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     failed = False
     try:
         click.echo("starting the API, the CPU worker and the GPU worker; waiting until /readyz answers 200")

@@ -7,6 +7,7 @@ the tests and the benchmarks start a service with ``Stack.start_service`` and ta
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
@@ -161,7 +162,7 @@ class ServicePlan:
 
     def processes(self) -> dict[str, tuple[list[str], dict[str, str]]]:
         """Each process's name, command and the environment it adds."""
-        processes = {
+        processes: dict[str, tuple[list[str], dict[str, str]]] = {
             "api": (api_command(self.host, self.port, self.api_workers), {}),
             "cpu": (cpu_worker_command(self.cpu_concurrency), {}),
         }
@@ -169,6 +170,12 @@ class ServicePlan:
             pinned = {"CUDA_VISIBLE_DEVICES": str(gpu)} if self.gpu_workers > 1 else {}
             processes[f"gpu{gpu}"] = (gpu_worker_command(f"gpu{gpu}"), pinned)
         return processes
+_PR_SET_PDEATHSIG = 1
+
+
+def _terminate_with_parent() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
 @dataclass
@@ -179,6 +186,10 @@ class Stack:
     env: Mapping[str, str]
     logs: Path | None = None
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    # Each child gets SIGTERM from the kernel when the process that started it dies, so a
+    # supervisor killed outright (SIGKILL, out of memory) leaves no workers behind. The kernel ties
+    # this to the starting thread: only for a supervisor that starts children from its main thread.
+    die_with_parent: bool = False
 
     def start(
         self, name: str, argv: Sequence[str], *, extra_env: Mapping[str, str] | None = None, **popen: object
@@ -188,8 +199,10 @@ class Stack:
         if self.logs is not None and "stdout" not in popen:
             log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - closed once the child has it
             popen.update(stdout=log, stderr=subprocess.STDOUT)
+        if self.die_with_parent:
+            popen.setdefault("preexec_fn", _terminate_with_parent)
         try:
-            process = subprocess.Popen(list(argv), env=env, start_new_session=True, **popen)  # type: ignore[call-overload]
+            process = subprocess.Popen(list(argv), env=env, start_new_session=True, **popen)  # type: ignore[call-overload]  # the caller's options pass through
         finally:
             if log is not None:
                 log.close()  # the child holds its own copy

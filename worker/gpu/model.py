@@ -20,6 +20,7 @@ from PIL import Image
 from common.schemas import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Generation, StoredRequest
 from common.settings import Settings
 from worker.gpu.conversation import render_conversation
+from worker.gpu.prefix_cache import pixel_digest
 from worker.gpu.prompt_ids import Span, prompt_ids
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,10 @@ class LoadedModel:
         return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_token_ids)
 
     @cached_property
+    def image_token_id(self) -> int:
+        return int(self.processor.tokenizer.convert_tokens_to_ids(self.processor.image_token))
+
+    @cached_property
     def image_token_count(self) -> int:
         """Ids the processor puts in place of one image token. Asked of the processor itself: every
         image is resized to the image processor's one size, so the count does not vary."""
@@ -68,6 +73,7 @@ class LoadedModel:
 class EncodedPrompt:
     input_ids: list[int]
     pixel_values: Any | None  # a tensor, one row per image in prompt order; None without images
+    pixel_digest: str = ""  # of the images pixel_values are made from, which the prefix cache's keys hold
 
 
 @dataclass
@@ -85,6 +91,7 @@ class Completion:
     token_ids: list[int]
     text: str
     prompt_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
 
     @property
     def completion_tokens(self) -> int:
@@ -158,7 +165,7 @@ def _load_model(settings: Settings) -> LoadedModel:
     # Left padding is what keeps batched greedy answers equal to unbatched ones.
     processor.tokenizer.padding_side = "left"
     model = LlavaForConditionalGeneration.from_pretrained(settings.model, dtype=dtype, attn_implementation=attn)
-    model.to(device).eval()
+    model.to(device).eval()  # type: ignore[arg-type]  # transformers types `to` through a decorator that loses `self`
     log.info("loaded %s on %s (%s, %s)", settings.model, device, dtype, attn)
     return LoadedModel(
         model=model,
@@ -179,8 +186,8 @@ def render_prompt(
     turn format (the template cannot interleave text between images). The prompt records where the
     user's text lies, so that it is tokenized as text. With earlier turns: worker.gpu.conversation."""
     if request.history:
-        text, ordered, spans = render_conversation(processor, request, video_frames, images)
-        return Prompt(text, ordered, request.generation, user_spans=spans)
+        text, ordered, turn_spans = render_conversation(processor, request, video_frames, images)
+        return Prompt(text, ordered, request.generation, user_spans=turn_spans)
     if request.prompt is None:
         ordered = [frame for frames in video_frames for frame in frames] + list(images)
         content: list[dict[str, str]] = [{"type": "image"} for _ in ordered]
@@ -245,8 +252,10 @@ def encode_prompt(loaded: LoadedModel, prompt: Prompt) -> EncodedPrompt:
     image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
     if ids.count(image_id) != loaded.image_token_count * len(prompt.images):
         raise ValueError(f"the prompt's image tokens do not match its {len(prompt.images)} images")
-    pixel_values = processor.image_processor(prompt.images, return_tensors="pt")["pixel_values"] if prompt.images else None
-    return EncodedPrompt(input_ids=ids, pixel_values=pixel_values)
+    if not prompt.images:
+        return EncodedPrompt(input_ids=ids, pixel_values=None)
+    pixel_values = processor.image_processor(prompt.images, return_tensors="pt")["pixel_values"]
+    return EncodedPrompt(input_ids=ids, pixel_values=pixel_values, pixel_digest=pixel_digest(prompt.images))
 
 
 def generation_key(generation: Generation) -> tuple[Any, ...]:
@@ -321,7 +330,7 @@ def generate_one_call(loaded: LoadedModel, prompts: list[Prompt], *, watch: Gene
     ]
 
 
-def warm_up(loaded: LoadedModel) -> Completion:
+def warm_up(loaded: LoadedModel) -> list[Completion]:
     """One short generation on a blank frame: the first call pays for kernel selection and
     allocator growth, so the first job does not."""
     frame = _blank_image(loaded.processor)

@@ -1,4 +1,5 @@
-"""The GPU stage of jobs: load their stored frames, generate them as one batch, publish each
+"""The GPU stage of jobs: load their stored frames, generate them together (in-flight batching,
+worker.gpu.inflight: jobs handed over by ``admit`` join while others generate), publish each
 answer's text as it is generated (worker.gpu.token_stream), write each result once, as soon as that
 job's answer is complete.
 
@@ -8,8 +9,10 @@ before the batch forms, so a job that fails there ends alone with its own error.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import redis
@@ -21,12 +24,17 @@ from common.jobs import Job, JobStatus, JobStore
 from common.logging_config import job_context
 from common.schemas import StoredRequest
 from common.storage import ObjectStore
-from worker.gpu.batch import BatchItem, Outcome, describe, run_batch
-from worker.media.png import decode_png
+from worker.gpu.batch import CPU_BATCH_SIZE, BatchItem, Outcome, describe, run_batch
+from worker.gpu.inflight import run_inflight
 from worker.gpu.model import Completion, LoadedModel, Prompt, encode_prompt, render_prompt
+from worker.gpu.prefix_cache import PrefixCache
 from worker.gpu.token_stream import TokenStream
+from worker.media.png import decode_png
 
 log = logging.getLogger(__name__)
+
+# Stored frames fetched and decoded at once for one job.
+_LOAD_THREADS = 8
 
 
 @dataclass
@@ -37,6 +45,10 @@ class AnswerContext:
     # Generation of a batch stops (jobs fail with ``timeout``) this many seconds after it starts.
     time_limit_s: float | None = None
     max_attempts: int = 3
+    # In-flight batching (else one generate call per batch), its most rows, the prefix cache.
+    inflight: bool = True
+    max_rows: int = CPU_BATCH_SIZE
+    prefixes: PrefixCache | None = None
 
 
 @dataclass
@@ -49,8 +61,14 @@ class _Prepared:
 
 def _load_prompt(job: Job, handoff: Handoff, ctx: AnswerContext) -> Prompt:
     request = StoredRequest.model_validate(job.request)
-    video_frames = [[decode_png(ctx.store.get_bytes(frame.key)) for frame in video.frames] for video in handoff.videos]
-    images = [decode_png(ctx.store.get_bytes(image.key)) for image in handoff.images]
+    # Every stored image of the job, fetched and decoded on threads: storage round trips overlap,
+    # and Pillow inflates PNG without holding the GIL.
+    keys = [frame.key for video in handoff.videos for frame in video.frames]
+    keys += [image.key for image in handoff.images]
+    with concurrent.futures.ThreadPoolExecutor(min(_LOAD_THREADS, max(1, len(keys))), "load-frame") as pool:
+        loaded = dict(zip(keys, pool.map(lambda key: decode_png(ctx.store.get_bytes(key)), keys), strict=True))
+    video_frames = [[loaded[frame.key] for frame in video.frames] for video in handoff.videos]
+    images = [loaded[image.key] for image in handoff.images]
     prompt = render_prompt(ctx.model.processor, request, video_frames, images)
     # Encoded here, per job: text or images the processor refuses fail this job, not its batch.
     return replace(prompt, encoded=encode_prompt(ctx.model, prompt))
@@ -112,7 +130,11 @@ def _publish(prepared: _Prepared, completion: Completion, ctx: AnswerContext, ba
         "answer": completion.text,
         "model": ctx.model.model_id,
         "frames": prepared.handoff.result_frames(),
-        "usage": {"prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens},
+        "usage": {
+            "prompt_tokens": completion.prompt_tokens,
+            "completion_tokens": completion.completion_tokens,
+            "cached_tokens": completion.cached_tokens,
+        },
         # "stop": the model ended its answer; "length": max_new_tokens did.
         "finish_reason": "stop" if completion.token_ids[-1:] and completion.token_ids[-1] in ctx.model.eos_token_ids else "length",
         "timings": _timings(job, prepared.handoff, time.time(), {"load_frames": prepared.load_seconds}),
@@ -145,13 +167,21 @@ class _CancelPoll:
         return cancelled
 
 
-def answer_jobs(job_ids: list[str], ctx: AnswerContext) -> dict[str, TransientError]:
+def answer_jobs(
+    job_ids: list[str], ctx: AnswerContext, *, admit: Callable[[int], list[str]] | None = None
+) -> dict[str, TransientError]:
     """Run the GPU stage of several jobs as one batch.
 
     Each job reaches one terminal state, written once, as soon as its own answer is complete; a
     job cancelled meanwhile stops generating within about 100 ms plus one step. Returns the jobs
     that met a transient error (storage unreachable) and should be tried again later; they stay
     ``generating``, which a retry accepts.
+
+    ``admit(free_rows)`` (in-flight batching only) is asked between decode steps for the ids of
+    up to that many more jobs whose messages the caller holds; it must not block (it hands over
+    what is already claimed, or nothing). They are prepared here and join the batch, and end as
+    the others do: their time limit starts when they join, and the returned retries include them.
+    The caller settles their messages after this returns, as it does the first ones'.
     """
     jobs = ctx.jobs
     retry: dict[str, TransientError] = {}
@@ -165,33 +195,57 @@ def answer_jobs(job_ids: list[str], ctx: AnswerContext) -> dict[str, TransientEr
             continue
         if ready is not None:
             prepared[job_id] = ready
-    if not prepared:
+    if not prepared and admit is None:
         return retry
     started = time.time()
     for job_id in prepared:
         jobs.mark(job_id, "generate", "start", at=started)
-    size = len(prepared)
 
     def settle(outcome: Outcome) -> None:
         with job_context(outcome.key):
             if outcome.completion is not None:
-                _publish(prepared[outcome.key], outcome.completion, ctx, size)
+                # The jobs of this run so far: with in-flight batching, later ones join after it.
+                _publish(prepared[outcome.key], outcome.completion, ctx, len(prepared))
                 return
             jobs.mark(outcome.key, "generate", "end")
             if outcome.error is not None:
                 jobs.fail(outcome.key, outcome.error.code, outcome.error.message)
 
+    def joining(free_rows: int) -> list[BatchItem]:
+        assert admit is not None
+        items = []
+        for job_id in admit(free_rows):
+            if job_id in prepared or job_id in retry:
+                continue
+            try:
+                with job_context(job_id):
+                    ready = _prepare(job_id, ctx)
+            except TransientError as exc:
+                retry[job_id] = exc
+                continue
+            if ready is None:
+                continue
+            joined = time.time()
+            prepared[job_id] = ready
+            jobs.mark(job_id, "generate", "start", at=joined)
+            deadline = joined + ctx.time_limit_s if ctx.time_limit_s else None
+            items.append(BatchItem(job_id, ready.prompt, deadline=deadline))
+        return items
+
     tokens = TokenStream(ctx.model.processor.tokenizer, ctx.model.eos_token_ids, JobEvents(jobs.client).publish_tokens)
+    items = [BatchItem(job_id, ready.prompt) for job_id, ready in prepared.items()]
+    deadline = started + ctx.time_limit_s if ctx.time_limit_s else None
     try:
-        outcomes = run_batch(
-            ctx.model,
-            [BatchItem(job_id, ready.prompt) for job_id, ready in prepared.items()],
-            on_outcome=settle,
-            cancelled=_CancelPoll(jobs),
-            deadline=started + ctx.time_limit_s if ctx.time_limit_s else None,
-            tokens=tokens,
-        )
+        if ctx.inflight:
+            outcomes = run_inflight(
+                ctx.model, items, admit=joining if admit is not None else None, max_rows=ctx.max_rows,
+                on_outcome=settle, cancelled=_CancelPoll(jobs), deadline=deadline, tokens=tokens, prefixes=ctx.prefixes,
+            )  # fmt: skip
+        else:
+            outcomes = run_batch(
+                ctx.model, items, on_outcome=settle, cancelled=_CancelPoll(jobs), deadline=deadline, tokens=tokens
+            )
     finally:
         tokens.close()
-    log.info("generated a batch of %d in %.2f s: %s", size, time.time() - started, describe(outcomes.values()))
+    log.info("generated %d jobs in %.2f s: %s", len(outcomes), time.time() - started, describe(outcomes.values()))
     return retry
