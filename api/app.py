@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-
-import redis
-from celery import Celery
 from flask import Flask
 from flask.json.provider import DefaultJSONProvider
 from prometheus_client import CollectorRegistry
@@ -20,43 +15,17 @@ from api.logs import bind_job_ids
 from api.ops import ops
 from api.page import page
 from api.routes import bp
+from api.services import Services
 from api.video_routes import videos_bp
-from common.celery_config import GENERATE_TASK, INGEST_TASK, VIDEO_TASK, make_celery
+from common.celery_config import make_celery
 from common.connections import redis_client
 from common.jobs import JobStore
 from common.metrics import RedisCollector
 from common.readiness import ready_workers
 from common.settings import Settings, load_settings
-from common.storage import ObjectStore, open_store
+from common.storage import open_store
 from common.videos import VideoStore
 from common.webhooks import webhook_sender
-
-
-@dataclass
-class Services:
-    """What the routes use, built once per process and attached to the app."""
-
-    settings: Settings
-    jobs: JobStore
-    store: ObjectStore
-    celery: Celery
-    redis: redis.Redis
-    metrics: CollectorRegistry
-    idempotency: IdempotencyKeys
-    videos: VideoStore
-
-    @property
-    def enqueue_ingest(self) -> Callable[[str], None]:
-        return lambda job_id: self.celery.send_task(INGEST_TASK, args=[job_id])
-
-    @property
-    def enqueue_generate(self) -> Callable[[str], None]:
-        """For jobs whose media are all stored already: they skip the CPU stage."""
-        return lambda job_id: self.celery.send_task(GENERATE_TASK, args=[job_id])
-
-    @property
-    def enqueue_video(self) -> Callable[[str], None]:
-        return lambda video_id: self.celery.send_task(VIDEO_TASK, args=[video_id])
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -75,7 +44,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     # Read from Redis at scrape time, so every API process reports the same values.
     metrics = CollectorRegistry()
     metrics.register(RedisCollector(client, lambda: [worker.hostname for worker in ready_workers(client)]))
-    app.extensions["videoqa"] = Services(
+    Services(
         settings=settings,
         jobs=JobStore(client, ttl_s=settings.job_ttl_s, on_terminal=webhook_sender(client, celery)),
         store=open_store(settings),
@@ -84,7 +53,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         metrics=metrics,
         idempotency=IdempotencyKeys(client, ttl_s=settings.idempotency_ttl_s),
         videos=VideoStore(client, ttl_s=settings.storage_retention_s),
-    )
+    ).attach(app)
     register_error_handlers(app)
     # Authentication runs first, so the rate limiter counts per tenant.
     app.before_request(Authenticator(parse_api_keys(settings.api_keys)).authenticate_request)

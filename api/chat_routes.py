@@ -14,7 +14,7 @@ import mimetypes
 import time
 from typing import Any
 
-from flask import Blueprint, Response, current_app, jsonify, request, stream_with_context, url_for
+from flask import Blueprint, Response, jsonify, request, stream_with_context, url_for
 from pydantic import ValidationError
 from werkzeug.datastructures import FileStorage
 
@@ -22,6 +22,7 @@ from api.auth import current_tenant
 from api.chat_completion import completion_body, completion_chunks, openai_error
 from api.chat_request import ChatJob, Medium, chat_job, served_model_ids
 from api.errors import invalid, validation_problems
+from api.services import Services, current_services
 from api.submission import MediaEntry, submit_request
 from api.waiting import wait_for_end
 from common.errors import InvalidRequest, NotFound, PayloadTooLarge
@@ -40,10 +41,6 @@ _PARAMS = {
     "sampling.num_frames": "media_io_kwargs.video.num_frames",
     "sampling.fps": "media_io_kwargs.video.fps",
 }
-
-
-def _services() -> Any:
-    return current_app.extensions["videoqa"]
 
 
 def wait_cap_s(settings: Settings) -> float:
@@ -68,7 +65,7 @@ def _openai_error_shape(response: Response) -> Response:
 
 @bp.post("/v1/chat/completions")
 def chat_completions() -> Response | tuple[Response, int, dict[str, str]]:
-    services = _services()
+    services = current_services()
     settings: Settings = services.settings
     if request.mimetype != "application/json":
         raise InvalidRequest(f"send the request as application/json, not {request.mimetype or 'no content type'!r}")
@@ -88,7 +85,7 @@ def chat_completions() -> Response | tuple[Response, int, dict[str, str]]:
     return jsonify(completion_body(ended, model)), 200, headers
 
 
-def _submit(chat: ChatJob, services: Any) -> Job:
+def _submit(chat: ChatJob, services: Services) -> Job:
     settings: Settings = services.settings
     urls = {
         kind: [medium.as_input() for medium in media if medium.data is None]
@@ -151,13 +148,13 @@ def _model(model_id: str, settings: Settings) -> dict[str, Any]:
 
 @bp.get("/v1/models")
 def list_models() -> Response:
-    settings: Settings = _services().settings
+    settings: Settings = current_services().settings
     return jsonify({"object": "list", "data": [_model(model_id, settings) for model_id in served_model_ids(settings)]})
 
 
 @bp.get("/v1/models/<path:model_id>")
 def get_model(model_id: str) -> Response:
-    settings: Settings = _services().settings
+    settings: Settings = current_services().settings
     if model_id not in served_model_ids(settings):
         raise NotFound(f"the model {model_id!r} does not exist; this service serves {settings.model!r}", code="model_not_found")
     return jsonify(_model(model_id, settings))

@@ -6,11 +6,12 @@ from functools import cache
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from flask import Blueprint, Response, current_app, jsonify
+from flask import Blueprint, Response, jsonify
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from api.docs import render_docs
 from api.openapi import build_spec
+from api.services import current_services
 from common.logging_config import redact
 from common.readiness import ready_workers
 
@@ -18,10 +19,6 @@ ops = Blueprint("ops", __name__)
 
 # A key nobody writes: asking whether it exists makes a real round trip to the object store.
 _STORAGE_PROBE_KEY = "readyz/probe"
-
-
-def _services() -> Any:
-    return current_app.extensions["videoqa"]
 
 
 @cache
@@ -39,7 +36,7 @@ def _problem(exc: BaseException) -> str:
 
 @ops.get("/readyz")
 def readyz() -> tuple[Response, int]:
-    services = _services()
+    services = current_services()
     checks: dict[str, Any] = {}
     reasons: list[str] = []
     try:
@@ -70,7 +67,7 @@ def readyz() -> tuple[Response, int]:
 
 @ops.get("/metrics")
 def metrics() -> Response:
-    registry: CollectorRegistry = _services().metrics
+    registry: CollectorRegistry = current_services().metrics
     return Response(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)
 
 

@@ -13,10 +13,8 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from common.schemas import Generation, JobRequest, MediaInput, Sampling
+from common.schemas import GENERATION_FIELDS, SAMPLING_FIELDS, Generation, JobRequest, MediaInput, Sampling
 
-SAMPLING_FIELDS = tuple(Sampling.model_fields)
-GENERATION_FIELDS = tuple(Generation.model_fields)
 # Where an unknown field inside a JSON body was found, and which fields belong there.
 _NESTED: dict[str, type[BaseModel]] = {
     "videos": MediaInput,

@@ -6,24 +6,22 @@ import math
 import re
 from typing import Any
 
-from flask import Blueprint, Response, current_app, jsonify, request, stream_with_context, url_for
+from flask import Blueprint, Response, jsonify, request, stream_with_context, url_for
 
 from api.auth import current_tenant
+from api.services import current_services
 from api.streaming import event_stream, resume_after
 from api.submission import submit_job
 from api.waiting import preferred_wait, wait_for_end, wait_seconds
 from common.errors import Conflict, InvalidRequest, NotFound
 from common.events import JobEvents
+from common.handoff import Handoff
 from common.jobs import Job, JobStatus, JobStore
 
 bp = Blueprint("v1", __name__)
 _FRAME_NUMBER = re.compile(r"[0-9]{1,6}")
 # The end of year 9999: a cursor past it is not a creation time of this service.
 LATEST_TIMESTAMP = 253402300799
-
-
-def _services() -> Any:
-    return current_app.extensions["videoqa"]
 
 
 def _job_body(job: Job) -> dict[str, Any]:
@@ -33,7 +31,7 @@ def _job_body(job: Job) -> dict[str, Any]:
 
 
 def _load(job_id: str) -> Job:
-    job = _services().jobs.get(job_id)
+    job = current_services().jobs.get(job_id)
     # Another tenant's job is indistinguishable from one that does not exist.
     if job is None or job.tenant != current_tenant().name:
         raise NotFound(f"no job {job_id!r} (unknown, or past retention)")
@@ -41,13 +39,13 @@ def _load(job_id: str) -> Job:
 
 
 def _wait(job: Job, seconds: float) -> Job:
-    services = _services()
+    services = current_services()
     return wait_for_end(services.jobs, JobEvents(services.redis), job.id, seconds) or job
 
 
 @bp.post("/v1/jobs")
 def create_job() -> tuple[Response, int, dict[str, str]]:
-    services = _services()
+    services = current_services()
     # Checked before the job exists: a bad preference must not leave a job behind.
     prefer = preferred_wait(request.headers.getlist("Prefer"))
     wait = wait_seconds(prefer, "Prefer: wait") if prefer is not None else None
@@ -82,7 +80,7 @@ def get_job(job_id: str) -> Response:
 
 @bp.get("/v1/jobs/<job_id>/events")
 def job_events(job_id: str) -> Response:
-    services = _services()
+    services = current_services()
     after = resume_after(request.headers.get("Last-Event-ID"))
     job = _load(job_id)
     stream = event_stream(
@@ -104,11 +102,11 @@ def job_frame(job_id: str, n: str) -> Response:
     job = _load(job_id)
     if job.media is None:
         raise NotFound(f"job {job_id} has no frames yet (they are stored once it has been ingested)")
-    keys = [frame["key"] for item in job.media if item["kind"] == "video" for frame in item["frames"]]
+    keys = [frame.key for video in Handoff.of(job).videos for frame in video.frames]
     if int(n) >= len(keys):
         raise NotFound(f"job {job_id} has {len(keys)} frames, numbered from 0")
     try:
-        data = _services().store.get_bytes(keys[int(n)])
+        data = current_services().store.get_bytes(keys[int(n)])
     except NotFound:
         # The storage key is internal; the caller learns only that the frame is gone.
         raise NotFound(f"frame {n} of job {job_id} is no longer stored (past retention)") from None
@@ -118,7 +116,7 @@ def job_frame(job_id: str, n: str) -> Response:
 
 @bp.delete("/v1/jobs/<job_id>")
 def cancel_job(job_id: str) -> Response:
-    jobs: JobStore = _services().jobs
+    jobs: JobStore = current_services().jobs
     job = _load(job_id)
     if not jobs.cancel(job_id):
         job = _load(job_id)
@@ -139,7 +137,7 @@ def list_jobs() -> Response:
     # float() also reads nan, inf and 1e999; Redis refuses them as a bound (a 503 otherwise).
     if before is not None and not (math.isfinite(before) and 0 <= before <= LATEST_TIMESTAMP):
         raise InvalidRequest(f"before must be a timestamp in seconds between 0 and {LATEST_TIMESTAMP}")
-    jobs = _services().jobs.list(
+    jobs = current_services().jobs.list(
         limit=limit, before=before, tenant=current_tenant().name, statuses=_statuses(request.args.get("status"))
     )
     next_cursor = jobs[-1].created_at if len(jobs) == limit else None

@@ -22,14 +22,20 @@ from api.problems import flat_problems, unknown_field_message
 from common.errors import InvalidRequest, ServiceUnavailable, TooManyActiveJobs, VideoQAError
 from common.jobs import Job, JobStore
 from common.logging_config import job_id_var
-from common.schemas import JobRequest, MediaInput, MediaSource, StoredRequest, check_limits
+from common.schemas import (
+    GENERATION_FIELDS,
+    SAMPLING_FIELDS,
+    JobRequest,
+    MediaInput,
+    MediaSource,
+    StoredRequest,
+    check_limits,
+)
 from common.settings import Settings
 from common.storage import UPLOADS_PREFIX, ObjectStore
 from common.url_policy import BlockedUrl, UrlPolicy
 from common.videos import VideoStore
 
-SAMPLING_FIELDS = ("num_frames", "fps", "start", "end", "fast")
-GENERATION_FIELDS = ("max_new_tokens", "do_sample", "temperature", "top_p")
 FILE_FIELDS = ("videos", "images")
 WEBHOOK_FIELDS = ("webhook_url", "webhook_events")
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")

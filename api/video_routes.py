@@ -8,15 +8,16 @@ import math
 import time
 from typing import Any
 
-from flask import Blueprint, Response, current_app, jsonify, request, url_for
+from flask import Blueprint, Response, jsonify, request, url_for
 
 from api.auth import current_tenant
 from api.routes import LATEST_TIMESTAMP
+from api.services import current_services
 from api.video_submission import submit_video
 from api.waiting import wait_seconds
 from common.errors import Conflict, InvalidRequest, NotFound, VideoQAError
 from common.storage import UPLOADS_PREFIX
-from common.videos import Video, VideoInUse, VideoStatus, VideoStore, frames_prefix
+from common.videos import Video, VideoInUse, VideoStatus, frames_prefix
 
 videos_bp = Blueprint("videos", __name__)
 # How often ``?wait=N`` reads the record again: a video is sampled in seconds, not milliseconds.
@@ -29,10 +30,6 @@ class VideoInUseError(Conflict):
     code = "video_in_use"
 
 
-def _services() -> Any:
-    return current_app.extensions["videoqa"]
-
-
 def _body(video: Video) -> dict[str, Any]:
     body = video.to_public()
     for frame in body["frames"]:
@@ -43,14 +40,14 @@ def _body(video: Video) -> dict[str, Any]:
 
 def _load(video_id: str) -> Video:
     # Another tenant's video is indistinguishable from one that does not exist.
-    video = _services().videos.get_for(video_id, current_tenant().name)
+    video = current_services().videos.get_for(video_id, current_tenant().name)
     if video is None:
         raise NotFound(f"no video {video_id!r} (unknown, deleted, or past retention)")
     return video
 
 
 def _wait(video: Video, seconds: float) -> Video:
-    videos: VideoStore = _services().videos
+    videos = current_services().videos
     deadline = time.monotonic() + seconds
     while video.status is VideoStatus.PROCESSING and time.monotonic() < deadline:
         time.sleep(min(WAIT_POLL_S, max(0.0, deadline - time.monotonic())))
@@ -60,7 +57,7 @@ def _wait(video: Video, seconds: float) -> Video:
 
 @videos_bp.post("/v1/videos")
 def create_video() -> tuple[Response, int, dict[str, str]]:
-    services = _services()
+    services = current_services()
     video, replayed = submit_video(
         request,
         settings=services.settings,
@@ -95,14 +92,14 @@ def list_videos() -> Response:
         raise InvalidRequest("limit must be between 1 and 100")
     if before is not None and not (math.isfinite(before) and 0 <= before <= LATEST_TIMESTAMP):
         raise InvalidRequest(f"before must be a timestamp in seconds between 0 and {LATEST_TIMESTAMP}")
-    videos = _services().videos.list(tenant=current_tenant().name, limit=limit, before=before)
+    videos = current_services().videos.list(tenant=current_tenant().name, limit=limit, before=before)
     next_cursor = videos[-1].created_at if len(videos) == limit else None
     return jsonify({"videos": [_body(video) for video in videos], "next_before": next_cursor})
 
 
 @videos_bp.delete("/v1/videos/<video_id>")
 def delete_video(video_id: str) -> tuple[str, int]:
-    services = _services()
+    services = current_services()
     try:
         deleted = services.videos.delete(video_id, current_tenant().name)
     except VideoInUse as exc:
@@ -134,7 +131,7 @@ def get_frame(video_id: str, n: str) -> Response:
         raise NotFound(f"video {video_id} has frames 0 to {len(video.frames) - 1}, not {n!r}")
     key = video.frames[position]["key"]
     try:
-        data = _services().store.get_bytes(key)
+        data = current_services().store.get_bytes(key)
     except NotFound:
         raise NotFound(f"frame {position} of video {video_id} is no longer stored") from None
     response = Response(data, mimetype="image/png")
@@ -142,5 +139,5 @@ def get_frame(video_id: str, n: str) -> Response:
     max_age = max(0, int(video.expires_at - time.time()))
     response.headers["Cache-Control"] = f"private, max-age={max_age}, immutable"
     response.set_etag(f"{video.id}-{position}")
-    response.make_conditional(request)
+    response.make_conditional(request)  # in place: a 304, or a 206 for a range
     return response

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -19,14 +18,11 @@ from pathlib import Path
 
 import redis
 
-from api.submission import GENERATION_FIELDS, SAMPLING_FIELDS
-from common.client import Client
-from common.settings import load_settings
+from common.client import Client, Job
 from worker.cli.demo import CACHE_DIR, ensure_tiny_model
-from worker.cli.stack import Stack, offline_cpu_env, wait_for_http, wait_for_workers
+from worker.cli.stack import ServicePlan, Stack, offline_cpu_env
 
 REDIS_URL = os.environ.get("VIDEOQA_BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
-TERMINAL = {"succeeded", "failed", "cancelled"}
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -63,28 +59,23 @@ def service_env(workdir: Path, **extra: str) -> dict[str, str]:
 
 @dataclass
 class Running:
-    base_url: str
+    client: Client
     env: dict[str, str]
     logs: Path
-
-    def __post_init__(self) -> None:
-        self.client = Client(self.base_url)
 
     def submit(self, video: Path, **fields: str) -> tuple[str, float]:
         """Posts one multipart job (flat ``fields``, as curl sends them); returns its id and the
         wall-clock time just before sending."""
-        sampling = {name: fields.pop(name) for name in SAMPLING_FIELDS if name in fields}
-        generation = {name: fields.pop(name) for name in GENERATION_FIELDS if name in fields}
         fields.setdefault("question", "What is the cat doing?")
         sent = time.time()
-        job = self.client.submit([video], sampling=sampling, generation=generation, **fields)
+        job = self.client.submit_fields([video], **fields)
         return job.id, sent
 
     def wait(
         self, job_ids: Sequence[str], timeout_s: float = 600.0, poll_s: float = 0.25
     ) -> dict[str, dict]:
         """The finished jobs' records (a failed job raises)."""
-        return self.wait_for(job_ids, lambda job: job["status"] in TERMINAL, timeout_s, poll_s)
+        return self.wait_for(job_ids, lambda job: Job.from_json(job).done, timeout_s, poll_s)
 
     def wait_for(
         self,
@@ -106,42 +97,30 @@ class Running:
         while pending:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{len(pending)} jobs not there yet; logs in {self.logs}")
-            seen: dict[str, dict] = {}
+            seen: dict[str, Job] = {}
             if len(pending) > 2:
-                listed = self.client.list(limit=100).jobs
-                seen = {job.id: job.raw for job in listed if job.id in pending}
+                seen = {job.id: job for job in self.client.list(limit=100).jobs if job.id in pending}
             for job_id in pending - seen.keys():
-                seen[job_id] = self.client.get(job_id).raw
+                seen[job_id] = self.client.get(job_id)
             for job_id, job in seen.items():
-                if job["status"] in TERMINAL and job["status"] != "succeeded":
-                    raise RuntimeError(f"job {job_id} {job['status']}: {job['error']}")
-                if reached(job):
+                if job.done and job.status != "succeeded":
+                    raise RuntimeError(f"job {job_id} {job.status}: {job.error}")
+                if reached(job.raw):
                     pending.discard(job_id)
-                    records[job_id] = job
+                    records[job_id] = job.raw
             if pending:
                 time.sleep(poll_s)
         return records
 
 
 @contextmanager
-def running(processes: dict[str, list[str]], env: dict[str, str], *, workers: Sequence[str] = ()) -> Iterator[Running]:
-    """Starts ``processes`` (name -> argv; ``api`` gets a free port appended by the caller), waits
-    for the API and the named workers, and stops everything on the way out."""
+def running(plan: ServicePlan, env: dict[str, str]) -> Iterator[Running]:
+    """Starts ``plan``'s processes, each logging to a file of its own, waits until the API and
+    every worker answer, and stops everything on the way out."""
     logs = Path(tempfile.mkdtemp(prefix="videoqa-bench-logs-"))
-    stack = Stack(env=env)
-    base_url = ""
+    stack = Stack(env=env, logs=logs)
     try:
-        for name, argv in processes.items():
-            with open(logs / f"{name}.log", "ab") as handle:  # the process keeps its own copy
-                stack.start(name, argv, stdout=handle, stderr=subprocess.STDOUT)
-            if name == "api":
-                bind = argv[argv.index("--bind") + 1]
-                base_url = f"http://{bind}"
-        if base_url:
-            wait_for_http(f"{base_url}/healthz")
-        if workers:
-            wait_for_workers(load_settings(env), list(workers), timeout_s=300)
-        yield Running(base_url, env, logs)
+        yield Running(stack.start_service(plan, wait_s=300), env, logs)
     finally:
         stack.stop()
 

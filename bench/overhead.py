@@ -38,7 +38,7 @@ import redis
 
 from bench.floors import LATENCIES_KEY, celery_app
 from bench.harness import REDIS_URL, flush, percentile, running, sample_video, service_env
-from worker.cli.stack import Stack, api_command, cpu_worker_command, free_port, gpu_worker_command, wait_for_http
+from worker.cli.stack import ServicePlan, Stack, api_command, free_port, wait_for_http
 
 CONNECTIONS = 16
 
@@ -97,13 +97,9 @@ def bare_chain(count: int) -> list[float]:
 def service_overhead(count: int, workdir: Path, video_url: str) -> dict[str, list[float]]:
     flush()
     env = service_env(workdir / "overhead", VIDEOQA_BATCH_SIZE="1", VIDEOQA_FETCH_ALLOWLIST="127.0.0.1")
-    processes = {
-        "api": api_command(port=free_port(), workers=2),
-        "cpu": cpu_worker_command(concurrency=1),
-        "gpu0": gpu_worker_command("gpu0"),
-    }
+    plan = ServicePlan(port=free_port(), api_workers=2, cpu_concurrency=1)
     parts: dict[str, list[float]] = {"overhead": [], "post": [], "queue_wait": [], "ingest_bookkeeping": [], "handoff": []}
-    with running(processes, env, workers=["cpu", "gpu0"]) as service:
+    with running(plan, env) as service:
         for i in range(count + 5):
             sent = time.time()
             job_id = service.client.submit(

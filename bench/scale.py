@@ -42,7 +42,7 @@ from typing import Any
 from bench.harness import flush, running, sample_video, service_env
 from common.celery_config import make_celery
 from common.settings import load_settings
-from worker.cli.stack import api_command, cpu_worker_command, free_port, gpu_worker_command
+from worker.cli.stack import ServicePlan, free_port
 
 # Polling the job list four times a second instead costs the API and this client 0.16 s of CPU
 # per 32 jobs (a fifth of everything but generation), taken from the GPU workers.
@@ -56,15 +56,11 @@ def measure(
     overlapping), then with the GPU workers held back until every job is ingested."""
     flush()
     env = service_env(workdir / f"gpu{gpu_workers}", VIDEOQA_BATCH_SIZE="1")
-    names = [f"gpu{i}" for i in range(gpu_workers)]
-    processes = {
-        "api": api_command(port=free_port(), workers=1),
-        "cpu": cpu_worker_command(concurrency=1),
-        **{name: gpu_worker_command(name) for name in names},
-    }
+    plan = ServicePlan(port=free_port(), api_workers=1, cpu_concurrency=1, gpu_workers=gpu_workers)
+    names = plan.worker_names[1:]
     fields = {"num_frames": "2", "max_new_tokens": str(max_new_tokens)}
     celery = make_celery(load_settings(env))
-    with running(processes, env, workers=["cpu", *names]) as service:
+    with running(plan, env) as service:
         service.wait([service.submit(video, **fields)[0] for _ in names])  # warm-up
         submitted = [service.submit(video, **fields) for _ in range(jobs)]
         done = service.wait([job_id for job_id, _ in submitted], poll_s=POLL_S)
@@ -142,7 +138,8 @@ def generate_back_to_back(jobs: int, max_new_tokens: int, video: str) -> None:
 
     from common.schemas import Generation, Sampling
     from common.settings import load_settings
-    from worker.gpu.model import Prompt, generate_batch, load_model
+    from worker.gpu.batch import generate_batch
+    from worker.gpu.model import Prompt, load_model
     from worker.media.sampling import sample_frames
 
     torch.set_num_threads(1)

@@ -39,7 +39,7 @@ from pathlib import Path
 
 from bench.frames import ensure_file, run_child
 from bench.harness import Running, flush, running, service_env
-from worker.cli.stack import api_command, cpu_worker_command, free_port, gpu_worker_command
+from worker.cli.stack import ServicePlan, free_port
 
 CLIP = ("h264_1080p_20s.mp4", dict(seconds=20, width=1920, height=1080, gop=250, bframes=3, preset="veryfast"))
 FRAMES = 12
@@ -128,12 +128,8 @@ def main() -> None:
 
         tiny = write_cat_video(workdir / "tiny.mp4", seconds=1, fps=30, width=160, height=120)
         flush()
-        processes = {
-            "api": api_command(port=free_port(), workers=1),
-            "cpu": cpu_worker_command(concurrency=1),
-            "gpu0": gpu_worker_command("gpu0"),
-        }
-        with running(processes, service_env(workdir, VIDEOQA_BATCH_SIZE="1"), workers=["cpu", "gpu0"]) as service:
+        plan = ServicePlan(port=free_port(), api_workers=1, cpu_concurrency=1)
+        with running(plan, service_env(workdir, VIDEOQA_BATCH_SIZE="1")) as service:
             # Warm-up: the workers' first job starts the decode sandbox and the model's first pass.
             run_job(service, unique_copy(tiny, "warm", workdir))
             for i in range(args.rounds):

@@ -20,6 +20,8 @@ VIDEO_TASK = "videoqa.ingest_video"
 WEBHOOK_TASK = "videoqa.webhook"
 CPU_QUEUE = "cpu"
 GPU_QUEUE = "gpu"
+# The longest pause before a transient error is retried: the exponential backoff stops growing here.
+RETRY_BACKOFF_MAX_S = 60
 
 
 def make_celery(settings: Settings, *, main: str = "videoqa") -> Celery:

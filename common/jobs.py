@@ -14,13 +14,14 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from enum import StrEnum
 from typing import Any, cast
 
 import redis
 
 from common.errors import TooManyActiveJobs
 from common.events import EVENTS_MAXLEN, STATUS_EVENT_LUA, events_key
+from common.handoff import VERSION_FIELD as HANDOFF_VERSION_FIELD
+from common.job_status import ACTIVE, TERMINAL, JobStatus
 from common.metrics import METRICS_KEY, SUBMITTED_FIELD, TERMINAL_HOOK_LUA
 
 KEY_PREFIX = "videoqa:job:"
@@ -33,23 +34,6 @@ WEBHOOK_FIELD = "webhook"
 
 log = logging.getLogger(__name__)
 
-
-class JobStatus(StrEnum):
-    QUEUED = "queued"
-    INGESTING = "ingesting"
-    QUEUED_GPU = "queued_gpu"
-    GENERATING = "generating"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-    @property
-    def terminal(self) -> bool:
-        return self in TERMINAL
-
-
-TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
-ACTIVE = frozenset(JobStatus) - TERMINAL
 
 # Compare-and-set in one round trip: the status moves only from an allowed one, so a redelivered
 # or late task can never overwrite a terminal state or move a job backwards. A terminal transition
@@ -97,6 +81,8 @@ class Job:
     request: dict[str, Any]
     media: list[dict[str, Any]] | None = None
     ingest_timings: dict[str, float] = field(default_factory=dict)
+    # Of the CPU stage's hand-off (``media``, ``ingest_timings``): common.handoff reads them.
+    handoff_version: int = 1
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
     stages: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -158,6 +144,7 @@ def _decode(raw: dict[str, str]) -> Job:
         request=loads("request") or {},
         media=loads("media"),
         ingest_timings=loads("ingest_timings") or {},
+        handoff_version=int(raw.get(HANDOFF_VERSION_FIELD) or 1),
         result=loads("result"),
         error=loads("error"),
         stages=stages,

@@ -75,6 +75,11 @@ class Generation(_Strict):
     top_p: float | None = Field(default=None, gt=0, le=1)
 
 
+# The options' names as the flat fields of a multipart form.
+SAMPLING_FIELDS = tuple(Sampling.model_fields)
+GENERATION_FIELDS = tuple(Generation.model_fields)
+
+
 class Turn(_Strict):
     """One earlier turn of the conversation a job continues."""
 

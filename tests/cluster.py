@@ -17,19 +17,18 @@ import redis
 from api.app import create_app
 from common.celery_config import CPU_QUEUE, GPU_QUEUE, make_celery
 from common.connections import redis_client
+from common.job_status import TERMINAL
 from common.jobs import Job, JobStatus, JobStore
 from common.settings import Settings, load_settings
-from tests.conftest import service_env, start_process
+from tests.conftest import service_env
 from worker.cli.stack import Stack, cpu_worker_command, gpu_worker_command
-
-ENDED = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED}
 
 
 class Cluster:
     def __init__(self, env: dict[str, str], logs: Path) -> None:
         self.env, self.logs = env, logs
         self.settings: Settings = load_settings(env)
-        self.stack = Stack(env=env)
+        self.stack = Stack(env=env, logs=self.logs)
         self.jobs = JobStore(redis_client(self.settings), ttl_s=600)
         self.client = create_app(self.settings).test_client()
         self.gpu_starts = 0
@@ -37,7 +36,7 @@ class Cluster:
 
     def start_gpu(self) -> None:
         self.gpu_starts += 1
-        start_process(self.stack, self.logs, f"gpu{self.gpu_starts}", gpu_worker_command())
+        self.stack.start(f"gpu{self.gpu_starts}", gpu_worker_command())
 
     def gpu_pid(self) -> int:
         return self.stack.processes[f"gpu{self.gpu_starts}"].pid
@@ -47,7 +46,7 @@ class Cluster:
         self.cpu_starts += 1
         name = f"cpu{self.cpu_starts}"
         argv = [app if arg == "worker.cpu_app" else arg for arg in cpu_worker_command(concurrency=1)]
-        start_process(self.stack, self.logs, name, argv, **extra_env)
+        self.stack.start(name, argv, extra_env=extra_env)
         return name
 
     def submit(self, video: Path, frames: int, new_tokens: int) -> str:
@@ -63,7 +62,7 @@ class Cluster:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             job = self.jobs.get(job_id)
-            if job is not None and job.status in statuses and (job.attempts >= attempts or job.status in ENDED):
+            if job is not None and job.status in statuses and (job.attempts >= attempts or job.status in TERMINAL):
                 return job
             time.sleep(0.05)
         raise AssertionError(f"{job_id} never reached {statuses}: {self.jobs.get(job_id)}\n{self.diagnosis()}")
@@ -89,9 +88,7 @@ class Cluster:
     def diagnosis(self) -> str:
         """What the broker holds (queued messages, delivery tags left unacknowledged and their
         age) and the end of each worker's log: the evidence a stalled job needs."""
-        return broker_state(redis.Redis.from_url(self.settings.redis_url)) + "\n" + "\n".join(
-            f"--- {p.name}\n{p.read_text(errors='replace')[-4000:]}" for p in sorted(self.logs.glob("*.log"))
-        )
+        return broker_state(redis.Redis.from_url(self.settings.redis_url)) + "\n" + self.stack.tail_logs(4000)
 
 
 def _job_of(message: dict) -> str:

@@ -19,18 +19,9 @@ import boto3
 import pytest
 import redis
 
-from api.submission import GENERATION_FIELDS, SAMPLING_FIELDS
 from common.client import Client, WaitTimedOut
 from common.settings import Settings, load_settings
-from worker.cli.stack import (
-    Stack,
-    api_command,
-    cpu_worker_command,
-    free_port,
-    gpu_worker_command,
-    offline_cpu_env,
-    wait_for_http,
-)
+from worker.cli.stack import ServicePlan, Stack, free_port, offline_cpu_env, wait_for_http
 
 REDIS_HOST = os.environ.get("VIDEOQA_TEST_REDIS_HOST", "127.0.0.1:6379")
 REDIS_DB = int(os.environ.get("VIDEOQA_TEST_REDIS_DB", "13"))
@@ -194,14 +185,7 @@ class RunningService:
 
     def upload(self, video: Path, **fields: str) -> str:
         """Submit ``video`` as a multipart upload with flat text ``fields``; the new job's id."""
-        sampling = {name: fields.pop(name) for name in SAMPLING_FIELDS if name in fields}
-        generation = {name: fields.pop(name) for name in GENERATION_FIELDS if name in fields}
-        webhook: dict[str, object] | None = None
-        if "webhook_url" in fields:
-            webhook = {"url": fields.pop("webhook_url")}
-            if "webhook_events" in fields:
-                webhook["events"] = fields.pop("webhook_events").split(",")
-        return self.client.submit([video], sampling=sampling, generation=generation, webhook=webhook, **fields).id
+        return self.client.submit_fields([video], **fields).id
 
     def wait(self, job_id: str, timeout_s: float = 120.0) -> dict:
         try:
@@ -210,22 +194,16 @@ class RunningService:
             raise AssertionError(f"job {job_id} did not finish: {exc.job.raw}\n{self.tail_logs()}") from None
 
     def tail_logs(self) -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(self.logs.glob("*.log")))
-
-
-def start_process(stack: Stack, logs: Path, name: str, argv: list[str], **extra_env: str) -> None:
-    with open(logs / f"{name}.log", "ab") as handle:  # the process keeps its own copy
-        stack.start(name, argv, stdout=handle, stderr=subprocess.STDOUT, extra_env=extra_env)
+        return self.stack.tail_logs()
 
 
 def start_service(env: dict[str, str], logs: Path) -> RunningService:
-    """The API (two gunicorn processes), one CPU worker and one GPU worker, logging under ``logs``."""
-    stack = Stack(env=env)
-    port = free_port()
-    start_process(stack, logs, "api", api_command(port=port, workers=2))
-    start_process(stack, logs, "cpu", cpu_worker_command(concurrency=1))
-    start_process(stack, logs, "gpu", gpu_worker_command())
-    return RunningService(f"http://127.0.0.1:{port}", env, stack, logs)
+    """The API (two gunicorn processes), one CPU worker and one GPU worker (``gpu0``), logging
+    under ``logs``."""
+    stack = Stack(env=env, logs=logs)
+    plan = ServicePlan(port=free_port(), cpu_concurrency=1)
+    stack.start_service(plan)
+    return RunningService(plan.base_url, env, stack, logs)
 
 
 @pytest.fixture(scope="session")
@@ -235,7 +213,7 @@ def service(
     """The API under gunicorn, a CPU worker and a GPU worker, as README starts them."""
     running = start_service(service_env(redis_url, aws_env, tiny_model_dir), tmp_path_factory.mktemp("service-logs"))
     try:
-        wait_for_http(running.url("/healthz"), timeout_s=120)
+        running.client.wait_until_up(120)
         yield running
     finally:
         running.stack.stop()

@@ -13,7 +13,6 @@ from flask.testing import FlaskClient
 from api.app import create_app
 from common.api_keys import hash_key
 from common.settings import load_settings
-from tests.conftest import start_process
 from worker.cli.stack import Stack, api_command, free_port, wait_for_http
 
 KEY_A = "vqa_key_of_tenant_a_0123456789"
@@ -93,8 +92,8 @@ def limited_api(spare_redis_url: str, tmp_path: Path) -> Iterator[tuple[str, Pat
         "VIDEOQA_RATE_LIMIT": "6/minute",
         "PATH": "/usr/bin:/bin",
     }
-    stack = Stack(env=env)
-    start_process(stack, tmp_path, "api", api_command(port=port, workers=2))
+    stack = Stack(env=env, logs=tmp_path)
+    stack.start("api", api_command(port=port, workers=2))
     try:
         wait_for_http(f"http://127.0.0.1:{port}/healthz")
         yield f"http://127.0.0.1:{port}", tmp_path / "api.log"

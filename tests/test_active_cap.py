@@ -14,7 +14,6 @@ import redis
 import requests
 
 from common.jobs import ACTIVE_PREFIX, DEFAULT_TENANT
-from tests.conftest import start_process
 from worker.cli.stack import Stack, api_command, free_port, wait_for_http
 
 CAP = 2
@@ -30,8 +29,8 @@ def capped_api(spare_redis_url: str, tmp_path: Path) -> Iterator[str]:
         "VIDEOQA_STORAGE_URL": str(tmp_path / "store"),
         "VIDEOQA_MAX_ACTIVE_JOBS_PER_TENANT": str(CAP),
     }
-    stack = Stack(env=env)
-    start_process(stack, tmp_path, "api", api_command(port=port, workers=4))
+    stack = Stack(env=env, logs=tmp_path)
+    stack.start("api", api_command(port=port, workers=4))
     try:
         wait_for_http(f"http://127.0.0.1:{port}/healthz", timeout_s=60)
         yield f"http://127.0.0.1:{port}"

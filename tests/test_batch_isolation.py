@@ -18,7 +18,7 @@ from common.connections import redis_client
 from common.jobs import Job, JobStatus, JobStore
 from common.settings import load_settings
 from common.storage import open_store
-from tests.conftest import service_env, start_process
+from tests.conftest import service_env
 from tests.redis_server import RedisServer
 from tests.test_batching_queue import publish_malformed
 from tests.test_gpu_worker import frames, queue_gpu_job, unbatched, wait_for
@@ -61,8 +61,8 @@ def test_jobs_that_cannot_be_prepared_and_malformed_messages_fail_alone(
     publish_malformed(settings.redis_url, marker)
     last = queue_gpu_job(settings, store, *good[1])
 
-    stack = Stack(env=env)
-    start_process(stack, tmp_path, "gpu", gpu_worker_command(), VIDEOQA_BATCH_SIZE="8")
+    stack = Stack(env=env, logs=tmp_path)
+    stack.start("gpu", gpu_worker_command(), extra_env={"VIDEOQA_BATCH_SIZE": "8"})
     try:
         ended = wait_for(jobs, [first, missing, unreadable, last], lambda job: job.status.terminal, tmp_path)
         deadline = time.monotonic() + 30
@@ -110,8 +110,8 @@ def test_redis_out_of_reach_while_a_batch_generates_is_ridden_out(
         cases = [(frames(3, 2), "question 2?", 2000), (frames(3, 0), "question 0?", 1200)]
         job_ids = [queue_gpu_job(settings, store, images, question, max_new) for images, question, max_new in cases]
 
-        stack = Stack(env=env)
-        start_process(stack, tmp_path, "gpu", gpu_worker_command(), VIDEOQA_BATCH_SIZE="2")
+        stack = Stack(env=env, logs=tmp_path)
+        stack.start("gpu", gpu_worker_command(), extra_env={"VIDEOQA_BATCH_SIZE": "2"})
         try:
             wait_for(jobs, job_ids[:1], lambda job: "start" in job.stages.get("generate", {}), tmp_path)
             server.kill()

@@ -15,7 +15,8 @@ from pydantic import ValidationError
 from common.job_size import TURN_TOKENS, job_size
 from common.schemas import Generation, JobRequest, MediaSource, Sampling, StoredRequest, Turn, check_limits
 from common.settings import load_settings
-from worker.gpu.model import LoadedModel, encode_prompt, generate_batch, load_model, render_prompt
+from worker.gpu.batch import generate_batch
+from worker.gpu.model import LoadedModel, encode_prompt, load_model, render_prompt
 
 torch.set_num_threads(1)
 SETTINGS = load_settings({})

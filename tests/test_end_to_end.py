@@ -20,7 +20,7 @@ from PIL import Image
 
 from common.connections import redis_client
 from common.jobs import JobStatus, JobStore
-from tests.conftest import BUCKET, RunningService, service_env, start_process
+from tests.conftest import BUCKET, RunningService, service_env
 from worker.app.resources import load_geometry
 from worker.cli.stack import Stack, cpu_worker_command, wait_for_workers
 from worker.fixtures.synthetic_videos import write_cat_video
@@ -172,8 +172,8 @@ def test_a_cancelled_queued_job_never_runs(
 
     broker = redis.Redis.from_url(spare_redis_url)
     assert broker.llen("cpu") == 1
-    stack = Stack(env=env)
-    start_process(stack, tmp_path, "cpu", cpu_worker_command(concurrency=1))
+    stack = Stack(env=env, logs=tmp_path)
+    stack.start("cpu", cpu_worker_command(concurrency=1))
     log = tmp_path / "cpu.log"
     try:
         wait_for_workers(settings, ["cpu"], timeout_s=180)

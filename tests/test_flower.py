@@ -9,7 +9,7 @@ from typing import Any
 
 import requests
 
-from tests.conftest import RunningService, start_process
+from tests.conftest import RunningService
 from worker.cli.stack import Stack, flower_command, flower_env, free_port, wait_for_http
 
 USER, PASSWORD = "ops", "flower-test-password"
@@ -29,8 +29,8 @@ def test_flower_shows_both_workers_and_the_tasks_of_a_finished_job(
 ) -> None:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    stack = Stack(env=service.env)
-    start_process(stack, tmp_path, "flower", flower_command(port=port), **flower_env(USER, PASSWORD))
+    stack = Stack(env=service.env, logs=tmp_path)
+    stack.start("flower", flower_command(port=port), extra_env=flower_env(USER, PASSWORD))
     try:
         wait_for_http(f"{base}/healthcheck", timeout_s=90)
         assert requests.get(f"{base}/api/workers", timeout=10).status_code == 401

@@ -13,6 +13,7 @@ import pytest
 import requests
 
 from common.api_keys import hash_key
+from common.job_status import TERMINAL
 from tests.conftest import REDIS_HOST, SPARE_REDIS_DB, RunningService, _flushed, service_env, start_service
 from worker.cli.stack import wait_for_http
 
@@ -57,7 +58,7 @@ def _answer(service: RunningService, key: str, video: Path) -> dict[str, Any]:
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         job = requests.get(service.url(f"/v1/jobs/{created.json()['id']}"), headers=headers, timeout=10).json()
-        if job["status"] in {"succeeded", "failed", "cancelled"}:
+        if job["status"] in TERMINAL:
             assert job["status"] == "succeeded", (job, service.tail_logs())
             return dict(job["result"])
         time.sleep(0.2)

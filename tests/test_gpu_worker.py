@@ -24,7 +24,7 @@ from common.connections import redis_client
 from common.jobs import Job, JobStatus, JobStore
 from common.settings import Settings, load_settings
 from common.storage import ObjectStore, open_store
-from tests.conftest import service_env, start_process
+from tests.conftest import service_env
 from worker.cli.stack import Stack, gpu_worker_command
 from worker.gpu.lifecycle import EX_CONFIG
 from worker.gpu.model import LoadedModel, load_model
@@ -102,8 +102,9 @@ def test_queued_jobs_are_generated_as_one_batch_with_their_unbatched_tokens(
     cases = [(frames(n, seed), f"question {seed}?", max_new) for seed, (n, max_new) in enumerate([(1, 7), (3, 20), (6, 3), (12, 15)])]
     job_ids = [queue_gpu_job(settings, store, images, question, max_new) for images, question, max_new in cases]
 
-    stack = Stack(env=worker_env)
-    start_process(stack, tmp_path, "gpu", gpu_worker_command(), VIDEOQA_BATCH_SIZE="4", VIDEOQA_HEARTBEAT_INTERVAL_S="1")
+    stack = Stack(env=worker_env, logs=tmp_path)
+    batching = {"VIDEOQA_BATCH_SIZE": "4", "VIDEOQA_HEARTBEAT_INTERVAL_S": "1"}
+    stack.start("gpu", gpu_worker_command(), extra_env=batching)
     try:
         finished = wait_for(jobs, job_ids, lambda job: job.status.terminal, tmp_path)
         ready = {worker.hostname: worker for worker in readiness.ready_workers(client)}
@@ -140,8 +141,8 @@ def test_a_second_question_over_the_same_frames_reuses_their_prefill(
     questions = ["What is happening in this video?", "How many people are walking in the street?"]
     job_ids = [queue_gpu_job(settings, store, images, question, 10) for question in questions]
 
-    stack = Stack(env=worker_env)
-    start_process(stack, tmp_path, "gpu", gpu_worker_command(), VIDEOQA_BATCH_SIZE="2")
+    stack = Stack(env=worker_env, logs=tmp_path)
+    stack.start("gpu", gpu_worker_command(), extra_env={"VIDEOQA_BATCH_SIZE": "2"})
     try:
         finished = wait_for(jobs, job_ids, lambda job: job.status.terminal, tmp_path)
     finally:
@@ -172,8 +173,8 @@ def test_cancelling_a_generating_job_stops_it_and_spares_the_rest_of_its_batch(
     other_id = queue_gpu_job(settings, store, other_frames, "question 0?", 800)
     api = create_app(settings).test_client()
 
-    stack = Stack(env=worker_env)
-    start_process(stack, tmp_path, "gpu", gpu_worker_command(), VIDEOQA_BATCH_SIZE="2")
+    stack = Stack(env=worker_env, logs=tmp_path)
+    stack.start("gpu", gpu_worker_command(), extra_env={"VIDEOQA_BATCH_SIZE": "2"})
     try:
         wait_for(jobs, [long_id], lambda job: "start" in job.stages.get("generate", {}), tmp_path)
         response = api.delete(f"/v1/jobs/{long_id}")
@@ -199,8 +200,8 @@ def test_cancelling_a_generating_job_stops_it_and_spares_the_rest_of_its_batch(
 
 def test_a_model_that_cannot_load_stops_the_worker_with_a_clear_message(worker_env: dict[str, str], tmp_path: Path) -> None:
     settings = load_settings(worker_env)
-    stack = Stack(env=worker_env)
-    start_process(stack, tmp_path, "gpu", gpu_worker_command(), VIDEOQA_MODEL=str(tmp_path / "no-such-model"))
+    stack = Stack(env=worker_env, logs=tmp_path)
+    stack.start("gpu", gpu_worker_command(), extra_env={"VIDEOQA_MODEL": str(tmp_path / "no-such-model")})
     try:
         code = stack.processes["gpu"].wait(timeout=120)
     except subprocess.TimeoutExpired:

@@ -68,13 +68,12 @@ def test_upload_over_the_limit_is_413_before_the_body_is_read(service: RunningSe
 
 
 def test_chunked_upload_over_the_limit_is_413(spare_redis_url: str, tmp_path: Path) -> None:
-    from tests.conftest import start_process
     from worker.cli.stack import Stack, api_command, free_port, wait_for_http
 
     port = free_port()
     env = {"VIDEOQA_REDIS_URL": spare_redis_url, "VIDEOQA_STORAGE_URL": str(tmp_path / "s"), "VIDEOQA_MAX_UPLOAD_BYTES": "100000"}
-    stack = Stack(env=env)
-    start_process(stack, tmp_path, "api", api_command(port=port, workers=1))
+    stack = Stack(env=env, logs=tmp_path)
+    stack.start("api", api_command(port=port, workers=1))
     try:
         base = f"http://127.0.0.1:{port}"
         wait_for_http(f"{base}/healthz")

@@ -11,7 +11,8 @@ from PIL import Image
 
 from common.schemas import Generation, MediaSource, Sampling, StoredRequest
 from common.settings import load_settings
-from worker.gpu.model import LoadedModel, Prompt, generate_batch, load_model, render_prompt, resolve_attention
+from worker.gpu.batch import generate_batch
+from worker.gpu.model import LoadedModel, Prompt, load_model, render_prompt, resolve_attention
 
 torch.set_num_threads(1)
 

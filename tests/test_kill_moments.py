@@ -13,8 +13,9 @@ import pytest
 import redis
 
 from common.celery_config import make_celery
+from common.job_status import TERMINAL
 from common.jobs import JobStatus
-from tests.cluster import ENDED, Cluster, running_cluster
+from tests.cluster import Cluster, running_cluster
 
 FAULTY_APP = "tests.faulty_cpu_app"
 KILLS_KEY = "videoqa:test:kill-moments"  # where FAULTY_APP counts; importing it would build a worker app here
@@ -60,7 +61,7 @@ def test_pool_process_killed_as_it_accepts_the_task_and_again_on_redelivery(
     timeout is 4 s) and the first two die as they accept the task."""
     cluster.start_cpu(FAULTY_APP, VIDEOQA_TEST_KILL_AT="task_prerun", VIDEOQA_TEST_KILLS="2", VIDEOQA_TEST_SLOW_START_S="6")
     job_id = cluster.submit(sample_videos[0], frames=2, new_tokens=3)
-    job = cluster.wait_for(job_id, ENDED)
+    job = cluster.wait_for(job_id, TERMINAL)
     assert job.status is JobStatus.SUCCEEDED, (job.error, cluster.diagnosis())
     # More than 3 when the message was held past the visibility timeout and came back once more
     # (it then finds the job moved on).
@@ -75,7 +76,7 @@ def test_pool_process_killed_after_the_task_ran_before_its_acknowledgement(
     there and does nothing."""
     cluster.start_cpu(FAULTY_APP, VIDEOQA_TEST_KILL_AT="task_postrun")
     job_id = cluster.submit(sample_videos[0], frames=2, new_tokens=3)
-    job = cluster.wait_for(job_id, ENDED)
+    job = cluster.wait_for(job_id, TERMINAL)
     assert job.status is JobStatus.SUCCEEDED, (job.error, cluster.diagnosis())
     _wait_moments(cluster, 2)  # the redelivery ran too
     logs = _logs(cluster)
@@ -98,7 +99,7 @@ def test_worker_killed_with_the_message_taken_and_again_right_after_its_restore(
         assert _moments_reached(restoring_cluster) == death
         assert restoring_cluster.jobs.get(job_id).status is JobStatus.QUEUED
     restoring_cluster.start_cpu(FAULTY_APP, VIDEOQA_TEST_KILL_AT="task_received", VIDEOQA_TEST_KILLS="2")
-    job = restoring_cluster.wait_for(job_id, ENDED)
+    job = restoring_cluster.wait_for(job_id, TERMINAL)
     assert job.status is JobStatus.SUCCEEDED, (job.error, restoring_cluster.diagnosis())
     assert _moments_reached(restoring_cluster) >= 3 and "sent again" not in _logs(restoring_cluster)
 
@@ -119,6 +120,6 @@ def test_worker_killed_during_a_restore_scan_holds_restores_back_only_briefly(
     broker = redis.Redis.from_url(restoring_cluster.settings.redis_url)
     assert broker.set("unacked_mutex", "a-dead-worker", nx=True, ex=options.get("unacked_mutex_expire", 300))
     restoring_cluster.start_cpu()
-    job = restoring_cluster.wait_for(job_id, ENDED, timeout_s=240)
+    job = restoring_cluster.wait_for(job_id, TERMINAL, timeout_s=240)
     assert job.status is JobStatus.SUCCEEDED, (job.error, restoring_cluster.diagnosis())
     assert "sent again" not in _logs(restoring_cluster)

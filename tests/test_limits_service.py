@@ -16,7 +16,7 @@ import pytest
 import redis
 import requests
 
-from tests.conftest import BUCKET, REDIS_HOST, SPARE_REDIS_DB, RunningService, service_env, start_process
+from tests.conftest import BUCKET, REDIS_HOST, SPARE_REDIS_DB, RunningService, service_env
 from worker.cli.stack import Stack, api_command, cpu_worker_command, free_port, wait_for_http
 
 CAP_BYTES = 1_000_000
@@ -116,12 +116,11 @@ def limited_service(
     redis.Redis.from_url(url).flushdb()
     logs = tmp_path_factory.mktemp("limited-service-logs")
     env = service_env(url, aws_env, tiny_model_dir, VIDEOQA_MAX_DOWNLOAD_BYTES=str(CAP_BYTES))
-    stack = Stack(env=env)
+    stack = Stack(env=env, logs=logs)
     port = free_port()
-    start_process(stack, logs, "api", api_command(port=port, workers=2))
-    start_process(
-        stack, logs, "cpu", cpu_worker_command(concurrency=1), VIDEOQA_S3_ENDPOINT_URL=f"http://127.0.0.1:{proxy.port}"
-    )
+    stack.start("api", api_command(port=port, workers=2))
+    proxied = {"VIDEOQA_S3_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}"}
+    stack.start("cpu", cpu_worker_command(concurrency=1), extra_env=proxied)
     running = RunningService(f"http://127.0.0.1:{port}", env, stack, logs)
     try:
         wait_for_http(running.url("/healthz"), timeout_s=60)

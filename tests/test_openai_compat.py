@@ -17,12 +17,11 @@ import requests
 from PIL import Image
 
 from common.api_keys import hash_key
+from common.job_status import TERMINAL
 from tests.conftest import BUCKET, REDIS_HOST, SPARE_REDIS_DB, RunningService, _flushed, service_env, start_service
-from worker.cli.stack import wait_for_http
 
 KEY = "vqa_openai_test_key"
 QUESTION = "What is happening in this video?"
-TERMINAL = {"succeeded", "failed", "cancelled"}
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +34,7 @@ def keyed_service(
     env = service_env(url, aws_env, tiny_model_dir, VIDEOQA_API_KEYS=f"tester:{hash_key(KEY)}:s3://{BUCKET}/openai/")
     running = start_service(env, tmp_path_factory.mktemp("openai-logs"))
     try:
-        wait_for_http(running.url("/healthz"), timeout_s=120)
+        running.client.wait_until_up(120)
         yield running
     finally:
         running.stack.stop()

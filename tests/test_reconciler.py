@@ -12,7 +12,7 @@ from api.app import create_app
 from common.connections import redis_client
 from common.jobs import JobStatus, JobStore
 from common.settings import load_settings
-from tests.conftest import service_env, start_process
+from tests.conftest import service_env
 from worker.app.reconciler import job_ids_in_flight, reconcile
 from worker.cli.stack import Stack, cpu_worker_command, gpu_worker_command
 
@@ -67,9 +67,9 @@ def test_a_deleted_queue_message_does_not_lose_the_job(
     broker = redis.Redis.from_url(spare_redis_url)
     assert broker.delete("cpu") == 1  # the message is gone, as after a Redis restart without persistence
 
-    stack = Stack(env=env)
-    start_process(stack, tmp_path, "cpu", cpu_worker_command(concurrency=1))
-    start_process(stack, tmp_path, "gpu", gpu_worker_command())
+    stack = Stack(env=env, logs=tmp_path)
+    stack.start("cpu", cpu_worker_command(concurrency=1))
+    stack.start("gpu", gpu_worker_command())
     jobs = JobStore(redis_client(settings), ttl_s=60)
     try:
         deadline = time.monotonic() + 300  # two workers start first, on a machine that may be loaded

@@ -22,7 +22,7 @@ def test_redelivered_message_of_a_finished_job_is_a_no_op(service: RunningServic
     broker = redis.Redis.from_url(service.settings.redis_url)
     handled = f"generate: job {job_id} is succeeded; nothing to do"
     deadline = time.monotonic() + 120
-    while handled not in (service.logs / "gpu.log").read_text(errors="replace"):
+    while handled not in (service.logs / "gpu0.log").read_text(errors="replace"):
         assert time.monotonic() < deadline, service.tail_logs()
         time.sleep(0.1)
     # The worker acknowledges the message once the task returns, right after that line.

@@ -15,7 +15,7 @@ from common.connections import redis_client
 from common.jobs import INDEX_KEY, TENANT_INDEX_PREFIX, JobStatus, JobStore
 from common.settings import Settings
 from common.storage import LocalStore, ObjectStore, S3Store
-from tests.conftest import BUCKET, service_env, start_process
+from tests.conftest import BUCKET, service_env
 from worker.cli.stack import Stack, cpu_worker_command
 from worker.cpu.sweeper import LOCK_KEY, UPLOAD_GRACE_S, sweep, trim_indexes
 
@@ -148,8 +148,8 @@ def test_a_cpu_worker_sweeps_on_its_timer(
     client = redis.Redis.from_url(spare_redis_url, decode_responses=True)
     client.zadd(INDEX_KEY, {"expired-job": time.time() - 30 * DAY_S})
 
-    stack = Stack(env=env)
-    start_process(stack, tmp_path, "cpu", cpu_worker_command(concurrency=1))
+    stack = Stack(env=env, logs=tmp_path)
+    stack.start("cpu", cpu_worker_command(concurrency=1))
     try:
         deadline = time.monotonic() + 120
         while store.exists("frames/old/p0/0000.png") or client.zcard(INDEX_KEY):

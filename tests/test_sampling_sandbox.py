@@ -116,10 +116,10 @@ def test_stored_frames_read_back_as_the_pixels_sampled(
     else:
         store = LocalStore(tmp_path / "store")
     entries = store_frames(store, "frames/clip", sample.frames)
-    assert [(e["index"], e["time"]) for e in entries] == [(f.index, f.time) for f in sample.frames]
-    assert [e["key"] for e in entries] == [f"frames/clip/{i:04d}.png" for i in range(12)]
+    assert [(e.index, e.time) for e in entries] == [(f.index, f.time) for f in sample.frames]
+    assert [e.key for e in entries] == [f"frames/clip/{i:04d}.png" for i in range(12)]
     for entry, frame in zip(entries, sample.frames, strict=True):
-        read = np.asarray(decode_png(store.get_bytes(entry["key"])))
+        read = np.asarray(decode_png(store.get_bytes(entry.key)))
         assert read.shape == (384, 384, 3)
         assert np.array_equal(read, frame.array), f"frame {frame.index} differs once stored"
 

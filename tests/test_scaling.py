@@ -11,18 +11,10 @@ from typing import Any
 
 import requests
 
+from common.job_status import TERMINAL
 from common.logging_config import JOB_ID_PATTERN
-from common.settings import load_settings
-from tests.conftest import service_env, start_process
-from worker.cli.stack import (
-    Stack,
-    api_command,
-    cpu_worker_command,
-    free_port,
-    gpu_worker_command,
-    wait_for_http,
-    wait_for_workers,
-)
+from tests.conftest import service_env
+from worker.cli.stack import ServicePlan, Stack, free_port
 
 SECRET = "scaling-test-secret-4711"
 JOBS = 8
@@ -46,16 +38,11 @@ def test_two_gpu_workers_on_one_queue_share_eight_jobs(
     env = service_env(redis_url, {}, tiny_model_dir, VIDEOQA_STORAGE_URL=str(tmp_path / "store"), VIDEOQA_BATCH_SIZE="1")
     logs = tmp_path / "logs"
     logs.mkdir()
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    stack = Stack(env=env)
-    start_process(stack, logs, "api", api_command(port=port, workers=1))
-    start_process(stack, logs, "cpu", cpu_worker_command(concurrency=1))
-    start_process(stack, logs, "gpu0", gpu_worker_command("gpu0"))
-    start_process(stack, logs, "gpu1", gpu_worker_command("gpu1"))
+    plan = ServicePlan(port=free_port(), api_workers=1, cpu_concurrency=1, gpu_workers=2)
+    base = plan.base_url
+    stack = Stack(env=env, logs=logs)
     try:
-        wait_for_http(f"{base}/healthz")
-        wait_for_workers(load_settings(env), ["cpu", "gpu0", "gpu1"], timeout_s=180)
+        stack.start_service(plan, wait_s=180)
         job_ids = []
         for _ in range(JOBS):
             with open(sample_videos[0], "rb") as handle:
@@ -72,7 +59,7 @@ def test_two_gpu_workers_on_one_queue_share_eight_jobs(
         while pending and time.monotonic() < deadline:
             for job_id in list(pending):
                 job = requests.get(f"{base}/v1/jobs/{job_id}", timeout=10).json()
-                if job["status"] in {"succeeded", "failed", "cancelled"}:
+                if job["status"] in TERMINAL:
                     assert job["status"] == "succeeded", job
                     pending.discard(job_id)
             time.sleep(0.2)

@@ -18,7 +18,7 @@ from api.app import create_app
 from common.connections import redis_client
 from common.jobs import Job, JobStore
 from common.settings import Settings, load_settings
-from tests.conftest import service_env, start_process
+from tests.conftest import service_env
 from worker.cli.stack import Stack, cpu_worker_command, free_port, gpu_worker_command, wait_for_http
 
 
@@ -80,9 +80,9 @@ def test_storage_outage(
     retries = "6" if outage == "short" else "2"
     env = service_env(spare_redis_url, aws, tiny_model_dir, VIDEOQA_TRANSIENT_RETRIES=retries, VIDEOQA_RETRY_BACKOFF_S="1")
     settings = load_settings(env)
-    stack = Stack(env=env)
-    start_process(stack, tmp_path, "cpu", cpu_worker_command(concurrency=1))
-    start_process(stack, tmp_path, "gpu", gpu_worker_command())
+    stack = Stack(env=env, logs=tmp_path)
+    stack.start("cpu", cpu_worker_command(concurrency=1))
+    stack.start("gpu", gpu_worker_command())
     try:
         job_id = _run(settings, media_url)  # storage is down from the start
         if outage == "short":

@@ -18,8 +18,9 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.conftest import RunningService, start_process
-from worker.cli.stack import Stack, api_command, cpu_worker_command, free_port, offline_cpu_env, wait_for_http
+from common.job_status import TERMINAL
+from tests.conftest import RunningService
+from worker.cli.stack import ServicePlan, Stack, free_port, offline_cpu_env
 
 # `videoqa up` and its checks run as commands.
 pytestmark = pytest.mark.service
@@ -159,7 +160,7 @@ def test_up_tiny_gets_ready_answers_a_job_and_stops_on_ctrl_c(
         assert response.status_code == 202, response.text
         job_url = base + response.headers["Location"]
         deadline = time.monotonic() + 180
-        while (job := requests.get(job_url, timeout=10).json())["status"] not in {"succeeded", "failed", "cancelled"}:
+        while (job := requests.get(job_url, timeout=10).json())["status"] not in TERMINAL:
             assert time.monotonic() < deadline, job
             time.sleep(0.2)
         assert job["status"] == "succeeded", (job["error"], "".join(seen)[-4000:])
@@ -200,13 +201,12 @@ def test_a_cpu_worker_for_a_hub_model_ingests_without_asking_the_hub(
     )
     logs = tmp_path / "logs"
     logs.mkdir()
-    stack = Stack(env=env)
-    port = free_port()
-    service = RunningService(f"http://127.0.0.1:{port}", env, stack, logs)
+    stack = Stack(env=env, logs=logs)
+    plan = ServicePlan(port=free_port(), api_workers=1, cpu_concurrency=1, gpu_workers=0)
+    service = RunningService(plan.base_url, env, stack, logs)
     try:
-        start_process(stack, logs, "api", api_command(port=port, workers=1))
-        start_process(stack, logs, "cpu", cpu_worker_command(concurrency=1))
-        wait_for_http(service.url("/healthz"), timeout_s=60)
+        stack.start_service(plan)
+        service.client.wait_until_up(60)
         job_id = service.upload(sample_videos[0], question="What is the cat doing?", num_frames="2")
         deadline = time.monotonic() + 180
         while (job := requests.get(service.url(f"/v1/jobs/{job_id}"), timeout=10).json())["status"] != "queued_gpu":

@@ -11,6 +11,7 @@ import requests
 import torch
 
 from common.api_keys import hash_key
+from common.job_status import TERMINAL
 from tests.conftest import RunningService, service_env, start_service
 from tests.test_end_to_end import _stored_frames
 from worker.cli.stack import wait_for_http
@@ -57,7 +58,7 @@ def _job(service: RunningService, key: str, job_id: str, timeout_s: float = 300.
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         job = requests.get(service.url(f"/v1/jobs/{job_id}"), headers={"Authorization": f"Bearer {key}"}, timeout=10).json()
-        if job["status"] in {"succeeded", "failed", "cancelled"}:
+        if job["status"] in TERMINAL:
             return job
         time.sleep(0.2)
     raise AssertionError(f"job {job_id} did not finish\n{service.tail_logs()}")

@@ -90,10 +90,10 @@ def test_ingest_once_then_jobs_by_video_id_answer_as_jobs_by_url(service: Runnin
         _conforms(spec, "JobView", id_job)
         assert id_job["result"]["answer"] == url_job["result"]["answer"]
         assert _frames(id_job) == _frames(url_job) == [(0, f["index"], f["time"]) for f in video["frames"]]
-        # The same tokens; how many of the prompt's came from the GPU worker's prefix cache depends
-        # on which job over these frames ran first.
-        usage, url_usage = id_job["result"]["usage"], url_job["result"]["usage"]
-        assert {**usage, "cached_tokens": 0} == {**url_usage, "cached_tokens": 0}
+        # The same frames: the GPU worker's prefix cache may serve the later job's visual prefix,
+        # so only the tokens counted must agree, not the cached ones.
+        uncached = ("prompt_tokens", "completion_tokens")
+        assert [id_job["result"]["usage"][n] for n in uncached] == [url_job["result"]["usage"][n] for n in uncached]
         # Nothing was fetched or decoded for them: no ingest stage ran, no download or decode time.
         assert "ingest" not in id_job["stages"] and "ingest" in url_job["stages"]
         assert not {"download", "decode", "store_frames", "ingest"} & set(id_job["result"]["timings"])

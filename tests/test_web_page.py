@@ -21,8 +21,8 @@ from selenium.webdriver.common.keys import Keys
 
 from common.api_keys import hash_key
 from tests.browser import PHONE, Browser, launch
-from tests.conftest import RunningService, service_env, start_process
-from worker.cli.stack import Stack, api_command, cpu_worker_command, free_port, gpu_worker_command, wait_for_http
+from tests.conftest import RunningService, service_env
+from worker.cli.stack import ServicePlan, Stack, free_port, gpu_worker_command
 
 LIFECYCLE = ["queued", "ingesting", "queued_gpu", "generating", "succeeded"]
 KEY, OTHER_KEY = "vqa_page_alice_key", "vqa_page_bob_key"
@@ -197,13 +197,12 @@ def keyed_service(
         spare_redis_url, aws_env, tiny_model_dir,
         VIDEOQA_API_KEYS=f"alice:{hash_key(KEY)},bob:{hash_key(OTHER_KEY)}",
     )  # fmt: skip
-    stack = Stack(env=env)
-    port = free_port()
-    start_process(stack, tmp_path, "api", api_command(port=port, workers=1))
-    start_process(stack, tmp_path, "cpu", cpu_worker_command(concurrency=1))
-    running = RunningService(f"http://127.0.0.1:{port}", env, stack, tmp_path)
+    stack = Stack(env=env, logs=tmp_path)
+    plan = ServicePlan(port=free_port(), api_workers=1, cpu_concurrency=1, gpu_workers=0)
+    stack.start_service(plan)
+    running = RunningService(plan.base_url, env, stack, tmp_path)
     try:
-        wait_for_http(running.url("/healthz"), timeout_s=120)
+        running.client.wait_until_up(120)
         yield running
     finally:
         stack.stop()
@@ -246,7 +245,7 @@ def test_with_keys_the_page_asks_for_one_refuses_a_wrong_one_and_cancels_and_ans
     assert [video["location"] for video in cancelled["request"]["videos"]] == [url]
     assert cancelled["request"]["sampling"]["num_frames"] == 3
 
-    start_process(service.stack, service.logs, "gpu", gpu_worker_command())
+    service.stack.start("gpu", gpu_worker_command())
     job_id = ask(browser, sample_videos[1], "What moves?", frames=2, tokens=10)
     shown = wait_for_answer(browser, job_id)
     job = requests.get(service.url(f"/v1/jobs/{job_id}"), headers=alice, timeout=10).json()

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from common.job_status import TERMINAL
 from common.jobs import JobStatus
-from tests.cluster import ENDED, Cluster, running_cluster
+from tests.cluster import Cluster, running_cluster
 
 # The broker hands a dead worker's job to another within the test, and a generation on a loaded
 # machine still ends within the time limit.
@@ -34,7 +35,7 @@ def test_sigkill_during_generation_redelivers_and_completes_once(cluster: Cluste
     cluster.kill_gpu()
     assert cluster.jobs.get(job_id).status is JobStatus.GENERATING
     cluster.start_gpu()  # the restarted worker
-    job = cluster.wait_for(job_id, ENDED)
+    job = cluster.wait_for(job_id, TERMINAL)
     assert job.status is JobStatus.SUCCEEDED, job.error
     assert job.attempts == 2
     assert job.result is not None and job.result["usage"]["completion_tokens"] > 0
@@ -75,17 +76,17 @@ def test_a_poison_job_fails_after_three_attempts_and_others_flow(
             job_id = created.get_json()["id"]
             killed: set[int] = set()
             for attempt in range(1, 4):
-                job = cluster.wait_for(job_id, {JobStatus.INGESTING} | ENDED, attempts=attempt)
+                job = cluster.wait_for(job_id, {JobStatus.INGESTING} | TERMINAL, attempts=attempt)
                 assert job.status is JobStatus.INGESTING and job.attempts == attempt, job
                 pid = cluster.running_pid(job_id, not_in=frozenset(killed))
                 os.kill(pid, signal.SIGKILL)
                 killed.add(pid)
-            job = cluster.wait_for(job_id, ENDED)
+            job = cluster.wait_for(job_id, TERMINAL)
             assert job.status is JobStatus.FAILED
             assert job.error is not None and job.error["code"] == "poison", job.error
             assert job.attempts == 4 and job.result is None
             other = cluster.submit(sample_videos[1], frames=2, new_tokens=3)
-            assert cluster.wait_for(other, ENDED).status is JobStatus.SUCCEEDED
+            assert cluster.wait_for(other, TERMINAL).status is JobStatus.SUCCEEDED
         finally:
             server.shutdown()
 
@@ -101,7 +102,7 @@ def test_sigterm_finishes_the_running_job_and_loses_none(cluster: Cluster, sampl
     second = cluster.jobs.get(waiting)
     assert second is not None and second.status in {JobStatus.QUEUED_GPU, JobStatus.QUEUED, JobStatus.INGESTING}
     cluster.start_gpu()
-    done = cluster.wait_for(waiting, ENDED)
+    done = cluster.wait_for(waiting, TERMINAL)
     assert done.status is JobStatus.SUCCEEDED and done.attempts == 1
 
 
@@ -117,7 +118,7 @@ def test_a_job_past_its_time_limit_fails_with_timeout(
         try:
             url = f"http://127.0.0.1:{server.server_address[1]}/slow.mp4"
             job_id = cluster.client.post("/v1/jobs", json={"question": "q", "videos": [{"url": url}]}).get_json()["id"]
-            job = cluster.wait_for(job_id, ENDED, timeout_s=240)
+            job = cluster.wait_for(job_id, TERMINAL, timeout_s=240)
             assert job.status is JobStatus.FAILED
             assert job.error == {"code": "timeout", "message": "the job ran past its time limit"}
             assert job.attempts == 1

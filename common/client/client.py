@@ -153,6 +153,21 @@ class Client:
                 body[name] = dict(value) if isinstance(value, Mapping) else value
         return Job.from_json(self._request("POST", "/v1/jobs", json=body, headers=headers).json())
 
+    def submit_fields(self, videos: Sequence[Media] = (), **fields: Any) -> Job:
+        """``submit`` with the options as flat fields, as a multipart form (and curl) carries them:
+        ``num_frames="4"``, ``max_new_tokens="8"``, ``webhook_url=...``, ``webhook_events="failed,cancelled"``;
+        ``question``, ``prompt``, ``images`` and ``idempotency_key`` as ``submit`` takes them."""
+        from common.schemas import GENERATION_FIELDS, SAMPLING_FIELDS
+
+        sampling = {name: fields.pop(name) for name in SAMPLING_FIELDS if name in fields}
+        generation = {name: fields.pop(name) for name in GENERATION_FIELDS if name in fields}
+        webhook: dict[str, Any] | None = None
+        if "webhook_url" in fields:
+            webhook = {"url": fields.pop("webhook_url")}
+            if "webhook_events" in fields:
+                webhook["events"] = fields.pop("webhook_events").split(",")
+        return self.submit(videos, sampling=sampling, generation=generation, webhook=webhook, **fields)
+
     def get(self, job_id: str) -> Job:
         return Job.from_json(self._request("GET", f"/v1/jobs/{job_id}").json())
 
@@ -287,6 +302,30 @@ class Client:
         if job.status != "succeeded" or job.result is None:
             raise JobFailed(job)
         return job.result
+
+    def ready(self) -> bool:
+        """Whether the service is ready for jobs now (``GET /readyz`` answers 200)."""
+        try:
+            self._request("GET", "/readyz", timeout=min(self.timeout, 5.0))
+        except (APIError, Unreachable):
+            return False
+        return True
+
+    def wait_until_up(self, timeout: float = 30.0, *, poll_interval: float = 0.1) -> None:
+        """Until the API answers (``GET /healthz``); ``Unreachable`` after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self._request("GET", "/healthz", timeout=min(self.timeout, 2.0))
+                return
+            except APIError as exc:
+                if exc.http_status < 500:
+                    return
+            except Unreachable:
+                pass
+            if time.monotonic() >= deadline:
+                raise Unreachable(f"{self.base_url} did not answer within {timeout:.0f} s")
+            time.sleep(poll_interval)
 
     # Last in the class, so that ``list`` in the annotations above means the built-in.
     def list(self, limit: int = 20, before: float | None = None) -> JobPage:

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+from common.job_status import TERMINAL
 
 
 @dataclass(frozen=True)

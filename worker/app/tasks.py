@@ -8,7 +8,7 @@ from typing import Any
 from celery import Celery, Task
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 
-from common.celery_config import GENERATE_TASK, INGEST_TASK, VIDEO_TASK, WEBHOOK_TASK
+from common.celery_config import GENERATE_TASK, INGEST_TASK, RETRY_BACKOFF_MAX_S, VIDEO_TASK, WEBHOOK_TASK
 from common.errors import TransientError, VideoQAError
 from worker.app.resources import WorkerResources
 from worker.cpu.stage import ingest_job
@@ -41,7 +41,7 @@ def register_tasks(app: Celery, resources: WorkerResources) -> None:
     retry_policy = {
         "autoretry_for": (TransientError,),
         "retry_backoff": resources.settings.retry_backoff_s,
-        "retry_backoff_max": 60,
+        "retry_backoff_max": RETRY_BACKOFF_MAX_S,
         "retry_jitter": True,
         "max_retries": resources.settings.transient_retries,
     }

@@ -15,16 +15,7 @@ import click
 
 from common.client import Client, Job, VideoQAError, WaitTimedOut
 from common.settings import DEFAULT_STORAGE_DIR, load_settings
-from worker.cli.stack import (
-    Stack,
-    api_command,
-    cpu_worker_command,
-    free_port,
-    gpu_worker_command,
-    redis_answers,
-    wait_for_http,
-    wait_for_workers,
-)
+from worker.cli.stack import ServicePlan, Stack, free_port, redis_answers
 
 DEMO_QUESTION = "Are these two cats in these two videos doing the same thing?"
 CACHE_DIR = Path.home() / ".cache" / "videoqa"
@@ -69,11 +60,10 @@ def demo_environment(env: dict[str, str], stack: Stack, workdir: Path) -> dict[s
     return env
 
 
-def submit_and_wait(base_url: str, videos: list[Path], question: str, num_frames: int, timeout_s: float) -> Job:
-    client = Client(base_url, timeout=60)
+def submit_and_wait(client: Client, videos: list[Path], question: str, num_frames: int, timeout_s: float) -> Job:
     try:
         job = client.submit(videos, question, sampling={"num_frames": num_frames})
-        click.echo(f"job {job.id} accepted; waiting for it at {base_url}/v1/jobs/{job.id}")
+        click.echo(f"job {job.id} accepted; waiting for it at {client.base_url}/v1/jobs/{job.id}")
         return client.wait(job.id, timeout_s)
     except WaitTimedOut:
         raise click.ClickException(f"the job did not finish within {timeout_s:.0f} s") from None
@@ -101,30 +91,18 @@ def run_demo(question: str, num_frames: int, timeout_s: float) -> None:
 
     with tempfile.TemporaryDirectory(prefix="videoqa-demo-") as tmp:
         workdir = Path(tmp)
-        stack = Stack(env={})
-        log_path = workdir / "stack.log"
+        stack = Stack(env={}, logs=workdir)
         try:
-            env = demo_environment({**os.environ}, stack, workdir)
-            stack.env = env
-            port = free_port()
-            with open(log_path, "ab") as log:
-                for name, argv in (
-                    ("api", api_command(port=port)),
-                    ("cpu", cpu_worker_command(concurrency=1)),
-                    ("gpu", gpu_worker_command()),
-                ):
-                    stack.start(name, argv, stdout=log, stderr=subprocess.STDOUT)
-            base_url = f"http://127.0.0.1:{port}"
-            wait_for_http(f"{base_url}/healthz")
-            click.echo("waiting for the CPU and GPU workers")
-            wait_for_workers(load_settings(env), ["cpu", "gpu0"])
+            stack.env = demo_environment({**os.environ}, stack, workdir)
+            click.echo("starting the API, a CPU worker and a GPU worker; waiting for them")
+            client = stack.start_service(ServicePlan(port=free_port(), cpu_concurrency=1), wait_s=180)
+            client.timeout = 60
             videos = write_sample_videos(workdir / "videos")
             click.echo(f"submitting {', '.join(v.name for v in videos)} with {num_frames} frames each")
-            job = submit_and_wait(base_url, videos, question, num_frames, timeout_s)
+            job = submit_and_wait(client, videos, question, num_frames, timeout_s)
             print_outcome(job)
         except BaseException:
-            if log_path.exists():
-                sys.stderr.write(log_path.read_text(errors="replace")[-4000:])
+            sys.stderr.write(stack.tail_logs(2000))
             raise
         finally:
             stack.stop()

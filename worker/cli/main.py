@@ -12,15 +12,7 @@ import click
 
 from worker.cli.ask import ask
 from worker.cli.demo import DEMO_QUESTION, TINY_MODEL_DIR, ensure_tiny_model, run_demo
-from worker.cli.stack import (
-    Stack,
-    api_command,
-    cpu_worker_command,
-    flower_command,
-    flower_env,
-    gpu_worker_command,
-    http_ok,
-)
+from worker.cli.stack import ServicePlan, Stack, flower_command, flower_env
 
 
 @click.group()
@@ -84,11 +76,8 @@ def up(
         env["VIDEOQA_MODEL"] = str(ensure_tiny_model(TINY_MODEL_DIR))
     check_startup(env)
     stack = Stack(env=env, die_with_parent=True)
-    stack.start("api", api_command(host, port, api_workers))
-    stack.start("cpu", cpu_worker_command(cpu_concurrency))
-    for gpu in range(gpu_workers):
-        pinned = {"CUDA_VISIBLE_DEVICES": str(gpu)} if gpu_workers > 1 else {}
-        stack.start(f"gpu{gpu}", gpu_worker_command(f"gpu{gpu}"), extra_env=pinned)
+    plan = ServicePlan(host, port, api_workers, cpu_concurrency, gpu_workers)
+    client = stack.start_service(plan)
     if flower:
         # Flower can revoke tasks and shut workers down: never without a password.
         auth = os.environ.get("FLOWER_BASIC_AUTH", "")
@@ -104,10 +93,9 @@ def up(
     failed = False
     try:
         click.echo("starting the API, the CPU worker and the GPU worker; waiting until /readyz answers 200")
-        ready_url = f"http://{_local(host)}:{port}/readyz"
         ready = False
         while not (dead := stack.exited()):
-            if not ready and http_ok(ready_url):
+            if not ready and client.ready():
                 ready = True
                 click.echo(f"videoqa is ready: http://{host}:{port}/v1/jobs (Ctrl-C stops it)")
             time.sleep(0.5)
@@ -119,11 +107,6 @@ def up(
         stack.stop()
     if failed:
         raise SystemExit(1)
-
-
-def _local(host: str) -> str:
-    # A wildcard bind answers on loopback too.
-    return {"0.0.0.0": "127.0.0.1", "::": "[::1]", "": "127.0.0.1"}.get(host, host)
 
 
 def check_startup(env: dict[str, str]) -> None:

@@ -12,9 +12,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from common.errors import TransientError, VideoQAError
+from common.handoff import FrameRef, Handoff, ImageMedia, StoredFrame, VideoMedia, dump_frames, load_frames
 from common.job_size import check_sampled_size
 from common.jobs import JobStatus, JobStore
 from common.schemas import MediaSource, Sampling, StoredRequest
@@ -77,8 +77,8 @@ def ingest_video(
     store: ObjectStore,
     timer: StageTimer,
     keys: ContentKeys | None = None,
-) -> list[dict[str, Any]]:
-    """Fetch, sample and store one video; its manifest entries ``{index, time, key}``.
+) -> list[StoredFrame]:
+    """Fetch, sample and store one video; its frames' entries in the manifest.
 
     Frames already stored for the same bytes and parameters, in the job's scope and young enough
     (worker.cpu.frame_store), are reused: the video is not decoded again, and an http(s) URL whose ETag is
@@ -97,14 +97,14 @@ def ingest_video(
         fetched = fetch_if_changed(source, target, known, settings=settings, store=store)
         if fetched is None:
             timer.add("download", started)
-            return json.loads(store.get_bytes(manifest))
+            return load_frames(json.loads(store.get_bytes(manifest)))
     if fetched is None:
         fetched = fetch_media(source, target, settings=settings, store=store)
     timer.add("download", started)
     remember_version(source, fetched, store, scope=keys.scope)
     try:
         if (manifest := stored_manifest(fetched.sha256)) is not None:
-            return json.loads(store.get_bytes(manifest))
+            return load_frames(json.loads(store.get_bytes(manifest)))
         started = time.perf_counter()
         sample = decode_frames_in_sandbox(fetched.path, sampling, DecodeLimits.from_settings(settings), geometry=geometry)
         timer.add("decode", started)
@@ -114,12 +114,13 @@ def ingest_video(
     prefix = frames_prefix(fetched.sha256, sampling, geometry, scope=keys.scope, period=keys.period)
     entries = store_frames(store, prefix, sample.frames)
     # Written last: its presence means every frame is stored.
-    store.put_bytes(f"{prefix}/manifest.json", json.dumps(entries).encode(), content_type="application/json")
+    manifest_body = json.dumps(dump_frames(entries)).encode()
+    store.put_bytes(f"{prefix}/manifest.json", manifest_body, content_type="application/json")
     timer.add("store_frames", started)
     return entries
 
 
-def store_frames(store: ObjectStore, prefix: str, frames: Sequence[SampledFrame]) -> list[dict[str, Any]]:
+def store_frames(store: ObjectStore, prefix: str, frames: Sequence[SampledFrame]) -> list[StoredFrame]:
     """Encode and store each frame as ``{prefix}/{position:04d}.png``; their manifest entries.
 
     Frames are encoded and stored on threads: Pillow's PNG encoder compresses without holding the
@@ -135,12 +136,14 @@ def store_frames(store: ObjectStore, prefix: str, frames: Sequence[SampledFrame]
         keys = list(pool.map(put, range(len(frames))))
     entries = []
     for frame, key in zip(frames, keys, strict=True):
-        entry: dict[str, Any] = {"index": frame.index, "time": frame.time, "key": key}
-        if frame.offset is not None:
-            entry["offset"] = frame.offset
-        if frame.stands_in_for is not None:
-            entry["stands_in_for"] = {"index": frame.stands_in_for.index, "time": frame.stands_in_for.time}
-        entries.append(entry)
+        stand_in = frame.stands_in_for
+        entries.append(StoredFrame(
+            index=frame.index,
+            time=frame.time,
+            key=key,
+            offset=frame.offset,
+            stands_in_for=None if stand_in is None else FrameRef(index=stand_in.index, time=stand_in.time),
+        ))  # fmt: skip
     return entries
 
 
@@ -190,7 +193,7 @@ def ingest_job(job_id: str, ctx: IngestContext) -> None:
     timer = StageTimer()
     try:
         geometry = ctx.geometry()
-        media: list[dict[str, Any]] = []
+        handoff = Handoff()
         with tempfile.TemporaryDirectory(prefix="videoqa-") as tmp:
             for kind, sources in (("video", request.videos), ("image", request.images)):
                 for position, source in enumerate(sources):
@@ -201,26 +204,25 @@ def ingest_job(job_id: str, ctx: IngestContext) -> None:
                         # A stored video: its frames as sampled once, nothing fetched or decoded.
                         if ctx.videos is None:
                             raise VideoUnavailable(f"video {source.location}: this worker keeps no stored videos")
-                        frames = ctx.videos.frames_for_job(source.location, job.tenant)
-                        media.append({"kind": kind, "position": position, "frames": frames, "video_id": source.location})
+                        stored = load_frames(ctx.videos.frames_for_job(source.location, job.tenant))
+                        handoff.media.append(VideoMedia(position=position, frames=stored, video_id=source.location))
                         continue
                     if kind == "video":
                         frames = ingest_video(
                             source, target, request.sampling, geometry, ctx.settings, ctx.store, timer, keys
                         )
-                        media.append({"kind": kind, "position": position, "frames": frames})
+                        handoff.media.append(VideoMedia(position=position, frames=frames))
                         continue
                     started = time.perf_counter()
                     fetched = fetch_media(source, target, settings=ctx.settings, store=ctx.store)
                     timer.add("download", started)
                     key = _ingest_image(fetched.path, fetched.sha256, geometry, ctx.settings, ctx.store, timer, keys)
-                    media.append({"kind": kind, "position": position, "key": key})
+                    handoff.media.append(ImageMedia(position=position, key=key))
                     fetched.path.unlink(missing_ok=True)
         # The API checked an upper bound; what was sampled is checked again before a GPU sees it
         # (an API configured with larger limits than its workers, say).
-        sampled = sum(len(item["frames"]) if item["kind"] == "video" else 1 for item in media)
         check_sampled_size(
-            request.question, request.prompt, sampled, request.generation.max_new_tokens, ctx.settings,
+            request.question, request.prompt, handoff.image_count, request.generation.max_new_tokens, ctx.settings,
             history=[turn.content for turn in request.history],
         )  # fmt: skip
     except TransientError:
@@ -232,12 +234,12 @@ def ingest_job(job_id: str, ctx: IngestContext) -> None:
         jobs.fail(job_id, exc.code, exc.message)
         return
     jobs.mark(job_id, "ingest", "end")
+    handoff.ingest_timings = timer.seconds
     moved = jobs.transition(
         job_id,
         JobStatus.QUEUED_GPU,
         allowed_from={JobStatus.INGESTING},
-        media=media,
-        ingest_timings=timer.seconds,
+        **handoff.record_fields(),
         attempts="0",
         retries="0",
     )

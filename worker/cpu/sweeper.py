@@ -30,6 +30,7 @@ from typing import cast
 
 import redis
 
+from common.handoff import Handoff
 from common.jobs import ACTIVE_PREFIX, INDEX_KEY, KEY_PREFIX, TENANT_INDEX_PREFIX, Job, JobStore
 from common.storage import UPLOADS_PREFIX, ObjectStore, StoredObject
 from common.videos import VIDEO_KEY_PREFIX, VIDEOS_PREFIX
@@ -68,11 +69,8 @@ def keys_of(job: Job) -> set[str]:
         for source in job.request.get(kind) or []:
             if source.get("kind") == "upload":
                 keys.add(source["location"])
-    for item in job.media or []:
-        keys.update(frame["key"] for frame in item.get("frames", []))
-        if "key" in item:
-            keys.add(item["key"])
-    return keys
+    # A hand-off this release cannot read raises: the sweep stops rather than delete what the job reads.
+    return keys | Handoff.of(job).storage_keys()
 
 
 def kept_videos(client: redis.Redis, live: dict[str, Job]) -> set[str]:

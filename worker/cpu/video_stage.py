@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import TransientError, VideoQAError
+from common.handoff import dump_frames
 from common.schemas import MediaSource, Sampling
 from common.settings import Settings
 from common.storage import UPLOADS_PREFIX, ObjectStore
@@ -68,7 +69,7 @@ def ingest_stored_video(video_id: str, ctx: VideoContext) -> None:
         videos.fail(video_id, exc.code, exc.message)
         _discard(ctx.store, f"{UPLOADS_PREFIX}{video_id}/")
         return
-    if not videos.mark_ready(video_id, frames, frame_count=sample.frame_count, duration=sample.duration):
+    if not videos.mark_ready(video_id, dump_frames(frames), frame_count=sample.frame_count, duration=sample.duration):
         # Deleted while it was sampled: nothing will ever name these frames.
         _discard(ctx.store, frames_prefix(video_id))
     # The frames are what jobs use; the uploaded file is not needed any more.

@@ -96,6 +96,19 @@ def run_batch(
     return runner.outcomes
 
 
+def generate_batch(loaded: LoadedModel, prompts: list[Prompt]) -> list[Completion]:
+    """``run_batch`` for callers that want the completions alone, in the order of ``prompts``;
+    a prompt that ends without one raises its error."""
+    outcomes = run_batch(loaded, [BatchItem(str(position), prompt) for position, prompt in enumerate(prompts)])
+    completions = []
+    for position in range(len(prompts)):
+        outcome = outcomes[str(position)]
+        if outcome.completion is None:
+            raise outcome.error or VideoQAError("the prompt produced no completion", code="internal")
+        completions.append(outcome.completion)
+    return completions
+
+
 def _length_key(item: BatchItem) -> tuple[int, int]:
     # Images dominate a prompt's length (hundreds of tokens each); text breaks ties.
     return (len(item.prompt.images), len(item.prompt.text))

@@ -46,7 +46,7 @@ from kombu import Queue
 from kombu.exceptions import ContentDisallowed, DecodeError
 from kombu.message import Message
 
-from common.celery_config import GENERATE_TASK, GPU_QUEUE
+from common.celery_config import GENERATE_TASK, GPU_QUEUE, RETRY_BACKOFF_MAX_S
 from common.errors import TransientError
 from worker.gpu.stage import AnswerContext, answer_jobs
 
@@ -178,8 +178,8 @@ class GpuQueue:
             on_give_up(claim, exc)
             self._events("task-failed", [claim], exception=repr(exc), traceback="")
         else:
-            # Celery's retry_backoff with jitter, capped at a minute, as the task's own policy.
-            countdown = random.uniform(0, min(60, self.backoff_s * 2**claim.retries))
+            # Celery's retry_backoff with jitter and the same cap, as the task's own policy.
+            countdown = random.uniform(0, min(RETRY_BACKOFF_MAX_S, self.backoff_s * 2**claim.retries))
             self.app.send_task(
                 GENERATE_TASK, args=[claim.job_id], task_id=claim.task_id, retries=claim.retries + 1, countdown=countdown
             )

@@ -143,7 +143,7 @@ class RunningRows:
         """Add ``prefilled``'s row below the others, left-padding whichever side is shorter. After
         a failure (out of memory) the running rows are as they were."""
         import torch
-        import torch.nn.functional as F
+        import torch.nn.functional as F  # noqa: N812 - torch's own spelling
 
         theirs = prefilled.cache
         their_length = theirs.get_seq_length()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import uuid
-from collections import defaultdict
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Protocol
@@ -270,21 +269,6 @@ class GenerationWatch(Protocol):
     def bind(self, prompt_length: int, prompt_tokens: list[int]) -> None: ...
 
     def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any: ...
-
-
-def generate_batch(loaded: LoadedModel, prompts: list[Prompt]) -> list[Completion]:
-    """Generate for several prompts at once; each keeps its own ``max_new_tokens``.
-
-    Prompts with different generation settings go through separate ``generate`` calls.
-    """
-    groups: dict[tuple[Any, ...], list[int]] = defaultdict(list)
-    for position, prompt in enumerate(prompts):
-        groups[generation_key(prompt.generation)].append(position)
-    results: list[Completion | None] = [None] * len(prompts)
-    for positions in groups.values():
-        for position, completion in zip(positions, generate_one_call(loaded, [prompts[p] for p in positions]), strict=True):
-            results[position] = completion
-    return [completion for completion in results if completion is not None]
 
 
 def completion_from_tokens(

@@ -14,12 +14,12 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
 
 import redis
 
 from common.errors import TransientError, VideoQAError
 from common.events import JobEvents
+from common.handoff import Handoff
 from common.jobs import Job, JobStatus, JobStore
 from common.logging_config import job_context
 from common.schemas import StoredRequest
@@ -55,45 +55,31 @@ class AnswerContext:
 class _Prepared:
     job: Job
     prompt: Prompt
-    sampled: list[dict[str, Any]]
+    handoff: Handoff
     load_seconds: float
 
 
-def _load_prompt(job: Job, ctx: AnswerContext) -> tuple[Prompt, list[dict[str, Any]]]:
+def _load_prompt(job: Job, handoff: Handoff, ctx: AnswerContext) -> Prompt:
     request = StoredRequest.model_validate(job.request)
-    media = job.media or []
-    video_frames = []
-    images = []
-    sampled: list[dict[str, Any]] = []
     # Every stored image of the job, fetched and decoded on threads: storage round trips overlap,
     # and Pillow inflates PNG without holding the GIL.
-    keys = [f["key"] for item in media if item["kind"] == "video" for f in item["frames"]]
-    keys += [item["key"] for item in media if item["kind"] != "video"]
+    keys = [frame.key for video in handoff.videos for frame in video.frames]
+    keys += [image.key for image in handoff.images]
     with concurrent.futures.ThreadPoolExecutor(min(_LOAD_THREADS, max(1, len(keys))), "load-frame") as pool:
         loaded = dict(zip(keys, pool.map(lambda key: decode_png(ctx.store.get_bytes(key)), keys), strict=True))
-    for item in media:
-        if item["kind"] == "video":
-            frames = item["frames"]
-            video_frames.append([loaded[frame["key"]] for frame in frames])
-            sampled += [
-                {"video": item["position"], "index": f["index"], "time": f["time"]}
-                | ({"offset": f["offset"]} if f.get("offset") is not None else {})
-                | ({"stands_in_for": f["stands_in_for"]} if f.get("stands_in_for") else {})
-                for f in frames
-            ]
-        else:
-            images.append(loaded[item["key"]])
+    video_frames = [[loaded[frame.key] for frame in video.frames] for video in handoff.videos]
+    images = [loaded[image.key] for image in handoff.images]
     prompt = render_prompt(ctx.model.processor, request, video_frames, images)
     # Encoded here, per job: text or images the processor refuses fail this job, not its batch.
-    return replace(prompt, encoded=encode_prompt(ctx.model, prompt)), sampled
+    return replace(prompt, encoded=encode_prompt(ctx.model, prompt))
 
 
 TIMING_ORDER = ("queue_wait", "download", "decode", "store_frames", "ingest", "queue_gpu", "load_frames", "generate")
 
 
-def _timings(job: Job, now: float, extra: dict[str, float]) -> dict[str, float]:
+def _timings(job: Job, handoff: Handoff, now: float, extra: dict[str, float]) -> dict[str, float]:
     """Seconds per stage, in pipeline order, then the total from submission to result."""
-    measured: dict[str, float] = {**job.ingest_timings, **job.stage_seconds(), **extra}
+    measured: dict[str, float] = {**handoff.ingest_timings, **job.stage_seconds(), **extra}
     if "start" in job.stages.get("ingest", {}):
         measured["queue_wait"] = job.stages["ingest"]["start"] - job.created_at
     timings = {name: round(measured[name], 4) for name in TIMING_ORDER if name in measured}
@@ -119,7 +105,8 @@ def _prepare(job_id: str, ctx: AnswerContext) -> _Prepared | None:
         jobs.mark(job_id, "queue_gpu", "end")
     started = time.perf_counter()
     try:
-        prompt, sampled = _load_prompt(job, ctx)
+        handoff = Handoff.of(job)
+        prompt = _load_prompt(job, handoff, ctx)
     except TransientError:
         jobs.note_retry(job_id)
         raise
@@ -131,7 +118,7 @@ def _prepare(job_id: str, ctx: AnswerContext) -> _Prepared | None:
         log.exception("generate: job %s could not be prepared", job_id)
         jobs.fail(job_id, "internal", "internal error while preparing the job")
         return None
-    return _Prepared(job=job, prompt=prompt, sampled=sampled, load_seconds=time.perf_counter() - started)
+    return _Prepared(job=job, prompt=prompt, handoff=handoff, load_seconds=time.perf_counter() - started)
 
 
 def _publish(prepared: _Prepared, completion: Completion, ctx: AnswerContext, batch_size: int) -> None:
@@ -142,7 +129,7 @@ def _publish(prepared: _Prepared, completion: Completion, ctx: AnswerContext, ba
     result = {
         "answer": completion.text,
         "model": ctx.model.model_id,
-        "frames": prepared.sampled,
+        "frames": prepared.handoff.result_frames(),
         "usage": {
             "prompt_tokens": completion.prompt_tokens,
             "completion_tokens": completion.completion_tokens,
@@ -150,7 +137,7 @@ def _publish(prepared: _Prepared, completion: Completion, ctx: AnswerContext, ba
         },
         # "stop": the model ended its answer; "length": max_new_tokens did.
         "finish_reason": "stop" if completion.token_ids[-1:] and completion.token_ids[-1] in ctx.model.eos_token_ids else "length",
-        "timings": _timings(job, time.time(), {"load_frames": prepared.load_seconds}),
+        "timings": _timings(job, prepared.handoff, time.time(), {"load_frames": prepared.load_seconds}),
         "batch_size": batch_size,
     }
     if not jobs.succeed(job_id, result):

@@ -28,16 +28,14 @@ from worker.media.geometry import FrameGeometry
 from worker.media.probe import MediaInfo, MediaLimits, check_index, open_checked
 from worker.media.sampling import (
     Decoded,
+    FramePlan,
     SampledFrame,
     Segment,
     StreamIndex,
-    check_stand_ins,
     choose_positions,
     decode_shares,
     index_container,
-    nearest_keyframes,
-    plan_segments,
-    sampled_frame,
+    plan_frames,
     segment_cost,
     split_segments,
 )
@@ -123,11 +121,7 @@ def decode_frames_in_sandbox(
     # Every answer but the first child's plan holds frames.
     for stamps, found in first.answers[1:] + [answer for child in others for answer in child.answers]:
         decoded.update({target: Decoded(pts, array) for (target, pts), array in zip(stamps, found, strict=True)})
-    if sampling.fast:
-        frames = [sampled_frame(index, k, decoded[index.pts[k]], target=t) for k, t in plan.pairs]
-    else:
-        frames = [sampled_frame(index, p, decoded[index.pts[p]]) for p in plan.positions]
-    frames = check_stand_ins(frames)
+    frames = plan.frames.frames(index, decoded)
     return VideoSample(
         info=info,
         frame_count=index.frame_count,
@@ -151,19 +145,16 @@ class _Split:
 
 @dataclasses.dataclass(frozen=True)
 class _Plan:
-    positions: list[int]
-    # Fast mode: (keyframe position, target position) pairs.
-    pairs: list[tuple[int, int]]
+    frames: FramePlan
+    # The plan's seeks, split into one group per process.
     groups: list[list[Segment]]
 
 
 def _plan(index: StreamIndex, sampling: Sampling, split: _Split, pixels: int) -> _Plan:
-    positions = choose_positions(index, sampling)
+    plan = plan_frames(index, choose_positions(index, sampling), fast=sampling.fast)
     if sampling.fast:
-        pairs = nearest_keyframes(index, positions)
-        return _Plan(positions, pairs, [[Segment(index.pts[k], (index.pts[k],)) for k, _ in pairs]])
-    segments = plan_segments(index, [index.pts[p] for p in positions])
-    return _Plan(positions, [], split_by_cost(index, segments, pixels, split.processes, split.child_start_s))
+        return _Plan(plan, [plan.segments])
+    return _Plan(plan, split_by_cost(index, plan.segments, pixels, split.processes, split.child_start_s))
 
 
 def split_by_cost(
@@ -190,7 +181,7 @@ def split_by_cost(
 
 
 # What the children's answers may hold besides builtin values (worker.sandbox.runner rebuilds no other class).
-_ANSWER_TYPES = (MediaInfo, StreamIndex, Segment, _Plan)
+_ANSWER_TYPES = (MediaInfo, StreamIndex, Segment, FramePlan, _Plan)
 
 
 def _threads(cores: int, processes: int) -> int:

@@ -13,7 +13,7 @@ import bisect
 import concurrent.futures
 import contextlib
 import errno
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -495,15 +495,37 @@ def decode_positions(
     path: Path, index: StreamIndex, positions: Iterable[int], *, fast: bool = False, threads: int = 0
 ) -> list[SampledFrame]:
     """Decode the frames at ``positions`` (ascending) and wrap them with index and time."""
+    plan = plan_frames(index, positions, fast=fast)
+    return plan.frames(index, decode_segments(path, index, plan.segments, threads=threads, keyframes_only=fast))
+
+
+@dataclass(frozen=True)
+class FramePlan:
+    """The frames chosen and the seeks that reach them; the one plan of both ways of sampling
+    (this process, and ``worker.media.decode``'s children)."""
+
+    positions: list[int]
+    segments: list[Segment]
+    # Fast mode: (keyframe position, target position) pairs, each keyframe decoded once.
+    pairs: list[tuple[int, int]] | None = None
+
+    def frames(self, index: StreamIndex, decoded: Mapping[int, Decoded]) -> list[SampledFrame]:
+        """The sampled frames from ``decoded`` (target pts -> frame), in the order chosen."""
+        if self.pairs is not None:
+            frames = [sampled_frame(index, k, decoded[index.pts[k]], target=t) for k, t in self.pairs]
+        else:
+            frames = [sampled_frame(index, p, decoded[index.pts[p]]) for p in self.positions]
+        return check_stand_ins(frames)
+
+
+def plan_frames(index: StreamIndex, positions: Iterable[int], *, fast: bool = False) -> FramePlan:
+    """The seeks that decode the frames at ``positions`` (ascending); in fast mode, the keyframe
+    nearest each instead."""
     positions = list(positions)
     if fast:
         pairs = nearest_keyframes(index, positions)
-        segments = [Segment(index.pts[k], (index.pts[k],)) for k, _ in pairs]
-        images = decode_segments(path, index, segments, threads=threads, keyframes_only=True)
-        return check_stand_ins([sampled_frame(index, k, images[index.pts[k]], target=t) for k, t in pairs])
-    targets = [index.pts[p] for p in positions]
-    images = decode_segments(path, index, plan_segments(index, targets), threads=threads)
-    return check_stand_ins([sampled_frame(index, p, images[index.pts[p]]) for p in positions])
+        return FramePlan(positions, [Segment(index.pts[k], (index.pts[k],)) for k, _ in pairs], pairs)
+    return FramePlan(positions, plan_segments(index, [index.pts[p] for p in positions]))
 
 
 def sampled_frame(index: StreamIndex, wanted: int, decoded: Decoded, target: int | None = None) -> SampledFrame:
