@@ -21,6 +21,8 @@ from PIL import Image
 from common.schemas import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Generation, StoredRequest
 from common.settings import Settings
 from worker.gpu.conversation import render_conversation
+from worker.gpu.pixels import Normalisation, host_pixels, to_model_input
+from worker.gpu.precision import resolve_dtype
 from worker.gpu.prompt_ids import Span, prompt_ids
 
 log = logging.getLogger(__name__)
@@ -64,11 +66,18 @@ class LoadedModel:
         inputs = processor(text=[processor.image_token], images=[_blank_image(processor)])
         return list(inputs["input_ids"][0]).count(image_id)
 
+    @cached_property
+    def normalisation(self) -> Normalisation | None:
+        return Normalisation.of(self.processor.image_processor)
+
 
 @dataclass
 class EncodedPrompt:
     input_ids: list[int]
     pixel_values: Any | None  # a tensor, one row per image in prompt order; None without images
+    # Instead of ``pixel_values``: the images as uint8 (images, height, width, 3), normalised on
+    # the device when the batch runs (worker.gpu.pixels).
+    pixels: Any | None = None
 
 
 @dataclass
@@ -121,7 +130,8 @@ class ModelLoadError(RuntimeError):
 
 
 def load_model(settings: Settings) -> LoadedModel:
-    """Load model and processor from a hub id or a local folder (fp16 on CUDA, fp32 on CPU).
+    """Load model and processor from a hub id or a local folder (``VIDEOQA_DTYPE``; by default fp16
+    on CUDA, fp32 on CPU: worker.gpu.precision).
 
     Raises ``ModelLoadError`` with a message for an operator: no such model, weights not cached
     while offline, not enough memory, an attention implementation that is not installed.
@@ -153,7 +163,7 @@ def _load_model(settings: Settings) -> LoadedModel:
 
     hf_logging.disable_progress_bar()  # progress bars would flood the worker's log
     device = resolve_device(settings.device)
-    dtype = torch.float16 if device == "cuda" else torch.float32
+    dtype = resolve_dtype(settings.dtype, device, settings.attn_implementation)
     attn = resolve_attention(settings.attn_implementation, device)
     processor = LlavaProcessor.from_pretrained(settings.model)
     # Left padding is what keeps batched greedy answers equal to unbatched ones.
@@ -246,7 +256,14 @@ def encode_prompt(loaded: LoadedModel, prompt: Prompt) -> EncodedPrompt:
     image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
     if ids.count(image_id) != loaded.image_token_count * len(prompt.images):
         raise ValueError(f"the prompt's image tokens do not match its {len(prompt.images)} images")
-    pixel_values = processor.image_processor(prompt.images, return_tensors="pt")["pixel_values"] if prompt.images else None
+    if not prompt.images:
+        return EncodedPrompt(input_ids=ids, pixel_values=None)
+    normalisation = loaded.normalisation
+    if normalisation is not None and normalisation.fits(prompt.images):
+        # Stored frames are at the model's size: only rescale and normalise remain, on the device.
+        pixels = host_pixels(prompt.images, pin=loaded.device.startswith("cuda"))
+        return EncodedPrompt(input_ids=ids, pixel_values=None, pixels=pixels)
+    pixel_values = processor.image_processor(prompt.images, return_tensors="pt")["pixel_values"]
     return EncodedPrompt(input_ids=ids, pixel_values=pixel_values)
 
 
@@ -309,10 +326,10 @@ def generate_one_call(loaded: LoadedModel, prompts: list[Prompt], *, watch: Gene
         return_tensors="pt",
     )
     inputs: dict[str, Any] = {name: padded[name].to(loaded.model.device) for name in ("input_ids", "attention_mask")}
-    pixels = [item.pixel_values for item in encoded if item.pixel_values is not None]
+    pixels = [_device_pixels(loaded, item) for item in encoded if item.pixel_values is not None or item.pixels is not None]
     if pixels:
         # Rows in prompt order: the model fills the image tokens in that order.
-        inputs["pixel_values"] = torch.cat(pixels).to(loaded.model.device, loaded.model.dtype)
+        inputs["pixel_values"] = torch.cat(pixels)
     generation = prompts[0].generation
     kwargs: dict[str, Any] = {
         "max_new_tokens": max(prompt.generation.max_new_tokens for prompt in prompts),
@@ -335,6 +352,13 @@ def generate_one_call(loaded: LoadedModel, prompts: list[Prompt], *, watch: Gene
         completion_from_tokens(loaded, rows[row], prompt.generation.max_new_tokens, prompt_tokens[row])
         for row, prompt in enumerate(prompts)
     ]
+
+
+def _device_pixels(loaded: LoadedModel, encoded: EncodedPrompt) -> Any:
+    device, dtype = loaded.model.device, loaded.model.dtype
+    if encoded.pixels is not None and loaded.normalisation is not None:
+        return to_model_input(encoded.pixels, loaded.normalisation, device, dtype)
+    return encoded.pixel_values.to(device, dtype)
 
 
 def warm_up(loaded: LoadedModel) -> Completion:
