@@ -8,8 +8,12 @@ sockets opened by their parent. The app factory attaches them to the Celery app
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
@@ -26,6 +30,7 @@ from common.storage import ObjectStore, open_store
 from common.url_policy import UrlPolicy
 from common.webhooks import webhook_sender
 from worker.gpu.claims import GpuQueue
+from worker.gpu.pipeline import Prefetching
 from worker.gpu.stage import AnswerContext
 from worker.media.geometry import DEFAULT_RESAMPLE, FrameGeometry, processor_geometry
 from worker.gpu.model import LoadedModel, load_model
@@ -165,7 +170,12 @@ class WorkerResources:
             policy=UrlPolicy.from_allowlist(self.settings.fetch_allowlist_entries),
         )
 
-    def answer_context(self) -> AnswerContext:
+    @cached_property
+    def fetch_pool(self) -> ThreadPoolExecutor:
+        return ThreadPoolExecutor(max_workers=self.settings.fetch_threads, thread_name_prefix="frame-fetch")
+
+    @cached_property
+    def _answer_context(self) -> AnswerContext:
         # The solo pool enforces no task time limit: generation ends itself at the same limit.
         return AnswerContext(
             jobs=self.jobs,
@@ -173,7 +183,31 @@ class WorkerResources:
             model=self.load_model(),
             time_limit_s=self.settings.task_time_limit_s,
             max_attempts=self.settings.max_attempts,
+            fetch_pool=self.fetch_pool,
         )
+
+    def answer_context(self) -> AnswerContext:
+        """One per process: it also counts the seconds spent in the model."""
+        return self._answer_context
+
+    def prefetching(self, should_stop: Callable[[], bool]) -> Prefetching | None:
+        """How the generate task pipelines batches; None with ``VIDEOQA_PREFETCH=false``."""
+        if not self.settings.prefetch:
+            return None
+        return Prefetching(
+            ahead_ctx=self._ahead_context,
+            # Every message a task holds is settled within the visibility timeout (worker.gpu.pipeline).
+            budget_s=self.settings.visibility_timeout_s - self.settings.task_time_limit_s,
+            should_stop=should_stop,
+        )
+
+    @cached_property
+    def _ahead_context(self) -> AnswerContext:
+        # A processor of its own: jobs are tokenised on the prefetch thread while the task's
+        # thread decodes answers, and a fast tokenizer is not to be used by two threads at once.
+        loaded = self.load_model()
+        own = replace(loaded, processor=copy.deepcopy(loaded.processor))
+        return replace(self._answer_context, model=own, model_seconds=0.0)
 
 
 # The attribute of the Celery app that holds its process's resources.

@@ -10,7 +10,7 @@ from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 
 from common.celery_config import GENERATE_TASK, INGEST_TASK, WEBHOOK_TASK
 from common.errors import TransientError, VideoQAError
-from worker.gpu.claims import answer_claimed_batch
+from worker.gpu.pipeline import answer_claimed_batch
 from worker.cpu.stage import ingest_job
 from worker.app.resources import WorkerResources
 from worker.cpu.webhooks import deliver
@@ -25,6 +25,13 @@ def failure_of(exc: BaseException) -> tuple[str, str]:
     if isinstance(exc, VideoQAError):
         return exc.code, exc.message
     return "internal", "internal error while processing the job"
+
+
+def _stopping() -> bool:
+    """A warm or cold shutdown was asked for (Celery's flags, set by its signal handlers)."""
+    from celery.worker import state
+
+    return bool(state.should_stop is not None or state.should_terminate is not None)
 
 
 def register_tasks(app: Celery, resources: WorkerResources) -> None:
@@ -62,6 +69,7 @@ def register_tasks(app: Celery, resources: WorkerResources) -> None:
             batch_size=resources.batch_size,
             wait_s=resources.settings.batch_wait_ms / 1000,
             fail_job=fail_job,
+            prefetching=resources.prefetching(_stopping),
         )
 
     # Not a JobTask: a delivery that fails never changes the job's outcome.

@@ -3,14 +3,18 @@ answer's text as it is generated (worker.gpu.token_stream), write each result on
 job's answer is complete.
 
 Everything done for one job alone (its frames, its prompt, the processor's work on it) happens
-before the batch forms, so a job that fails there ends alone with its own error.
+before the batch forms, so a job that fails there ends alone with its own error. That work
+(``load_job``) writes nothing, so it can also be done ahead, while another batch generates
+(worker.gpu.prefetch): what it met (an error included) is applied when the job starts.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from concurrent.futures import Executor
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import redis
@@ -23,7 +27,7 @@ from common.schemas import StoredRequest
 from common.storage import ObjectStore
 from worker.gpu.batch import BatchItem, Outcome, describe, run_batch
 from worker.media.png import decode_png
-from worker.gpu.model import Completion, LoadedModel, Prompt, encode_prompt, render_prompt
+from worker.gpu.model import Completion, LoadedModel, Prompt, encode_prompt, generate_one_call, render_prompt
 from worker.gpu.token_stream import TokenStream
 
 log = logging.getLogger(__name__)
@@ -37,6 +41,27 @@ class AnswerContext:
     # Generation of a batch stops (jobs fail with ``timeout``) this many seconds after it starts.
     time_limit_s: float | None = None
     max_attempts: int = 3
+    # Fetches a job's frames in parallel; None fetches them one after the other.
+    fetch_pool: Executor | None = None
+    # Seconds spent inside the model's generate calls since the worker started (host overhead is
+    # the rest of its busy time; bench/host_overhead.py reads it from the log).
+    model_seconds: float = 0.0
+
+
+@dataclass
+class LoadedJob:
+    """A job's record and prompt, read ahead of its start; nothing written yet."""
+
+    job_id: str
+    job: Job | None = None
+    prompt: Prompt | None = None
+    sampled: list[dict[str, Any]] = field(default_factory=list)
+    load_seconds: float = 0.0
+    error: Exception | None = None  # met while loading; raised when the job starts
+
+    @property
+    def runnable(self) -> bool:
+        return self.job is not None and self.job.status in (JobStatus.QUEUED_GPU, JobStatus.GENERATING)
 
 
 @dataclass
@@ -53,10 +78,15 @@ def _load_prompt(job: Job, ctx: AnswerContext) -> tuple[Prompt, list[dict[str, A
     video_frames = []
     images = []
     sampled: list[dict[str, Any]] = []
+    keys = [frame["key"] for item in media if item["kind"] == "video" for frame in item["frames"]]
+    keys += [item["key"] for item in media if item["kind"] != "video"]
+    fetch = ctx.fetch_pool.map if ctx.fetch_pool is not None else map
+    # Fetched and decoded in parallel (storage round trips dominate); an error is raised in order.
+    decoded = dict(zip(keys, fetch(lambda key: decode_png(ctx.store.get_bytes(key)), keys), strict=True))
     for item in media:
         if item["kind"] == "video":
             frames = item["frames"]
-            video_frames.append([decode_png(ctx.store.get_bytes(frame["key"])) for frame in frames])
+            video_frames.append([decoded[frame["key"]] for frame in frames])
             sampled += [
                 {"video": item["position"], "index": f["index"], "time": f["time"]}
                 | ({"offset": f["offset"]} if f.get("offset") is not None else {})
@@ -64,7 +94,7 @@ def _load_prompt(job: Job, ctx: AnswerContext) -> tuple[Prompt, list[dict[str, A
                 for f in frames
             ]
         else:
-            images.append(decode_png(ctx.store.get_bytes(item["key"])))
+            images.append(decoded[item["key"]])
     prompt = render_prompt(ctx.model.processor, request, video_frames, images)
     # Encoded here, per job: text or images the processor refuses fail this job, not its batch.
     return replace(prompt, encoded=encode_prompt(ctx.model, prompt)), sampled
@@ -83,9 +113,26 @@ def _timings(job: Job, now: float, extra: dict[str, float]) -> dict[str, float]:
     return timings
 
 
-def _prepare(job_id: str, ctx: AnswerContext) -> _Prepared | None:
-    """Move the job to ``generating`` and load its prompt; None when there is nothing to generate
-    (unknown, cancelled, ended, or failed here). Transient storage errors propagate."""
+def load_job(job_id: str, ctx: AnswerContext) -> LoadedJob:
+    """Read the job and load its prompt, writing nothing: an error is kept for its start."""
+    job = ctx.jobs.get(job_id)
+    loaded = LoadedJob(job_id, job)
+    if not loaded.runnable:
+        return loaded
+    assert job is not None
+    started = time.perf_counter()
+    try:
+        loaded.prompt, loaded.sampled = _load_prompt(job, ctx)
+    except Exception as exc:  # noqa: BLE001 - applied when the job starts, as if met then
+        loaded.error = exc
+    loaded.load_seconds = time.perf_counter() - started
+    return loaded
+
+
+def _prepare(job_id: str, ctx: AnswerContext, ahead: LoadedJob | None = None) -> _Prepared | None:
+    """Move the job to ``generating`` and load its prompt (or take what ``ahead`` loaded); None
+    when there is nothing to generate (unknown, cancelled, ended, or failed here). Transient
+    storage errors propagate."""
     jobs = ctx.jobs
     job = jobs.get(job_id)
     if job is None:
@@ -101,7 +148,14 @@ def _prepare(job_id: str, ctx: AnswerContext) -> _Prepared | None:
         jobs.mark(job_id, "queue_gpu", "end")
     started = time.perf_counter()
     try:
-        prompt, sampled = _load_prompt(job, ctx)
+        if ahead is not None and (ahead.prompt is not None or ahead.error is not None):
+            if ahead.error is not None:
+                raise ahead.error
+            assert ahead.prompt is not None
+            prompt, sampled = ahead.prompt, ahead.sampled
+            started -= ahead.load_seconds
+        else:
+            prompt, sampled = _load_prompt(job, ctx)
     except TransientError:
         jobs.note_retry(job_id)
         raise
@@ -158,13 +212,15 @@ class _CancelPoll:
         return cancelled
 
 
-def answer_jobs(job_ids: list[str], ctx: AnswerContext) -> dict[str, TransientError]:
+def answer_jobs(
+    job_ids: list[str], ctx: AnswerContext, ahead: Mapping[str, LoadedJob] | None = None
+) -> dict[str, TransientError]:
     """Run the GPU stage of several jobs as one batch.
 
     Each job reaches one terminal state, written once, as soon as its own answer is complete; a
     job cancelled meanwhile stops generating within about 100 ms plus one step. Returns the jobs
     that met a transient error (storage unreachable) and should be tried again later; they stay
-    ``generating``, which a retry accepts.
+    ``generating``, which a retry accepts. ``ahead`` holds jobs already loaded (``load_job``).
     """
     jobs = ctx.jobs
     retry: dict[str, TransientError] = {}
@@ -172,7 +228,7 @@ def answer_jobs(job_ids: list[str], ctx: AnswerContext) -> dict[str, TransientEr
     for job_id in dict.fromkeys(job_ids):
         try:
             with job_context(job_id):  # lines about a batch's other jobs carry their own id
-                ready = _prepare(job_id, ctx)
+                ready = _prepare(job_id, ctx, (ahead or {}).get(job_id))
         except TransientError as exc:
             retry[job_id] = exc
             continue
@@ -195,6 +251,14 @@ def answer_jobs(job_ids: list[str], ctx: AnswerContext) -> dict[str, TransientEr
                 jobs.fail(outcome.key, outcome.error.code, outcome.error.message)
 
     tokens = TokenStream(ctx.model.processor.tokenizer, ctx.model.eos_token_ids, JobEvents(jobs.client).publish_tokens)
+
+    def timed_generate(*args: Any, **kwargs: Any) -> list[Completion]:
+        begun = time.perf_counter()
+        try:
+            return generate_one_call(*args, **kwargs)
+        finally:
+            ctx.model_seconds += time.perf_counter() - begun
+
     try:
         outcomes = run_batch(
             ctx.model,
@@ -203,8 +267,12 @@ def answer_jobs(job_ids: list[str], ctx: AnswerContext) -> dict[str, TransientEr
             cancelled=_CancelPoll(jobs),
             deadline=started + ctx.time_limit_s if ctx.time_limit_s else None,
             tokens=tokens,
+            generate_fn=timed_generate,
         )
     finally:
         tokens.close()
-    log.info("generated a batch of %d in %.2f s: %s", size, time.time() - started, describe(outcomes.values()))
+    log.info(
+        "generated a batch of %d in %.2f s: %s (model_total_s=%.3f)",
+        size, time.time() - started, describe(outcomes.values()), ctx.model_seconds,
+    )  # fmt: skip
     return retry

@@ -1,0 +1,115 @@
+"""The generate task's body: the delivered job leads a batch (worker.gpu.claims), and, with
+prefetch on, the batches after it come from jobs claimed and loaded while the one before generated
+(worker.gpu.prefetch), so the model goes from batch to batch without waiting on the host.
+
+The task keeps starting batches from prefetched jobs while there are some, until the worker is
+asked to stop (a warm shutdown waits for the batch in hand only) or until ``budget_s`` has passed
+since it started: every message it holds, its own included, must be settled before the broker's
+visibility timeout hands it to another worker, and a batch may run for the time limit. Then the
+prefetched jobs not started go back to the queue, and Celery delivers the next leader.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from common.errors import TransientError
+from worker.gpu.claims import Claim, GpuQueue
+from worker.gpu.prefetch import Ahead, Prefetcher
+from worker.gpu.stage import AnswerContext, LoadedJob, answer_jobs, load_job
+
+log = logging.getLogger(__name__)
+
+FailJob = Callable[[str, BaseException], None]
+
+
+class Settler(Protocol):
+    def done(self, claim: Claim) -> None: ...
+
+    def fail(self, claim: Claim, exc: BaseException) -> None: ...
+
+    def retry(self, claim: Claim, exc: TransientError, on_give_up: Callable[[Claim, TransientError], None]) -> None: ...
+
+
+@dataclass
+class Prefetching:
+    """How the task pipelines batches; ``ahead_ctx`` loads jobs off the task's thread (a processor
+    of its own: a tokenizer is not to be used by two threads at once)."""
+
+    ahead_ctx: AnswerContext
+    budget_s: float
+    should_stop: Callable[[], bool]
+
+
+def _answer(
+    job_ids: list[str], claims: list[Claim], settler: Settler, ctx: AnswerContext, fail_job: FailJob,
+    ahead: dict[str, LoadedJob] | None = None,
+) -> dict[str, TransientError]:  # fmt: skip
+    """One batch; each claim settled after its job's terminal write (or retried, or failed)."""
+    try:
+        retry = answer_jobs(job_ids, ctx, ahead)
+    except Exception as exc:
+        for claim in claims:
+            fail_job(claim.job_id, exc)
+            settler.fail(claim, exc)
+        raise
+    for claim in claims:
+        if claim.job_id in retry:
+            settler.retry(claim, retry[claim.job_id], on_give_up=lambda c, e: fail_job(c.job_id, e))
+        else:
+            settler.done(claim)
+    return retry
+
+
+def answer_claimed_batch(
+    job_id: str,
+    *,
+    gpu_queue: GpuQueue,
+    ctx: AnswerContext,
+    batch_size: int,
+    wait_s: float,
+    fail_job: FailJob,
+    prefetching: Prefetching | None = None,
+) -> None:
+    """``job_id`` (the delivered message) plus what the queue offers, then (with ``prefetching``)
+    the batches prefetched meanwhile.
+
+    A transient error of the leader propagates, so Celery retries it; a bug fails every job of
+    the batch, then propagates for the leader."""
+    if prefetching is None:
+        with gpu_queue.claim(batch_size - 1, wait_s, exclude=job_id) as claims:
+            retry = _answer([job_id, *(c.job_id for c in claims)], claims, gpu_queue, ctx, fail_job)
+        if job_id in retry:
+            raise retry[job_id]
+        return
+    began = time.monotonic()
+    ahead_ctx = prefetching.ahead_ctx
+    prefetcher = Prefetcher(
+        gpu_queue,
+        lambda queued: load_job(queued, ahead_ctx),
+        capacity=batch_size,
+        needs_nothing=lambda loaded: loaded.job is not None and loaded.job.status.terminal,
+    )
+    with prefetcher:
+        with gpu_queue.claim(batch_size - 1, wait_s, exclude=job_id) as claims:
+            prefetcher.set_running({job_id, *(c.job_id for c in claims)})
+            prefetcher.start()  # after the leader's batch is claimed: the next batch's jobs are the rest
+            retry = _answer([job_id, *(c.job_id for c in claims)], claims, gpu_queue, ctx, fail_job)
+        if job_id in retry:
+            raise retry[job_id]
+        batches = 1
+        while not prefetching.should_stop() and time.monotonic() - began < prefetching.budget_s:
+            taken: list[Ahead] = prefetcher.take_waiting(batch_size, wait_s)
+            if not taken:
+                break
+            ids = [item.claim.job_id for item in taken]
+            prefetcher.set_running(set(ids))
+            loaded = {item.claim.job_id: item.loaded for item in taken if item.loaded is not None}
+            _answer(ids, [item.claim for item in taken], prefetcher, ctx, fail_job, loaded)
+            batches += 1
+        if batches > 1:
+            log.info("ran %d batches in %.1f s from one delivery", batches, time.monotonic() - began)
