@@ -8,7 +8,6 @@ sockets opened by their parent. The app factory attaches them to the Celery app
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from collections.abc import Callable
@@ -203,11 +202,9 @@ class WorkerResources:
 
     @cached_property
     def _ahead_context(self) -> AnswerContext:
-        # A processor of its own: jobs are tokenised on the prefetch thread while the task's
-        # thread decodes answers, and a fast tokenizer is not to be used by two threads at once.
-        loaded = self.load_model()
-        own = replace(loaded, processor=copy.deepcopy(loaded.processor))
-        return replace(self._answer_context, model=own, model_seconds=0.0)
+        from worker.gpu.prefetch import with_own_processor
+
+        return replace(self._answer_context, model=with_own_processor(self.load_model()), model_seconds=0.0)
 
 
 # The attribute of the Celery app that holds its process's resources.

@@ -44,6 +44,7 @@ class LoadedModel:
     dtype: str
     attn_implementation: str
     revision: str | None = None
+    compiled: Any = None  # a worker.gpu.compiled.CompiledDecoding with VIDEOQA_COMPILE=decode
 
     @property
     def eos_token_ids(self) -> set[int]:
@@ -170,7 +171,12 @@ def _load_model(settings: Settings) -> LoadedModel:
     processor.tokenizer.padding_side = "left"
     model = LlavaForConditionalGeneration.from_pretrained(settings.model, dtype=dtype, attn_implementation=attn)
     model.to(device).eval()
-    log.info("loaded %s on %s (%s, %s)", settings.model, device, dtype, attn)
+    compiled = None
+    if settings.compile == "decode":
+        from worker.gpu.compiled import CompiledDecoding
+
+        compiled = CompiledDecoding.create()
+    log.info("loaded %s on %s (%s, %s, compile %s)", settings.model, device, dtype, attn, settings.compile)
     return LoadedModel(
         model=model,
         processor=processor,
@@ -179,6 +185,7 @@ def _load_model(settings: Settings) -> LoadedModel:
         dtype=str(dtype).removeprefix("torch."),
         attn_implementation=attn,
         revision=getattr(model.config, "_commit_hash", None),
+        compiled=compiled,
     )
 
 
@@ -345,9 +352,12 @@ def generate_one_call(loaded: LoadedModel, prompts: list[Prompt], *, watch: Gene
 
         watch.bind(prompt_length, prompt_tokens)
         kwargs["stopping_criteria"] = StoppingCriteriaList([watch])
+    real_rows = len(prompts)
+    if loaded.compiled is not None:
+        real_rows = loaded.compiled.apply(inputs, kwargs, [len(prompt.images) for prompt in prompts])
     with torch.inference_mode():
         output = loaded.model.generate(**inputs, **kwargs)
-    rows = output[:, prompt_length:].tolist()
+    rows = output[:real_rows, prompt_length:].tolist()
     return [
         completion_from_tokens(loaded, rows[row], prompt.generation.max_new_tokens, prompt_tokens[row])
         for row, prompt in enumerate(prompts)

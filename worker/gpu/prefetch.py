@@ -23,22 +23,31 @@ when its message was in the queue.
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from kombu import Queue
 
 from common.errors import TransientError
 from worker.gpu.claims import Claim, GpuQueue
+from worker.gpu.model import LoadedModel
 
 log = logging.getLogger(__name__)
 
 IDLE_POLL_S = 0.01  # how often an empty queue is asked again
+
+
+def with_own_processor(loaded: LoadedModel) -> LoadedModel:
+    """``loaded`` with a processor of its own, for loading jobs on the prefetch thread while the
+    task's thread decodes answers: a fast tokenizer is not to be used by two threads at once (it
+    changes its own state per call)."""
+    return replace(loaded, processor=copy.deepcopy(loaded.processor))
 
 
 @dataclass
