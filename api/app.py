@@ -19,13 +19,15 @@ from api.logs import bind_job_ids
 from api.ops import ops
 from api.page import page
 from api.routes import bp
-from common.celery_config import INGEST_TASK, make_celery
+from api.video_routes import videos_bp
+from common.celery_config import GENERATE_TASK, INGEST_TASK, VIDEO_TASK, make_celery
 from common.connections import redis_client
 from common.jobs import JobStore
 from common.metrics import RedisCollector
 from common.readiness import ready_workers
 from common.settings import Settings, load_settings
 from common.storage import ObjectStore, open_store
+from common.videos import VideoStore
 from common.webhooks import webhook_sender
 
 
@@ -40,10 +42,20 @@ class Services:
     redis: redis.Redis
     metrics: CollectorRegistry
     idempotency: IdempotencyKeys
+    videos: VideoStore
 
     @property
     def enqueue_ingest(self) -> Callable[[str], None]:
         return lambda job_id: self.celery.send_task(INGEST_TASK, args=[job_id])
+
+    @property
+    def enqueue_generate(self) -> Callable[[str], None]:
+        """For jobs whose media are all stored already: they skip the CPU stage."""
+        return lambda job_id: self.celery.send_task(GENERATE_TASK, args=[job_id])
+
+    @property
+    def enqueue_video(self) -> Callable[[str], None]:
+        return lambda video_id: self.celery.send_task(VIDEO_TASK, args=[video_id])
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -69,13 +81,15 @@ def create_app(settings: Settings | None = None) -> Flask:
         redis=client,
         metrics=metrics,
         idempotency=IdempotencyKeys(client, ttl_s=settings.idempotency_ttl_s),
+        videos=VideoStore(client, ttl_s=settings.storage_retention_s),
     )
     register_error_handlers(app)
     # Authentication runs first, so the rate limiter counts per tenant.
     app.before_request(Authenticator(parse_api_keys(settings.api_keys)).authenticate_request)
-    init_limits(app, [bp, openai_bp], settings)
+    init_limits(app, [bp, openai_bp, videos_bp], settings)
     app.register_blueprint(bp)
     app.register_blueprint(openai_bp)
+    app.register_blueprint(videos_bp)
     app.register_blueprint(ops)
     app.register_blueprint(page)
     bind_job_ids(app)

@@ -102,6 +102,7 @@ def _submit(chat: ChatJob, services: Any) -> Job:
             settings=settings, jobs=services.jobs, store=services.store, enqueue_ingest=services.enqueue_ingest,
             tenant=current_tenant(), idempotency=services.idempotency,
             idempotency_key=request.headers.get("Idempotency-Key"),
+            video_store=services.videos, enqueue_generate=services.enqueue_generate,
         )[0]  # fmt: skip
     except ValidationError as exc:
         raise invalid(_chat_params(validation_problems(exc))) from None

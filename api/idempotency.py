@@ -14,13 +14,14 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import redis
+from pydantic import BaseModel
 from werkzeug.datastructures import FileStorage
 
 from common.errors import Conflict, InvalidRequest, VideoQAError
-from common.jobs import Job, JobStore
-from common.schemas import JobRequest
+from common.jobs import Job
 
 KEY_PREFIX = "videoqa:idempotency:"
 MAX_KEY_CHARS = 255
@@ -47,7 +48,13 @@ def check_key(key: str) -> str:
     return key
 
 
-def fingerprint(request: JobRequest, uploads: dict[str, list[FileStorage]]) -> str:
+class Records(Protocol):
+    """Where the claimed ids live: job records, or stored videos (``api.video_submission``)."""
+
+    def get(self, record_id: str) -> Any: ...
+
+
+def fingerprint(request: BaseModel, uploads: dict[str, list[FileStorage]]) -> str:
     """A digest of what the request asks: its validated body and its files' names and bytes."""
     digest = hashlib.sha256(json.dumps(request.model_dump(mode="json"), sort_keys=True).encode())
     for field in sorted(uploads):
@@ -75,9 +82,12 @@ class IdempotencyKeys:
         self._ttl_s = ttl_s
         self._release = client.register_script(_RELEASE)
 
-    def claim(self, tenant: str, key: str, digest: str, job_id: str, jobs: JobStore) -> Claim | Job:
-        """Claim ``key`` for ``job_id``; or the job it already names (same request)."""
-        redis_key = KEY_PREFIX + tenant + ":" + hashlib.sha256(key.encode()).hexdigest()
+    def claim(
+        self, tenant: str, key: str, digest: str, job_id: str, jobs: Records, *, scope: str = ""
+    ) -> Claim | Job | Any:
+        """Claim ``key`` for ``job_id``; or the job it already names (same request). ``scope``
+        keeps the keys of another kind of record (``videos:``) apart from jobs'."""
+        redis_key = KEY_PREFIX + scope + tenant + ":" + hashlib.sha256(key.encode()).hexdigest()
         value = json.dumps({"fingerprint": digest, "job_id": job_id, "at": time.time()})
         deadline = time.monotonic() + SETTLE_S
         while True:

@@ -180,6 +180,9 @@ BEARER: list[dict[str, list[str]]] = [{}, {"bearerAuth": []}]
 
 
 def _operations() -> dict[str, dict[str, Any]]:
+    # Imported here: that module builds on this one's helpers.
+    from api.openapi_videos import video_operations
+
     job = {"description": "the job", "content": _json("JobView")}
     common_errors = {
         "401": _error("missing or unknown API key (when keys are configured)"),
@@ -320,6 +323,7 @@ def _operations() -> dict[str, dict[str, Any]]:
                 },
             }
         },
+        **video_operations(common_errors),
         "/v1/jobs/{job_id}/frames/{n}": {
             "get": {
                 "operationId": "jobFrame",
@@ -403,10 +407,13 @@ def _operations() -> dict[str, dict[str, Any]]:
 
 
 def build_spec(version: str) -> dict[str, Any]:
+    from api.openapi_videos import VIDEO_MODELS
+
     models: list[tuple[type[BaseModel], Literal["validation", "serialization"]]] = [
         (JobRequest, "validation"),
         (JobView, "serialization"),
         (JobPage, "serialization"),
+        *VIDEO_MODELS,
         (ErrorResponse, "serialization"),
         (Health, "serialization"),
         (Readiness, "serialization"),

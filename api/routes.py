@@ -59,6 +59,8 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
         enqueue_ingest=services.enqueue_ingest,
         tenant=current_tenant(),
         idempotency=services.idempotency,
+        video_store=services.videos,
+        enqueue_generate=services.enqueue_generate,
     )
     headers = {"Location": url_for("v1.get_job", job_id=job.id)}
     if replayed:

@@ -14,6 +14,7 @@ from flask import Request
 from pydantic import ValidationError
 from werkzeug.datastructures import FileStorage
 
+from api import stored_media
 from api.auth import PUBLIC, Tenant
 from api.errors import invalid, validation_problems
 from api.idempotency import Claim, IdempotencyKeys, check_key, fingerprint
@@ -25,6 +26,7 @@ from common.schemas import JobRequest, MediaInput, MediaSource, StoredRequest, c
 from common.settings import Settings
 from common.storage import UPLOADS_PREFIX, ObjectStore
 from common.url_policy import BlockedUrl, UrlPolicy
+from common.videos import VideoStore
 
 SAMPLING_FIELDS = ("num_frames", "fps", "start", "end", "fast")
 GENERATION_FIELDS = ("max_new_tokens", "do_sample", "temperature", "top_p")
@@ -95,7 +97,7 @@ MediaEntry = FileStorage | MediaInput
 
 def _sources(store: ObjectStore, job_id: str, kind: str, media: list[MediaEntry]) -> list[MediaSource]:
     return [
-        _store_upload(store, job_id, kind, position, item) if isinstance(item, FileStorage) else MediaSource.from_url(item.url)
+        _store_upload(store, job_id, kind, position, item) if isinstance(item, FileStorage) else MediaSource.from_input(item)
         for position, item in enumerate(media)
     ]
 
@@ -123,7 +125,7 @@ def _blocked_urls(request: JobRequest, policy: UrlPolicy) -> list[dict[str, str]
     problems = []
     for kind, items in (("videos", request.videos), ("images", request.images)):
         for position, item in enumerate(items):
-            if item.url.lower().startswith(("http://", "https://")):
+            if item.url is not None and item.url.lower().startswith(("http://", "https://")):
                 try:
                     policy.check(item.url)
                 except BlockedUrl as exc:
@@ -150,7 +152,7 @@ def _foreign_s3_keys(request: JobRequest, tenant: Tenant) -> list[dict[str, str]
     problems = []
     for kind, items in (("videos", request.videos), ("images", request.images)):
         for position, item in enumerate(items):
-            if item.url.lower().startswith("s3://") and not tenant.may_read_s3(item.url):
+            if item.url is not None and item.url.lower().startswith("s3://") and not tenant.may_read_s3(item.url):
                 problems.append({"field": f"{kind}.{position}.url", "message": "outside the s3 prefixes of this API key"})
     return problems
 
@@ -164,9 +166,12 @@ def submit_job(
     enqueue_ingest: Any,
     tenant: Tenant = PUBLIC,
     idempotency: IdempotencyKeys | None = None,
+    video_store: VideoStore | None = None,
+    enqueue_generate: Any = None,
 ) -> tuple[Job, bool]:
     """The job created, and whether it is one an earlier request with the same
-    ``Idempotency-Key`` created (nothing new is stored then)."""
+    ``Idempotency-Key`` created (nothing new is stored then). With ``enqueue_generate``, a job
+    whose frames are all stored goes straight to the GPU queue."""
     if req.mimetype == "application/json":
         parsed, video_files, image_files = parse_json_body(req, settings)
     elif req.mimetype == "multipart/form-data":
@@ -180,7 +185,7 @@ def submit_job(
         parsed, [*video_files, *parsed.videos], [*image_files, *parsed.images],
         settings=settings, jobs=jobs, store=store, enqueue_ingest=enqueue_ingest, tenant=tenant,
         idempotency=idempotency, idempotency_key=req.headers.get("Idempotency-Key"),
-        flat=req.mimetype == "multipart/form-data",
+        flat=req.mimetype == "multipart/form-data", video_store=video_store, enqueue_generate=enqueue_generate,
     )  # fmt: skip
 
 
@@ -197,13 +202,27 @@ def submit_request(
     idempotency: IdempotencyKeys | None = None,
     idempotency_key: str | None = None,
     flat: bool = False,
+    video_store: VideoStore | None = None,
+    enqueue_generate: Any = None,
 ) -> tuple[Job, bool]:
     """Check, store and queue a parsed request whose media are ``videos`` and ``images`` in the
-    job's order (``parsed.videos`` and ``parsed.images`` are the URLs among them); ``flat``:
-    problems are named as a multipart form names its fields."""
+    job's order (``parsed.videos`` and ``parsed.images`` are the URLs and stored videos among
+    them); ``flat``: problems are named as a multipart form names its fields. With
+    ``enqueue_generate``, a job whose frames are all stored goes straight to the GPU queue."""
     video_files = [item for item in videos if isinstance(item, FileStorage)]
     image_files = [item for item in images if isinstance(item, FileStorage)]
-    problems = check_limits(parsed, settings, uploaded_videos=len(video_files), uploaded_images=len(image_files))
+    video_store = video_store or VideoStore(jobs.client, ttl_s=settings.storage_retention_s)
+    stored = stored_media.peek(parsed, tenant=tenant.name, videos=video_store, jobs=jobs, store=store)
+    if stored.parent_request is not None:
+        # The parent's turns, then its own: the follow-up continues the conversation.
+        parsed = parsed.model_copy(update={"history": stored_media.follow_up_history(stored)})
+    problems = check_limits(
+        parsed,
+        settings,
+        uploaded_videos=len(video_files),
+        uploaded_images=len(image_files),
+        stored_frames=stored.frame_count,
+    )
     policy = UrlPolicy.from_allowlist(settings.fetch_allowlist_entries)
     problems += _blocked_urls(parsed, policy)
     problems += _webhook_problems(parsed, settings, policy)
@@ -231,6 +250,7 @@ def submit_request(
         return _create(
             parsed, videos, images,
             job_id=job_id, settings=settings, jobs=jobs, store=store, enqueue_ingest=enqueue_ingest, tenant=tenant,
+            stored=stored, video_store=video_store, enqueue_generate=enqueue_generate,
         ), False  # fmt: skip
     except Exception:
         if claim is not None and idempotency is not None:
@@ -249,25 +269,40 @@ def _create(
     store: ObjectStore,
     enqueue_ingest: Any,
     tenant: Tenant,
+    stored: stored_media.StoredMedia,
+    video_store: VideoStore,
+    enqueue_generate: Any,
 ) -> Job:
-    videos, images = _store_media(store, job_id, media_videos, media_images)
-    stored = StoredRequest(
+    stored = stored_media.claim(parsed, stored, job_id=job_id, tenant=tenant.name, videos=video_store)
+    if stored.parent_request is not None:
+        videos, images = stored.parent_request.videos, stored.parent_request.images
+    else:
+        videos, images = _store_media(store, job_id, media_videos, media_images)
+    media = stored.media_of(videos, images)
+    if media is not None and enqueue_generate is None:
+        if stored.parent is not None:
+            raise InvalidRequest("follow-ups (parent) are not taken here")
+        media = None  # without a GPU queue to send to, the CPU stage takes stored frames as they are
+    request = StoredRequest(
         question=parsed.question,
         prompt=parsed.prompt,
         videos=videos,
         images=images,
-        sampling=parsed.sampling,
+        # A follow-up's media were sampled as its parent asked.
+        sampling=stored.parent_request.sampling if stored.parent_request else parsed.sampling,
         generation=parsed.generation,
         webhook=parsed.webhook,
         history=parsed.history,
+        parent=parsed.parent,
     )
     try:
         job = jobs.create(
-            json.loads(stored.model_dump_json()),
+            json.loads(request.model_dump_json()),
             job_id=job_id,
             tenant=tenant.name,
             max_active=settings.max_active_jobs_per_tenant,
             webhook=parsed.webhook is not None,
+            media=media,
         )
     except Exception:
         # Redis refused the record (full, unreachable, the tenant's cap reached meanwhile):
@@ -275,7 +310,8 @@ def _create(
         _discard_uploads(store, job_id)
         raise
     try:
-        enqueue_ingest(job.id)
+        # A job whose frames are all stored already starts queued_gpu: it skips the CPU stage.
+        (enqueue_ingest if media is None else enqueue_generate)(job.id)
     except Exception as exc:
         jobs.fail(job.id, "service_unavailable", "the job could not be queued")
         raise ServiceUnavailable("the job queue is unavailable; try again") from exc

@@ -14,6 +14,8 @@ from common.settings import Settings
 
 INGEST_TASK = "videoqa.ingest"
 GENERATE_TASK = "videoqa.generate"
+# Samples and stores the frames of a stored video (POST /v1/videos).
+VIDEO_TASK = "videoqa.ingest_video"
 # Runs on CPU workers: a GPU worker only sends it when a job ends, never waits on a delivery.
 WEBHOOK_TASK = "videoqa.webhook"
 CPU_QUEUE = "cpu"
@@ -36,6 +38,7 @@ def make_celery(settings: Settings, *, main: str = "videoqa") -> Celery:
         task_routes={
             INGEST_TASK: {"queue": CPU_QUEUE},
             GENERATE_TASK: {"queue": GPU_QUEUE},
+            VIDEO_TASK: {"queue": CPU_QUEUE},
             WEBHOOK_TASK: {"queue": CPU_QUEUE},
         },
         # A job is acknowledged only once handled, and comes back if its worker dies mid-way.

@@ -193,10 +193,12 @@ class JobStore:
         tenant: str = DEFAULT_TENANT,
         max_active: int | None = None,
         webhook: bool = False,
+        media: list[dict[str, Any]] | None = None,
     ) -> Job:
         """Store a new queued job; with ``max_active``, raise ``TooManyActiveJobs`` instead when
         the tenant already has that many jobs not yet ended. With ``webhook``, the record starts
-        an empty delivery state."""
+        an empty delivery state. With ``media`` (every frame stored already), the job starts
+        ``queued_gpu``: it has no CPU stage."""
         job_id = job_id or uuid.uuid4().hex
         now = time.time()
         fields = {
@@ -208,6 +210,10 @@ class JobStore:
             "attempts": "0",
             "request": json.dumps(request),
         }
+        if media is not None:
+            fields["status"] = str(JobStatus.QUEUED_GPU)
+            fields["media"] = json.dumps(media)
+            fields["stage:queue_gpu:start"] = repr(now)
         if webhook:
             fields[WEBHOOK_FIELD] = json.dumps(
                 {"attempts": 0, "last_status": None, "last_error": None, "delivered_at": None}

@@ -22,14 +22,34 @@ class _Strict(BaseModel):
 
 
 class MediaInput(_Strict):
-    url: str = Field(description="http(s):// or s3://bucket/key")
+    """One video or image: exactly one of ``url`` and ``video_id``."""
+
+    url: str | None = Field(default=None, description="http(s):// or s3://bucket/key")
+    video_id: str | None = Field(
+        default=None,
+        description="a stored video (`POST /v1/videos`) that is ready: its frames are used as sampled then, "
+        "with no download and no decode; videos only",
+    )
 
     @field_validator("url")
     @classmethod
-    def _scheme(cls, value: str) -> str:
-        if not value.lower().startswith(_URL_SCHEMES):
+    def _scheme(cls, value: str | None) -> str | None:
+        if value is not None and not value.lower().startswith(_URL_SCHEMES):
             raise ValueError("must be an http://, https:// or s3:// URL")
         return value
+
+    @field_validator("video_id")
+    @classmethod
+    def _video_id(cls, value: str | None) -> str | None:
+        if value is not None and not (len(value) == 32 and all(c in "0123456789abcdef" for c in value)):
+            raise ValueError("is not a video id (32 lowercase hex digits, as POST /v1/videos answers)")
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> MediaInput:
+        if (self.url is None) == (self.video_id is None):
+            raise ValueError("give exactly one of url and video_id")
+        return self
 
 
 class Sampling(_Strict):
@@ -121,6 +141,10 @@ class JobRequest(_Strict):
         "in VIDEOQA_MAX_TEXT_CHARS; see docs/conversations.md for where the media go",
     )
     webhook: Webhook | None = Field(default=None, description="signed POST of the record when the job ends")
+    parent: str | None = Field(
+        default=None,
+        description="a succeeded job of the same API key: ask again over its media (no videos, images or prompt here)",
+    )
 
     @field_validator("question")
     @classmethod
@@ -145,6 +169,21 @@ class JobRequest(_Strict):
             _check_text_length(own + sum(len(turn.content) for turn in value), info, "with the question and prompt")
         return value
 
+    @field_validator("images")
+    @classmethod
+    def _images_by_url(cls, value: list[MediaInput]) -> list[MediaInput]:
+        if any(item.video_id is not None for item in value):
+            raise ValueError("images take a url; video_id names a stored video and belongs in videos")
+        return value
+
+    @model_validator(mode="after")
+    def _follow_up_alone(self) -> JobRequest:
+        if self.parent is not None and (self.videos or self.images or self.prompt is not None or self.history):
+            raise ValueError(
+                "a follow-up (parent) asks about its parent's media and turns: give no videos, images, prompt or history"
+            )
+        return self
+
     @classmethod
     def parse(cls, body: object, settings: Settings) -> JobRequest:
         """Validate ``body`` against the configured limits on text (JSON and multipart alike)."""
@@ -159,15 +198,24 @@ def _check_text_length(length: int, info: ValidationInfo, together: str = "") ->
 
 
 class MediaSource(BaseModel):
-    """Where the worker finds one video or image: a user URL or an upload in our storage."""
+    """Where the worker finds one video or image: a user URL, an upload in our storage, or a stored
+    video (``location`` is its id)."""
 
-    kind: Literal["http", "s3", "upload"]
+    kind: Literal["http", "s3", "upload", "video"]
     location: str
     filename: str | None = None
 
     @classmethod
     def from_url(cls, url: str) -> MediaSource:
         return cls(kind="s3" if url.lower().startswith("s3://") else "http", location=url)
+
+    @classmethod
+    def from_input(cls, item: MediaInput) -> MediaSource:
+        """A request's entry: its URL, or the stored video it names."""
+        if item.video_id is not None:
+            return cls(kind="video", location=item.video_id)
+        assert item.url is not None  # MediaInput holds exactly one of the two
+        return cls.from_url(item.url)
 
 
 class StoredRequest(BaseModel):
@@ -180,6 +228,7 @@ class StoredRequest(BaseModel):
     sampling: Sampling
     generation: Generation
     webhook: Webhook | None = None
+    parent: str | None = None
     # Absent from records written before conversations existed.
     history: list[Turn] = Field(default_factory=list)
 
@@ -194,19 +243,44 @@ class StoredRequest(BaseModel):
         return Turn(role="user", content=f"{media}\n{self.question}" if media else self.question)
 
 
+class VideoRequest(_Strict):
+    """The JSON body of ``POST /v1/videos``: a video to sample once and keep."""
+
+    url: str = Field(description="http(s):// or s3://bucket/key")
+    sampling: Sampling = Field(default_factory=Sampling)
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, value: str) -> str:
+        if not value.lower().startswith(_URL_SCHEMES):
+            raise ValueError("must be an http://, https:// or s3:// URL")
+        return value
+
+
 def check_limits(
-    request: JobRequest, settings: Settings, *, uploaded_videos: int = 0, uploaded_images: int = 0
+    request: JobRequest,
+    settings: Settings,
+    *,
+    uploaded_videos: int = 0,
+    uploaded_images: int = 0,
+    stored_frames: int | None = None,
 ) -> list[dict[str, str]]:
     """Checks that span fields or depend on configuration, as ``{field, message}`` problems.
 
     Uploaded files count with the URLs: a multipart request carries its media as files.
+    ``stored_frames``: the frames of the stored videos it names (or of its parent's media), once
+    known; None before (their frames are not counted in the size then).
     """
     problems: list[dict[str, str]] = []
     n_videos = len(request.videos) + uploaded_videos
     n_images = len(request.images) + uploaded_images
-    if n_videos + n_images == 0:
+    if request.parent is not None:
+        n_videos = n_images = 0  # its parent's media passed these checks; only the size is checked below
+    elif n_videos + n_images == 0:
         problems.append({"field": "videos", "message": "at least one video or image is required"})
-    problems += _placeholder_problems(request, n_videos, n_images)
+    if request.parent is None:
+        # A follow-up's turns come from its parent, whose placeholders matched its media.
+        problems += _placeholder_problems(request, n_videos, n_images)
     if n_videos > settings.max_videos:
         problems.append({"field": "videos", "message": f"at most {settings.max_videos} videos per job"})
     if n_images > settings.max_images:
@@ -224,10 +298,12 @@ def check_limits(
             {"field": f"{kind}.{position}.url", "message": "s3:// URLs need S3 storage, and this service has none"}
             for kind, items in (("videos", request.videos), ("images", request.images))
             for position, item in enumerate(items)
-            if item.url.lower().startswith("s3://")
+            if item.url is not None and item.url.lower().startswith("s3://")
         ]
-    # An upper bound: a video gives at most num_frames frames, whatever the strategy.
-    frames = n_videos * request.sampling.num_frames + n_images
+    # An upper bound: a video gives at most num_frames frames, whatever the strategy; a stored
+    # video gives the frames it holds.
+    sampled_videos = uploaded_videos + sum(1 for item in request.videos if item.url is not None)
+    frames = sampled_videos * request.sampling.num_frames + n_images + (stored_frames or 0)
     size = job_size(
         request.question, request.prompt, frames, request.generation.max_new_tokens, settings,
         history=[turn.content for turn in request.history],

@@ -122,8 +122,9 @@ class Settings(BaseSettings):
     decode_processes: int = Field(
         default=0,
         ge=0,
-        description="processes for one long video; `0`: one per core; the cores left to a process run decoders on "
-        "threads of their own (set `1` when worker concurrency already fills the cores)",
+        description="at most this many processes for one video, split by GOP when the plan's decoding outweighs "
+        "starting a process; `0`: one per core; the cores left to a process run decoders on threads of their own "
+        "(set `1` when worker concurrency already fills the cores)",
     )
 
     # Access
@@ -147,7 +148,8 @@ class Settings(BaseSettings):
         default=7 * 24 * 3600,
         ge=60,
         description="frames, images and ETag records older than this are deleted (uploads go once their job "
-        "ended); at least 4 x `VIDEOQA_TASK_TIME_LIMIT_S` (docs/retention.md)",
+        "ended); stored videos (`POST /v1/videos`) and their frames last this long from their creation; "
+        "at least 4 x `VIDEOQA_TASK_TIME_LIMIT_S` (docs/retention.md)",
     )
     sweep_interval_s: float = Field(
         default=3600.0, gt=0, description="how often CPU workers delete expired objects and job index entries"

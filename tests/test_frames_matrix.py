@@ -23,7 +23,17 @@ import pytest
 
 from common.errors import InvalidMedia
 from common.schemas import Sampling
-from worker.media.sampling import sample_frames
+from worker.media.sampling import (
+    SampledFrame,
+    check_stand_ins,
+    choose_positions,
+    decode_segments,
+    index_stream,
+    plan_segments,
+    sample_frames,
+    sampled_frame,
+    split_segments,
+)
 from worker.fixtures.synthetic_videos import remux, write_cat_video
 
 IN_STREAM = {"mpegts", "vob"}
@@ -192,6 +202,18 @@ def _every_kth(first: int, last: int, wanted: int) -> list[int]:
     return [first + i * ((last - first) // wanted) for i in range(wanted)]
 
 
+def sampled_gop_by_gop(path: Path, sampling: Sampling) -> list[SampledFrame]:
+    """As the sandbox samples a video split by GOP over children: every seek a group of its own,
+    each group decoded by a decoder of its own, the frames put together as the caller does."""
+    index = index_stream(path)
+    positions = choose_positions(index, sampling)
+    segments = plan_segments(index, [index.pts[p] for p in positions])
+    found = {}
+    for group in split_segments(index, segments, len(segments)):
+        found.update(decode_segments(path, index, group, threads=1))
+    return check_stand_ins([sampled_frame(index, p, found[index.pts[p]]) for p in positions])
+
+
 def expected_positions(times: list[float], sampling: Sampling) -> list[int]:
     """What each strategy picks, worked out from decode-every-frame's times alone."""
     first = _first_at(times, sampling.start) if sampling.start is not None else 0
@@ -239,3 +261,8 @@ def test_sampling_equals_decoding_every_frame(
         assert frame.stands_in_for is None
         assert frame.time == pytest.approx(reference.times[frame.index], abs=1e-6)
         assert np.array_equal(frame.array, reference.arrays[frame.index]), f"frame {frame.index} differs"
+    if not sampling.fast:
+        split = sampled_gop_by_gop(path, sampling)
+        assert [(f.index, f.time) for f in split] == [(f.index, f.time) for f in sampled]
+        for one, other in zip(split, sampled, strict=True):
+            assert np.array_equal(one.array, other.array), f"frame {one.index} differs split by GOP"

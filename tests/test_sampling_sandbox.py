@@ -7,6 +7,7 @@ import dataclasses
 import os
 import signal
 import time
+import uuid
 from collections.abc import Generator
 from pathlib import Path
 
@@ -17,9 +18,12 @@ from PIL import Image
 from common.errors import InvalidMedia, InvalidRequest, MediaTooLarge
 from common.schemas import Sampling
 from common.settings import load_settings
+from common.storage import LocalStore, ObjectStore, S3Store
+from worker.cpu.stage import store_frames
 from worker.media.decode import DecodeLimits, VideoSample, decode_frames_in_sandbox
 from worker.media.sampling import sample_frames
 from worker.media.geometry import FrameGeometry
+from worker.media.png import decode_png
 from worker.fixtures.synthetic_videos import read_frame_index, write_cat_video
 from worker.sandbox.runner import Session, run_isolated, run_until
 
@@ -45,13 +49,76 @@ def _sample(path: Path, sampling: Sampling, limits: DecodeLimits = LIMITS, **kwa
 @pytest.mark.parametrize("sampling", [Sampling(num_frames=16), Sampling(num_frames=5, fps=2, start=1.5)])
 def test_children_give_the_frames_of_in_process_decoding(long_video: Path, processes: int, sampling: Sampling) -> None:
     expected = sample_frames(long_video, sampling)
-    sample = _sample(long_video, sampling, _limits(processes=processes))
+    # Children counted as free: the plan splits this small video as it would a large one.
+    sample = _sample(long_video, sampling, _limits(processes=processes, child_start_s=0.0))
     assert sample.frame_count == 300
     assert [(f.index, f.time) for f in sample.frames] == [(f.index, f.time) for f in expected]
     for got, want in zip(sample.frames, expected, strict=True):
         assert np.array_equal(got.array, want.array)
     if sampling.fps is None:
         assert sample.processes == processes
+
+
+def test_a_small_video_stays_in_one_child(long_video: Path) -> None:
+    """Decoding 300 frames of 160x120 costs less than starting a second child."""
+    sample = _sample(long_video, Sampling(num_frames=16), _limits(processes=4))
+    assert sample.processes == 1
+
+
+def test_the_plan_splits_by_gop_when_decoding_outweighs_a_child() -> None:
+    """A 20 s clip of 600 frames, keyframes every 250, 12 targets: three seeks decoding 201, 201
+    and 51 frames. In 1080p each GOP gets a child of its own; in 64x64 it all stays in one."""
+    from fractions import Fraction
+
+    from worker.media.decode import split_by_cost
+    from worker.media.sampling import StreamIndex, plan_segments
+
+    index = StreamIndex(pts=list(range(600)), keyframe_pts=[0, 250, 500], time_base=Fraction(1, 30))
+    segments = plan_segments(index, list(range(0, 600, 50)))
+    assert [s.start for s in segments] == [0, 250, 500]
+    assert split_by_cost(index, segments, 1920 * 1080, processes=8) == [[s] for s in segments]
+    assert split_by_cost(index, segments, 1920 * 1080, processes=2) == [segments[:1], segments[1:]]
+    assert split_by_cost(index, segments, 1920 * 1080, processes=1) == [segments]
+    assert split_by_cost(index, segments, 64 * 64, processes=8) == [segments]
+
+
+@pytest.fixture(scope="module")
+def short_hd_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # bench/short_hd.py's clip: 20 s of 1080p H.264, GOP 250, three B-frames.
+    return write_cat_video(tmp_path_factory.mktemp("short_hd") / "hd.mp4", seconds=20, fps=30, width=1920,
+                           height=1080, gop=250, bframes=3, preset="veryfast", threads=2)  # fmt: skip
+
+
+def test_a_short_hd_clip_split_by_gop_gives_the_frames_of_one_child(short_hd_clip: Path) -> None:
+    alone = _sample(short_hd_clip, Sampling(num_frames=12), _limits(processes=1))
+    split = _sample(short_hd_clip, Sampling(num_frames=12), _limits(processes=3))
+    assert (alone.processes, split.processes) == (1, 3)
+    assert [f.index for f in split.frames] == [i * 50 for i in range(12)]
+    assert [(f.index, f.time) for f in split.frames] == [(f.index, f.time) for f in alone.frames]
+    for got, want in zip(split.frames, alone.frames, strict=True):
+        assert np.array_equal(got.array, want.array), f"frame {got.index} differs"
+        assert read_frame_index(got.array) == got.index
+
+
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_stored_frames_read_back_as_the_pixels_sampled(
+    short_hd_clip: Path, tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
+    """Frames are stored on threads, lossless: what the GPU side reads is what was sampled."""
+    geometry = FrameGeometry(384, 384, Image.Resampling.BICUBIC)
+    sample = _sample(short_hd_clip, Sampling(num_frames=12), geometry=geometry)
+    if backend == "s3":
+        request.getfixturevalue("s3")  # moto's server, and this process's AWS variables
+        store: ObjectStore = S3Store(f"frames-{uuid.uuid4().hex[:12]}", "p")
+    else:
+        store = LocalStore(tmp_path / "store")
+    entries = store_frames(store, "frames/clip", sample.frames)
+    assert [(e["index"], e["time"]) for e in entries] == [(f.index, f.time) for f in sample.frames]
+    assert [e["key"] for e in entries] == [f"frames/clip/{i:04d}.png" for i in range(12)]
+    for entry, frame in zip(entries, sample.frames, strict=True):
+        read = np.asarray(decode_png(store.get_bytes(entry["key"])))
+        assert read.shape == (384, 384, 3)
+        assert np.array_equal(read, frame.array), f"frame {frame.index} differs once stored"
 
 
 def test_children_resize_as_the_model_would(long_video: Path) -> None:

@@ -51,7 +51,7 @@ def test_validation_messages_are_plain_words(client: FlaskClient) -> None:
         "question": "must not be blank",
         "videos.0.url": "must be an http://, https:// or s3:// URL",
         "videos.1": 'must be an object such as {"url": "https://example.com/video.mp4"}',
-        "videos.2.url": "is required",
+        "videos.2": "give exactly one of url and video_id",
         "sampling.num_frames": "must be a whole number",
         "sampling.fps": "must be greater than 0",
         "generation.do_sample": "must be true or false",

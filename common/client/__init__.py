@@ -8,7 +8,7 @@
 
 from common.client.client import DEFAULT_SERVER, Client
 from common.client.errors import APIError, EventsUnavailable, JobFailed, Unreachable, VideoQAError, WaitTimedOut
-from common.client.models import Event, Frame, Job, JobPage, Result, Usage
+from common.client.models import Event, Frame, Job, JobPage, Result, StoredVideo, Usage
 from common.client.sse import SSEMessage, parse_sse
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "JobPage",
     "Result",
     "SSEMessage",
+    "StoredVideo",
     "Unreachable",
     "Usage",
     "VideoQAError",

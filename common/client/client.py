@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Union
 import requests
 
 from common.client.errors import APIError, EventsUnavailable, JobFailed, Unreachable, WaitTimedOut
-from common.client.models import Event, Job, JobPage, Result
+from common.client.models import Event, Job, JobPage, Result, StoredVideo
 from common.client.sse import parse_sse
 
 if TYPE_CHECKING:
@@ -113,10 +113,13 @@ class Client:
         webhook: str | Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
         wait: int | None = None,
+        parent: str | None = None,
     ) -> Job:
         """Submit a job. Local files are uploaded (multipart); URLs and ``s3://`` keys are sent as
         JSON; one request takes one or the other. ``wait`` (seconds, at most 60) asks the server to
-        answer once the job has ended, where it supports ``Prefer: wait``."""
+        answer once the job has ended, where it supports ``Prefer: wait``. A stored video is
+        ``{"video_id": ...}`` (``StoredVideo.ref``); ``parent`` (a succeeded job's id, with no
+        media) asks a follow-up over that job's media."""
         video_files, video_refs = _split_media(videos, "videos")
         image_files, image_refs = _split_media(images, "images")
         headers = {}
@@ -144,7 +147,7 @@ class Client:
                 response = self._request("POST", "/v1/jobs", files=parts, data=data, headers=headers)
             return Job.from_json(response.json())
         body: dict[str, Any] = {"question": question, "videos": video_refs, "images": image_refs}
-        options = {"prompt": prompt, "sampling": sampling, "generation": generation, "webhook": hook}
+        options = {"prompt": prompt, "sampling": sampling, "generation": generation, "webhook": hook, "parent": parent}
         for name, value in options.items():
             if value is not None:
                 body[name] = dict(value) if isinstance(value, Mapping) else value
@@ -238,6 +241,43 @@ class Client:
         if response.status_code >= 400:
             response.close()
             raise self._error(response)
+
+    def store_video(
+        self, video: str | os.PathLike[str], *, sampling: Mapping[str, Any] | None = None, idempotency_key: str | None = None
+    ) -> StoredVideo:
+        """Store a video once (``POST /v1/videos``): a local file is uploaded, a URL or ``s3://``
+        key sent as JSON. It is ``processing`` until its frames are sampled: see ``wait_video``."""
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        if isinstance(video, str) and video.lower().startswith(URL_SCHEMES):
+            body = {"url": video, "sampling": dict(sampling or {})}
+            return StoredVideo.from_json(self._request("POST", "/v1/videos", json=body, headers=headers).json())
+        path = Path(video)
+        if not path.is_file():
+            raise FileNotFoundError(f"no such file {str(path)!r} (URLs start with http://, https:// or s3://)")
+        data = {name: _form_value(value) for name, value in (sampling or {}).items() if value is not None}
+        with open(path, "rb") as handle:
+            files = [("video", (path.name, handle, _content_type(path)))]
+            response = self._request("POST", "/v1/videos", files=files, data=data, headers=headers)
+        return StoredVideo.from_json(response.json())
+
+    def video(self, video_id: str) -> StoredVideo:
+        return StoredVideo.from_json(self._request("GET", f"/v1/videos/{video_id}").json())
+
+    def wait_video(self, video_id: str, timeout: float = 300.0) -> StoredVideo:
+        """The video once it is ``ready`` or ``failed``; ``TimeoutError`` after ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        while True:
+            hold = max(1, min(MAX_WAIT_S, int(deadline - time.monotonic())))
+            response = self._request("GET", f"/v1/videos/{video_id}", params={"wait": hold}, timeout=self.timeout + hold)
+            video = StoredVideo.from_json(response.json())
+            if video.status != "processing":
+                return video
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"video {video_id} is still processing after {timeout:g} s")
+
+    def delete_video(self, video_id: str) -> None:
+        """Delete it and its frames; ``APIError`` with code ``video_in_use`` while a job uses it."""
+        self._request("DELETE", f"/v1/videos/{video_id}")
 
     def ask(self, videos: Sequence[Media], question: str, *, timeout: float | None = None, **options: Any) -> Result:
         """Submit, wait for the answer and return it; ``JobFailed`` when the job failed or was

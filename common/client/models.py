@@ -84,6 +84,36 @@ class Job:
 
 
 @dataclass(frozen=True)
+class StoredVideo:
+    """A stored video as ``GET /v1/videos/{id}`` shows it; jobs name it ``{"video_id": id}``."""
+
+    id: str
+    status: str
+    frames: list[Frame]
+    frame_count: int | None
+    duration: float | None
+    error: dict[str, Any] | None
+    raw: dict[str, Any] = field(repr=False)
+
+    @property
+    def ref(self) -> dict[str, str]:
+        """The entry naming it in a job's ``videos``."""
+        return {"video_id": self.id}
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> StoredVideo:
+        return cls(
+            id=body["id"],
+            status=body["status"],
+            frames=[Frame(video=0, index=int(f["index"]), time=float(f["time"])) for f in body.get("frames", [])],
+            frame_count=body.get("frame_count"),
+            duration=body.get("duration"),
+            error=body.get("error"),
+            raw=body,
+        )
+
+
+@dataclass(frozen=True)
 class JobPage:
     """One page of ``GET /v1/jobs``, newest first; ``next_before`` asks for the next page."""
 

@@ -27,6 +27,7 @@ from common.readiness import WorkerReadiness
 from common.settings import Settings
 from common.storage import ObjectStore, open_store
 from common.url_policy import UrlPolicy
+from common.videos import VideoStore
 from common.webhooks import webhook_sender
 from worker.gpu.claims import GpuQueue
 from worker.gpu.pipeline import Prefetching
@@ -34,6 +35,7 @@ from worker.gpu.stage import AnswerContext
 from worker.media.geometry import DEFAULT_RESAMPLE, FrameGeometry, processor_geometry
 from worker.gpu.model import LoadedModel, load_model
 from worker.cpu.stage import IngestContext
+from worker.cpu.video_stage import VideoContext
 from worker.cpu.webhooks import WebhookContext
 from worker.gpu.lifecycle import describe
 
@@ -84,6 +86,10 @@ class WorkerResources:
     def jobs(self) -> JobStore:
         client = redis_client(self.settings)
         return JobStore(client, ttl_s=self.settings.job_ttl_s, on_terminal=webhook_sender(client, self.celery))
+
+    @cached_property
+    def videos(self) -> VideoStore:
+        return VideoStore(self.jobs.client, ttl_s=self.settings.storage_retention_s)
 
     @cached_property
     def store(self) -> ObjectStore:
@@ -160,7 +166,11 @@ class WorkerResources:
             store=self.store,
             geometry=lambda: self.geometry,
             enqueue_answer=lambda job_id: self.celery.send_task(GENERATE_TASK, args=[job_id]),
+            videos=self.videos,
         )
+
+    def video_context(self) -> VideoContext:
+        return VideoContext(settings=self.settings, videos=self.videos, store=self.store, geometry=lambda: self.geometry)
 
     def webhook_context(self) -> WebhookContext:
         return WebhookContext(

@@ -14,6 +14,7 @@ from common.errors import VideoQAError
 from common.storage import ObjectStore, open_store
 from worker.app.reconciler import reconcile
 from worker.app.resources import resources_of
+from worker.app.video_reconciler import reconcile_videos
 from worker.cpu.sweeper import sweep
 from worker.gpu.lifecycle import EX_CONFIG, Heartbeat
 
@@ -68,6 +69,12 @@ class ReconcilerStep(bootsteps.StartStopStep):
                     resources.jobs.client,
                     resources.jobs,
                     lambda task, job_id: worker.app.send_task(task, args=[job_id]),
+                    stale_after_s=settings.reconcile_after_s,
+                )
+                reconcile_videos(
+                    resources.jobs.client,
+                    resources.videos,
+                    lambda task, video_id: worker.app.send_task(task, args=[video_id]),
                     stale_after_s=settings.reconcile_after_s,
                 )
             except redis.RedisError as exc:

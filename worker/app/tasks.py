@@ -8,10 +8,11 @@ from typing import Any
 from celery import Celery, Task
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 
-from common.celery_config import GENERATE_TASK, INGEST_TASK, WEBHOOK_TASK
+from common.celery_config import GENERATE_TASK, INGEST_TASK, VIDEO_TASK, WEBHOOK_TASK
 from common.errors import TransientError, VideoQAError
 from worker.gpu.pipeline import answer_claimed_batch
 from worker.cpu.stage import ingest_job
+from worker.cpu.video_stage import ingest_stored_video
 from worker.app.resources import WorkerResources
 from worker.cpu.webhooks import deliver
 
@@ -55,6 +56,18 @@ def register_tasks(app: Celery, resources: WorkerResources) -> None:
     @app.task(name=INGEST_TASK, base=JobTask, **retry_policy)
     def ingest(job_id: str) -> None:
         ingest_job(job_id, resources.ingest_context())
+
+    class VideoTask(Task):  # type: ignore[misc]
+        """Ends the stored video as failed when its task gives up."""
+
+        def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+            video_id = args[0] if args else kwargs.get("video_id")
+            if video_id:
+                resources.videos.fail(video_id, *failure_of(exc))
+
+    @app.task(name=VIDEO_TASK, base=VideoTask, **retry_policy)
+    def ingest_video(video_id: str) -> None:
+        ingest_stored_video(video_id, resources.video_context())
 
     def fail_job(job_id: str, exc: BaseException) -> None:
         resources.jobs.fail(job_id, *failure_of(exc))

@@ -3,12 +3,13 @@ job to the GPU queue. A plain function; the Celery task only wraps it."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
 import logging
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,14 +20,20 @@ from common.jobs import JobStatus, JobStore
 from common.schemas import MediaSource, Sampling, StoredRequest
 from common.settings import Settings
 from common.storage import ObjectStore
+from common.videos import VideoStore, VideoUnavailable
 from worker.media.decode import DecodeLimits, decode_frames_in_sandbox
 from worker.cpu.fetch import fetch_if_changed, fetch_media, known_version, remember_version
 from worker.media.geometry import FrameGeometry
 from worker.media.png import encode_png
+from worker.media.sampling import SampledFrame
 from worker.cpu.frame_store import ContentKeys
 from worker.media.still_image import decode_image
 
 log = logging.getLogger(__name__)
+
+# Frames encoded and stored at once: enough for every core of a CPU worker and for a storage
+# service's round trips to overlap.
+_STORE_THREADS = 8
 
 
 @dataclass
@@ -36,6 +43,7 @@ class IngestContext:
     store: ObjectStore
     geometry: Callable[[], FrameGeometry]
     enqueue_answer: Callable[[str], None]
+    videos: VideoStore | None = None
 
 
 class StageTimer:
@@ -104,19 +112,35 @@ def ingest_video(
         fetched.path.unlink(missing_ok=True)
     started = time.perf_counter()
     prefix = frames_prefix(fetched.sha256, sampling, geometry, scope=keys.scope, period=keys.period)
-    entries = []
-    for position, frame in enumerate(sample.frames):
+    entries = store_frames(store, prefix, sample.frames)
+    # Written last: its presence means every frame is stored.
+    store.put_bytes(f"{prefix}/manifest.json", json.dumps(entries).encode(), content_type="application/json")
+    timer.add("store_frames", started)
+    return entries
+
+
+def store_frames(store: ObjectStore, prefix: str, frames: Sequence[SampledFrame]) -> list[dict[str, Any]]:
+    """Encode and store each frame as ``{prefix}/{position:04d}.png``; their manifest entries.
+
+    Frames are encoded and stored on threads: Pillow's PNG encoder compresses without holding the
+    GIL and storage calls wait on the network, so the frames share the worker's cores and their
+    round trips overlap."""
+
+    def put(position: int) -> str:
         key = f"{prefix}/{position:04d}.png"
-        store.put_bytes(key, encode_png(frame.image), content_type="image/png")
+        store.put_bytes(key, encode_png(frames[position].image), content_type="image/png")
+        return key
+
+    with concurrent.futures.ThreadPoolExecutor(min(_STORE_THREADS, max(1, len(frames))), "store-frame") as pool:
+        keys = list(pool.map(put, range(len(frames))))
+    entries = []
+    for frame, key in zip(frames, keys, strict=True):
         entry: dict[str, Any] = {"index": frame.index, "time": frame.time, "key": key}
         if frame.offset is not None:
             entry["offset"] = frame.offset
         if frame.stands_in_for is not None:
             entry["stands_in_for"] = {"index": frame.stands_in_for.index, "time": frame.stands_in_for.time}
         entries.append(entry)
-    # Written last: its presence means every frame is stored.
-    store.put_bytes(f"{prefix}/manifest.json", json.dumps(entries).encode(), content_type="application/json")
-    timer.add("store_frames", started)
     return entries
 
 
@@ -173,6 +197,13 @@ def ingest_job(job_id: str, ctx: IngestContext) -> None:
                     if jobs.is_cancelled(job_id):
                         return
                     target = Path(tmp) / f"{kind}-{position}"
+                    if source.kind == "video":
+                        # A stored video: its frames as sampled once, nothing fetched or decoded.
+                        if ctx.videos is None:
+                            raise VideoUnavailable(f"video {source.location}: this worker keeps no stored videos")
+                        frames = ctx.videos.frames_for_job(source.location, job.tenant)
+                        media.append({"kind": kind, "position": position, "frames": frames, "video_id": source.location})
+                        continue
                     if kind == "video":
                         frames = ingest_video(
                             source, target, request.sampling, geometry, ctx.settings, ctx.store, timer, keys

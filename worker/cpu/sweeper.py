@@ -10,6 +10,8 @@ Rules (docs/retention.md explains them):
   operator put there) goes once it is older than the retention.
 - Nothing a live job names (its uploads, its frames and images) is ever deleted; worker.cpu.frame_store
   makes sure a job only picks up objects that outlive the moment its record names them.
+- A stored video's frames (``videos/<id>/...``) and upload stay while its record exists (or a
+  live job names it), and go once neither is so and they are older than ``UPLOAD_GRACE_S``.
 - Entries of the job indexes (all jobs, each tenant's) go with their records.
 
 On S3 the bucket also gets a lifecycle rule, a backstop that keeps working when no CPU worker
@@ -29,6 +31,7 @@ import redis
 
 from common.jobs import ACTIVE_PREFIX, INDEX_KEY, KEY_PREFIX, TENANT_INDEX_PREFIX, Job, JobStore
 from common.storage import UPLOADS_PREFIX, ObjectStore, StoredObject
+from common.videos import VIDEO_KEY_PREFIX, VIDEOS_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -71,18 +74,32 @@ def keys_of(job: Job) -> set[str]:
     return keys
 
 
+def kept_videos(client: redis.Redis, live: dict[str, Job]) -> set[str]:
+    """Ids of the stored videos whose objects stay: those with a record, and those a live job names."""
+    ids = {key.removeprefix(VIDEO_KEY_PREFIX) for key in client.scan_iter(match=VIDEO_KEY_PREFIX + "*", count=500)}
+    for job in live.values():
+        ids.update(source["location"] for source in job.request.get("videos") or [] if source.get("kind") == "video")
+    return ids
+
+
 def expired(
-    objects: Iterable[StoredObject], *, live: dict[str, Job], retention_s: float, now: float
+    objects: Iterable[StoredObject],
+    *,
+    live: dict[str, Job],
+    retention_s: float,
+    now: float,
+    videos: set[str] | frozenset[str] = frozenset(),
 ) -> Iterator[str]:
-    """The keys of ``objects`` that the rules above delete."""
+    """The keys of ``objects`` that the rules above delete; ``videos`` are ``kept_videos``."""
     kept: set[str] = set().union(*(keys_of(job) for job in live.values()))
     for stored in objects:
         age = now - stored.modified
         if stored.key in kept:
             continue
-        if stored.key.startswith(UPLOADS_PREFIX):
-            job_id = stored.key[len(UPLOADS_PREFIX) :].split("/", 1)[0]
-            if job_id not in live and age > UPLOAD_GRACE_S:
+        if stored.key.startswith((UPLOADS_PREFIX, VIDEOS_PREFIX)):
+            # uploads/<job or video id>/..., videos/<video id>/...
+            owner = stored.key.split("/", 2)[1]
+            if owner not in live and owner not in videos and age > UPLOAD_GRACE_S:
                 yield stored.key
         elif age > retention_s:
             yield stored.key
@@ -127,6 +144,7 @@ def sweep(
         # picked them younger than the retention (worker.cpu.frame_store), so they are not deleted.
         now = time.time() if now is None else now
         live = live_jobs(client, jobs)
+        videos = kept_videos(client, live)
         rule = store.set_expiration(math.ceil((retention_s + job_ttl_s) / _DAY_S))
         deleted = 0
 
@@ -136,7 +154,7 @@ def sweep(
                 deleted += 1
                 yield key
 
-        store.delete(counted(expired(store.list_objects(), live=live, retention_s=retention_s, now=now)))
+        store.delete(counted(expired(store.list_objects(), live=live, retention_s=retention_s, now=now, videos=videos)))
         removed = trim_indexes(client, ttl_s=job_ttl_s, now=now)
         return SweepOutcome(deleted=deleted, live_jobs=len(live), index_entries_removed=removed, expiration_rule=rule)
     finally:

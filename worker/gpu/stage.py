@@ -10,6 +10,7 @@ before the batch forms, so a job that fails there ends alone with its own error.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import time
 from collections.abc import Mapping
@@ -32,6 +33,9 @@ from worker.gpu.token_stream import TokenStream
 
 log = logging.getLogger(__name__)
 
+# Stored frames fetched and decoded at once for one job.
+_LOAD_THREADS = 8
+
 
 @dataclass
 class AnswerContext:
@@ -41,7 +45,7 @@ class AnswerContext:
     # Generation of a batch stops (jobs fail with ``timeout``) this many seconds after it starts.
     time_limit_s: float | None = None
     max_attempts: int = 3
-    # Fetches a job's frames in parallel; None fetches them one after the other.
+    # Fetches and decodes frames (VIDEOQA_FETCH_THREADS); None: a pool of _LOAD_THREADS per job.
     fetch_pool: Executor | None = None
     # Seconds spent inside the model's generate calls since the worker started (host overhead is
     # the rest of its busy time; bench/host_overhead.py reads it from the log).
@@ -78,15 +82,23 @@ def _load_prompt(job: Job, ctx: AnswerContext) -> tuple[Prompt, list[dict[str, A
     video_frames = []
     images = []
     sampled: list[dict[str, Any]] = []
-    keys = [frame["key"] for item in media if item["kind"] == "video" for frame in item["frames"]]
+    # Every stored image of the job, fetched and decoded on threads: storage round trips overlap,
+    # and Pillow inflates PNG without holding the GIL. The worker's pool when it has one.
+    keys = [f["key"] for item in media if item["kind"] == "video" for f in item["frames"]]
     keys += [item["key"] for item in media if item["kind"] != "video"]
-    fetch = ctx.fetch_pool.map if ctx.fetch_pool is not None else map
-    # Fetched and decoded in parallel (storage round trips dominate); an error is raised in order.
-    decoded = dict(zip(keys, fetch(lambda key: decode_png(ctx.store.get_bytes(key)), keys), strict=True))
+
+    def fetch(key: str) -> Any:
+        return decode_png(ctx.store.get_bytes(key))
+
+    if ctx.fetch_pool is not None:
+        loaded = dict(zip(keys, ctx.fetch_pool.map(fetch, keys), strict=True))
+    else:
+        with concurrent.futures.ThreadPoolExecutor(min(_LOAD_THREADS, max(1, len(keys))), "load-frame") as pool:
+            loaded = dict(zip(keys, pool.map(fetch, keys), strict=True))
     for item in media:
         if item["kind"] == "video":
             frames = item["frames"]
-            video_frames.append([decoded[frame["key"]] for frame in frames])
+            video_frames.append([loaded[frame["key"]] for frame in frames])
             sampled += [
                 {"video": item["position"], "index": f["index"], "time": f["time"]}
                 | ({"offset": f["offset"]} if f.get("offset") is not None else {})
@@ -94,7 +106,7 @@ def _load_prompt(job: Job, ctx: AnswerContext) -> tuple[Prompt, list[dict[str, A
                 for f in frames
             ]
         else:
-            images.append(decoded[item["key"]])
+            images.append(loaded[item["key"]])
     prompt = render_prompt(ctx.model.processor, request, video_frames, images)
     # Encoded here, per job: text or images the processor refuses fail this job, not its batch.
     return replace(prompt, encoded=encode_prompt(ctx.model, prompt)), sampled
