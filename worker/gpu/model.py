@@ -166,6 +166,8 @@ def _load_model(settings: Settings) -> LoadedModel:
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device, settings.attn_implementation)
     attn = resolve_attention(settings.attn_implementation, device)
+    if attn == "flash_attention_2" and dtype == torch.float32:
+        attn = "sdpa"  # chosen by `auto`: flash-attention runs in half precision only
     processor = LlavaProcessor.from_pretrained(settings.model)
     # Left padding is what keeps batched greedy answers equal to unbatched ones.
     processor.tokenizer.padding_side = "left"
