@@ -65,6 +65,15 @@ def _answer(
     return retry
 
 
+def _ended(loaded: LoadedJob) -> bool:
+    """A job found ended when it is loaded ahead needs nothing (its message is acknowledged at
+    once); said as the stage says it of a message it needs not run."""
+    if loaded.job is None or not loaded.job.status.terminal:
+        return False
+    log.info("generate: job %s is %s; nothing to do", loaded.job_id, loaded.job.status)
+    return True
+
+
 def answer_claimed_batch(
     job_id: str,
     *,
@@ -92,7 +101,7 @@ def answer_claimed_batch(
         gpu_queue,
         lambda queued: load_job(queued, ahead_ctx),
         capacity=batch_size,
-        needs_nothing=lambda loaded: loaded.job is not None and loaded.job.status.terminal,
+        needs_nothing=_ended,
     )
     with prefetcher:
         with gpu_queue.claim(batch_size - 1, wait_s, exclude=job_id) as claims:
