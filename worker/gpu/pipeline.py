@@ -105,7 +105,6 @@ def answer_claimed_batch(
     )
     with prefetcher:
         with gpu_queue.claim(batch_size - 1, wait_s, exclude=job_id) as claims:
-            prefetcher.set_running({job_id, *(c.job_id for c in claims)})
             prefetcher.start()  # after the leader's batch is claimed: the next batch's jobs are the rest
             retry = _answer([job_id, *(c.job_id for c in claims)], claims, gpu_queue, ctx, fail_job)
         if job_id in retry:
@@ -116,7 +115,6 @@ def answer_claimed_batch(
             if not taken:
                 break
             ids = [item.claim.job_id for item in taken]
-            prefetcher.set_running(set(ids))
             loaded = {item.claim.job_id: item.loaded for item in taken if item.loaded is not None}
             _answer(ids, [item.claim for item in taken], prefetcher, ctx, fail_job, loaded)
             batches += 1

@@ -72,10 +72,9 @@ class Prefetcher:
         self.capacity = max(1, capacity)
         self.needs_nothing = needs_nothing
         self.lock = threading.Lock()  # every use of the channel and its messages
-        self.changed = threading.Condition()  # ready, loading, running: under this
+        self.changed = threading.Condition()  # ready and loading: under this
         self.ready: deque[Ahead] = deque()
         self.loading = 0
-        self.running: set[str] = set()  # jobs of the batch generating now: their duplicates are dropped
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, name="gpu-prefetch", daemon=True)
         self._connection: Any = None
@@ -108,8 +107,11 @@ class Prefetcher:
                 self._connection = None
 
     def held(self) -> set[str]:
+        """Jobs loaded and not taken: a second message for one of them is acknowledged as a
+        duplicate. One for a job that is generating now is loaded like any other, and is found
+        ended (``nothing to do``) when its turn comes, since batches run one after the other."""
         with self.changed:
-            return {ahead.claim.job_id for ahead in self.ready} | self.running
+            return {ahead.claim.job_id for ahead in self.ready}
 
     def take(self, limit: int) -> list[Ahead]:
         """Up to ``limit`` loaded jobs, at once (none when none is loaded)."""
@@ -128,10 +130,6 @@ class Prefetcher:
                     break
                 self.changed.wait(min(left, IDLE_POLL_S * 5))
         return self.take(limit)
-
-    def set_running(self, job_ids: set[str]) -> None:
-        with self.changed:
-            self.running = set(job_ids)
 
     # Settling, from the thread that ran the job.
     def done(self, claim: Claim) -> None:
