@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test up torchcodec-env
+.PHONY: install demo test test-unit test-service lint up torchcodec-env
 # `make` alone installs; the command is then .venv/bin/videoqa.
 .DEFAULT_GOAL := install
 
@@ -31,8 +31,23 @@ demo: install
 up: install
 	$(BIN)/videoqa up
 
+# The whole suite: unit and service tests (Redis must answer on 127.0.0.1:6379; .ci/run starts one).
 test: install
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -q
+
+# Tests in the test process only: no Redis, no S3 server, no child process but the code checkers.
+test-unit: install
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -q -m unit
+
+# Tests with real processes: Redis, moto's S3 server, gunicorn, Celery workers.
+test-service: install
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -q -m service
+
+# The linter, the formatter's check and the type checker, as tests/test_code_checks.py runs them.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 # torchcodec's PyPI wheel needs a CUDA build of torch and FFmpeg's shared libraries (FFmpeg 5 from
 # Debian 12 here); bench.frames runs it from this separate environment

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Any
 
 import redis
@@ -72,9 +72,12 @@ def finish_reason(job: Job, result: dict[str, Any]) -> str:
     return "length" if result["usage"]["completion_tokens"] >= limit else "stop"
 
 
-def usage(result: dict[str, Any]) -> dict[str, int]:
+def usage(result: dict[str, Any]) -> dict[str, Any]:
     prompt, completion = int(result["usage"]["prompt_tokens"]), int(result["usage"]["completion_tokens"])
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    counted: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    if "cached_tokens" in result["usage"]:  # OpenAI's place for prompt tokens served from a cache
+        counted["prompt_tokens_details"] = {"cached_tokens": int(result["usage"]["cached_tokens"])}
+    return counted
 
 
 def completion_body(job: Job, model: str) -> dict[str, Any]:
@@ -131,7 +134,7 @@ class _Chunks:
         return _data({**self.base, "choices": [], "usage": usage(result)})
 
 
-def completion_chunks(jobs: JobStore, events: JobEvents, job: Job, model: str, include_usage: bool) -> Iterator[str]:
+def completion_chunks(jobs: JobStore, events: JobEvents, job: Job, model: str, include_usage: bool) -> Generator[str, None, None]:
     """The job's answer as chunks as it is generated, then its end; the job is cancelled when the
     client leaves before that end (a failed write closes this generator: ``GeneratorExit``)."""
     chunks = _Chunks(job, model, include_usage)

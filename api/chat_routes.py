@@ -22,8 +22,7 @@ from api.auth import current_tenant
 from api.chat_completion import completion_body, completion_chunks, openai_error
 from api.chat_request import ChatJob, Medium, chat_job, served_model_ids
 from api.errors import invalid, validation_problems
-from api.submission import MediaEntry
-from api.submission import submit_request
+from api.submission import MediaEntry, submit_request
 from api.waiting import wait_for_end
 from common.errors import InvalidRequest, NotFound, PayloadTooLarge
 from common.events import JobEvents

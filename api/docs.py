@@ -31,7 +31,8 @@ _PAGE = """<!doctype html>
 <div class="op" id="{{ op.operationId }}">
  <p><span class="method">{{ method }}</span> <code>{{ path }}</code> &mdash; {{ op.summary }}</p>
  {% if op.parameters %}<table><tr><th>parameter</th><th>in</th><th>schema</th><th></th></tr>
- {% for p in op.parameters %}<tr><td><code>{{ p.name }}</code></td><td>{{ p.in }}</td><td><code>{{ p.schema | tojson }}</code></td><td>{{ p.description or "" }}</td></tr>{% endfor %}
+ {% for p in op.parameters %}<tr><td><code>{{ p.name }}</code></td><td>{{ p.in }}</td>
+  <td><code>{{ p.schema | tojson }}</code></td><td>{{ p.description or "" }}</td></tr>{% endfor %}
  </table>{% endif %}
  {% if op.requestBody %}<p>Body:</p><ul>{% for media, body in op.requestBody.content.items() %}
   <li><code>{{ media }}</code>: {{ schema_link(body.schema) | safe }}</li>{% endfor %}</ul>{% endif %}

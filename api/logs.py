@@ -17,7 +17,7 @@ from common.logging_config import JOB_ID_PATTERN, configure_logging, job_id_var,
 from common.settings import SettingsError, load_settings
 
 
-class JsonLogger(Logger):  # type: ignore[misc]
+class JsonLogger(Logger):
     def setup(self, cfg: Any) -> None:
         super().setup(cfg)
         try:
@@ -54,7 +54,7 @@ class JsonLogger(Logger):  # type: ignore[misc]
                 status,
                 extra={"fields": fields, "job_id": found.group(0) if found else None},
             )
-        except Exception:
+        except Exception:  # noqa: BLE001 - a broken access line must not fail the request it describes
             self.error("failed to log the request to %s", path)
 
 

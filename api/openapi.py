@@ -12,10 +12,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
+from api.idempotency import MAX_KEY_CHARS
 from api.openapi_chat import VIEWS as CHAT_VIEWS
 from api.openapi_chat import chat_operations
 from api.routes import LATEST_TIMESTAMP
-from api.idempotency import MAX_KEY_CHARS
 from api.submission import GENERATION_FIELDS, SAMPLING_FIELDS
 from api.waiting import MAX_WAIT_S
 from common.jobs import JobStatus
@@ -65,6 +65,9 @@ class SampledFrame(_View):
 class Usage(_View):
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = Field(
+        default=0, description="prompt tokens whose keys and values were reused from an earlier job over the same frames"
+    )
 
 
 class JobResult(_View):

@@ -41,10 +41,15 @@ class ChatChoice(_View):
     finish_reason: Literal["stop", "length"]
 
 
+class PromptTokensDetails(_View):
+    cached_tokens: int = Field(description="prompt tokens reused from an earlier job over the same frames")
+
+
 class CompletionUsage(_View):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class ChatCompletion(_View):

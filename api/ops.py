@@ -45,14 +45,14 @@ def readyz() -> tuple[Response, int]:
     try:
         services.redis.ping()
         checks["redis"] = "ok"
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure of the probe means not ready, with its reason
         checks["redis"] = "unreachable"
         reasons.append(f"redis: {_problem(exc)}")
     try:
         services.store.ping()
         services.store.exists(_STORAGE_PROBE_KEY)
         checks["storage"] = "ok"
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure of the probe means not ready, with its reason
         checks["storage"] = "unreachable"
         reasons.append(f"storage: {_problem(exc)}")
     if checks["redis"] == "ok":

@@ -23,6 +23,9 @@ ASSETS = {
     "page.js": "text/javascript",
     "client.js": "text/javascript",
     "events.js": "text/javascript",
+    "dom.js": "text/javascript",
+    "stages.js": "text/javascript",
+    "turns.js": "text/javascript",
     "icon.svg": "image/svg+xml",
 }
 CONTENT_SECURITY_POLICY = "; ".join(

@@ -8,7 +8,7 @@ the user wrote it (flat names in multipart forms), and points an unknown field a
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -34,7 +34,7 @@ def _number(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-_BY_TYPE: dict[str, Callable[[dict[str, Any]], str]] = {
+_BY_TYPE: dict[str, Callable[[Mapping[str, Any]], str]] = {
     "missing": lambda e: "is required",
     "model_type": lambda e: _SHAPES.get(str((e.get("ctx") or {}).get("class_name")), "must be an object"),
     "model_attributes_type": lambda e: "must be an object",
@@ -64,7 +64,7 @@ _BY_TYPE: dict[str, Callable[[dict[str, Any]], str]] = {
 }
 
 
-def plain_message(error: dict[str, Any]) -> str:
+def plain_message(error: Mapping[str, Any]) -> str:
     """One pydantic error as a sentence about the field, without pydantic's wording."""
     make = _BY_TYPE.get(error["type"])
     if make is not None:

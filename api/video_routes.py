@@ -15,8 +15,8 @@ from api.routes import LATEST_TIMESTAMP
 from api.video_submission import submit_video
 from api.waiting import wait_seconds
 from common.errors import Conflict, InvalidRequest, NotFound, VideoQAError
-from common.videos import Video, VideoInUse, VideoStatus, VideoStore, frames_prefix
 from common.storage import UPLOADS_PREFIX
+from common.videos import Video, VideoInUse, VideoStatus, VideoStore, frames_prefix
 
 videos_bp = Blueprint("videos", __name__)
 # How often ``?wait=N`` reads the record again: a video is sampled in seconds, not milliseconds.
@@ -142,4 +142,5 @@ def get_frame(video_id: str, n: str) -> Response:
     max_age = max(0, int(video.expires_at - time.time()))
     response.headers["Cache-Control"] = f"private, max-age={max_age}, immutable"
     response.set_etag(f"{video.id}-{position}")
-    return response.make_conditional(request)
+    response.make_conditional(request)
+    return response

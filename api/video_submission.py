@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from typing import Any
+from typing import Any, cast
 
 from flask import Request
 from pydantic import ValidationError
@@ -118,7 +118,7 @@ def submit_video(
         held = idempotency.claim(tenant.name, check_key(key), digest, video_id, videos, scope=IDEMPOTENCY_SCOPE)
         if isinstance(held, Video):
             return held, True
-        claim = held
+        claim = cast(Claim, held)  # what claim() answers when it names no stored record
     try:
         return _create(url, upload, sampling, video_id=video_id, videos=videos, store=store,
                        enqueue_video=enqueue_video, tenant=tenant), False  # fmt: skip

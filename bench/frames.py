@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import os
 import resource
@@ -130,7 +131,7 @@ def _in_processes(
         threads = max(1, (os.cpu_count() or 1) // processes)
         parts = [
             (decode, path, indices[a:b], threads, block.name, a * frame_bytes)
-            for a, b in zip(bounds, bounds[1:], strict=False)
+            for a, b in itertools.pairwise(bounds)
         ]
         with multiprocessing.get_context("fork").Pool(processes) as pool:
             peaks = pool.starmap(_part, parts)
@@ -175,8 +176,7 @@ def run_torchcodec(path: str, n: int, processes: int) -> dict[str, Any]:
 def _videoqa(path: str, n: int, processes: int, fast: bool) -> dict[str, Any]:
     from common.schemas import Sampling
     from common.settings import load_settings
-    from worker.media.decode import DecodeLimits, decode_frames_in_sandbox
-    from worker.media.decode import MEDIA_SANDBOX
+    from worker.media.decode import MEDIA_SANDBOX, DecodeLimits, decode_frames_in_sandbox
     from worker.sandbox.runner import warm_up
 
     limits = DecodeLimits.from_settings(load_settings({"VIDEOQA_DECODE_PROCESSES": str(processes)}))
@@ -429,8 +429,8 @@ def print_reuse(path: Path) -> None:
     from common.schemas import MediaSource, Sampling
     from common.settings import load_settings
     from common.storage import LocalStore
-    from worker.media.geometry import FrameGeometry
     from worker.cpu.stage import StageTimer, ingest_video
+    from worker.media.geometry import FrameGeometry
 
     with tempfile.TemporaryDirectory(prefix="videoqa-bench-") as tmp:
         root = Path(tmp)

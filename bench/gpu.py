@@ -54,9 +54,8 @@ from worker.gpu.model import LoadedModel, Prompt, generate_one_call, load_model
 FRAMES = 12
 NEW_TOKENS = 100
 BATCHES = (1, 2, 4, 8)
-QUESTION_WORDS = (
-    "Are these two cats in these videos doing the same thing, and what happens at the end of the clip in detail?"
-).split()
+QUESTION = "Are these two cats in these videos doing the same thing, and what happens at the end of the clip in detail?"
+QUESTION_WORDS = QUESTION.split()
 
 # (HBM bytes/s, dense fp16 FLOP/s): the reference's H100 figures; H200 has 4.8/3.35 of its bandwidth.
 PEAKS = {"H100": (3.0e12, 800e12), "H200": (3.0e12 * 4.8 / 3.35, 800e12)}
@@ -69,7 +68,7 @@ def reference_config(image_token_id: int) -> Any:
     text = Qwen2Config(
         vocab_size=152000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
         num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=32768,
-        rope_theta=1_000_000.0, hidden_act="silu", tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0}, hidden_act="silu", tie_word_embeddings=False,
     )  # fmt: skip
     vision = SiglipVisionConfig(
         hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16,
@@ -174,7 +173,7 @@ def same_as_solo(solo: list[list[int]], batched: list[list[int]]) -> str:
     """``7/8 (one differs from new token 37)``: batched answers equal to the job's solo answer."""
     same = sum(a == b for a, b in zip(solo, batched, strict=True))
     differing = [
-        next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
         for a, b in zip(solo, batched, strict=True)
         if a != b
     ]
@@ -253,7 +252,10 @@ class Roofline:
         text = config.text_config
         per_image = tokens_per_image(config)
         prompt_tokens = FRAMES * per_image + 20 + 10  # frames, question, chat template
-        count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+
+        def count(module: torch.nn.Module) -> int:
+            return sum(p.numel() for p in module.parameters())
+
         vision = count(model.model.vision_tower)
         projector = count(model.model.multi_modal_projector)
         embedding = model.get_input_embeddings().weight.numel()

@@ -82,17 +82,17 @@ class Running:
 
     def wait(
         self, job_ids: Sequence[str], timeout_s: float = 600.0, poll_s: float = 0.25
-    ) -> dict[str, dict]:  # type: ignore[type-arg]
+    ) -> dict[str, dict]:
         """The finished jobs' records (a failed job raises)."""
         return self.wait_for(job_ids, lambda job: job["status"] in TERMINAL, timeout_s, poll_s)
 
     def wait_for(
         self,
         job_ids: Sequence[str],
-        reached: Callable[[dict], bool],  # type: ignore[type-arg]
+        reached: Callable[[dict], bool],
         timeout_s: float = 600.0,
         poll_s: float = 0.25,
-    ) -> dict[str, dict]:  # type: ignore[type-arg]
+    ) -> dict[str, dict]:
         """Until every job's record satisfies ``reached``; those records (a failed job raises).
 
         Every figure comes from the records' own timestamps, so polling slowly loses no precision,
@@ -101,12 +101,12 @@ class Running:
         per pending job not among them; otherwise one request per pending job.
         """
         pending = set(job_ids)
-        records: dict[str, dict] = {}  # type: ignore[type-arg]
+        records: dict[str, dict] = {}
         deadline = time.monotonic() + timeout_s
         while pending:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{len(pending)} jobs not there yet; logs in {self.logs}")
-            seen: dict[str, dict] = {}  # type: ignore[type-arg]
+            seen: dict[str, dict] = {}
             if len(pending) > 2:
                 listed = self.client.list(limit=100).jobs
                 seen = {job.id: job.raw for job in listed if job.id in pending}
@@ -132,8 +132,8 @@ def running(processes: dict[str, list[str]], env: dict[str, str], *, workers: Se
     base_url = ""
     try:
         for name, argv in processes.items():
-            handle = open(logs / f"{name}.log", "ab")
-            stack.start(name, argv, stdout=handle, stderr=subprocess.STDOUT)
+            with open(logs / f"{name}.log", "ab") as handle:  # the process keeps its own copy
+                stack.start(name, argv, stdout=handle, stderr=subprocess.STDOUT)
             if name == "api":
                 bind = argv[argv.index("--bind") + 1]
                 base_url = f"http://{bind}"

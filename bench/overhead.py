@@ -70,11 +70,11 @@ def bare_chain(count: int) -> list[float]:
     """Send-to-start seconds of the gpu task of a bare cpu -> gpu chain, one chain at a time."""
     client = flush()
     stack = Stack(env={"VIDEOQA_BENCH_REDIS_URL": REDIS_URL, "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
-    logs = open(Path(tempfile.mkdtemp(prefix="videoqa-bench-logs-")) / "bare.log", "ab")
-    for queue in ("bare_cpu", "bare_gpu"):
-        stack.start(queue, [sys.executable, "-m", "celery", "--quiet", "-A", "bench.floors:celery_app", "worker",
-                            "--queues", queue, "--concurrency", "1", "--hostname", f"{queue}@%h", "--loglevel", "WARNING"],
-                    stdout=logs, stderr=subprocess.STDOUT)  # fmt: skip
+    with open(Path(tempfile.mkdtemp(prefix="videoqa-bench-logs-")) / "bare.log", "ab") as logs:
+        for queue in ("bare_cpu", "bare_gpu"):  # each worker keeps its own copy of the log
+            stack.start(queue, [sys.executable, "-m", "celery", "--quiet", "-A", "bench.floors:celery_app", "worker",
+                                "--queues", queue, "--concurrency", "1", "--hostname", f"{queue}@%h", "--loglevel", "WARNING"],
+                        stdout=logs, stderr=subprocess.STDOUT)  # fmt: skip
     try:
         deadline = time.monotonic() + 60
         while len(celery_app.control.ping(timeout=0.5)) < 2:
@@ -169,9 +169,9 @@ def burst(
     """wrk against the server ``command(port)`` starts, after a 2 s warm-up."""
     flush()
     port = free_port()
-    log = open(workdir / f"burst-{port}.log", "ab")
     stack = Stack(env=env)
-    stack.start("api", command(port), stdout=log, stderr=subprocess.STDOUT)
+    with open(workdir / f"burst-{port}.log", "ab") as log:  # the server keeps its own copy
+        stack.start("api", command(port), stdout=log, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}/v1/jobs"
         wait_for_http(f"http://127.0.0.1:{port}/v1/jobs")
@@ -180,7 +180,6 @@ def burst(
         return wrk(url, body, seconds, workdir)
     finally:
         stack.stop()
-        log.close()
         flush()
 
 

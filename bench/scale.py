@@ -142,8 +142,8 @@ def generate_back_to_back(jobs: int, max_new_tokens: int, video: str) -> None:
 
     from common.schemas import Generation, Sampling
     from common.settings import load_settings
-    from worker.media.sampling import sample_frames
     from worker.gpu.model import Prompt, generate_batch, load_model
+    from worker.media.sampling import sample_frames
 
     torch.set_num_threads(1)
     loaded = load_model(load_settings())

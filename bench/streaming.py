@@ -77,6 +77,7 @@ class Listener(threading.Thread):
             self.connected.set()
             kind = ""
             for line in response.iter_lines(decode_unicode=True):
+                assert isinstance(line, str)  # decoded, as asked
                 if line.startswith("event: "):
                     kind = line[len("event: ") :]
                 elif line.startswith("data: ") and kind == "token":

@@ -31,8 +31,8 @@ from common.connections import redis_client
 from common.jobs import JobStatus, JobStore
 from common.settings import Settings, load_settings
 from common.storage import open_store
-from worker.media.png import encode_png
 from worker.cli.stack import Stack, gpu_worker_command
+from worker.media.png import encode_png
 
 
 def stored_frames(settings: Settings, jobs: int, frames: int, prefix: str = "bench") -> list[list[dict[str, object]]]:
@@ -67,7 +67,7 @@ def create_gpu_jobs(
             "prompt": None,
             "videos": [{"kind": "upload", "location": "bench"}],
             "images": [],
-            "sampling": {"num_frames": len(job_media[0]["frames"])},  # type: ignore[arg-type]
+            "sampling": {"num_frames": len(job_media[0]["frames"])},
             "generation": {"max_new_tokens": wanted},
         }
         job = jobs.create(request)

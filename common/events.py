@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -86,7 +86,11 @@ class JobEvents:
     def read(self, job_id: str, after: str = START, *, block_ms: int | None = None, count: int = 500) -> list[Event]:
         """Events after the id ``after``, oldest first; with ``block_ms``, waits that long for the
         first one when there is none yet (an empty list then)."""
-        answer = self._redis.xread({events_key(job_id): after}, count=count, block=block_ms)
+        # The client decodes replies to str; redis-py types them for every protocol and setting.
+        answer = cast(
+            "list[tuple[str, list[tuple[str, dict[str, str]]]]]",
+            self._redis.xread({events_key(job_id): after}, count=count, block=block_ms),
+        )
         if not answer:
             return []
         _, entries = answer[0]

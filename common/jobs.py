@@ -6,6 +6,7 @@ so a watcher never misses a change nor sees one twice.
 
 from __future__ import annotations
 
+import builtins
 import json
 import logging
 import time
@@ -14,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -143,7 +144,10 @@ def _decode(raw: dict[str, str]) -> Job:
         if key.startswith("stage:"):
             _, name, edge = key.split(":", 2)
             stages.setdefault(name, {})[edge] = float(value)
-    loads = lambda name: json.loads(raw[name]) if raw.get(name) else None  # noqa: E731
+
+    def loads(name: str) -> Any:
+        return json.loads(raw[name]) if raw.get(name) else None
+
     return Job(
         id=raw["id"],
         status=JobStatus(raw["status"]),
@@ -230,7 +234,7 @@ class JobStore:
                         if pipe.scard(active) >= max_active:
                             raise TooManyActiveJobs(max_active)
                         pipe.multi()
-                    pipe.hset(self.key(job_id), mapping=fields)
+                    pipe.hset(self.key(job_id), mapping=cast("dict[Any, Any]", fields))  # redis-py: keys of any encodable type
                     pipe.expire(self.key(job_id), self._ttl_s)
                     pipe.zadd(INDEX_KEY, {job_id: now})
                     pipe.hincrby(METRICS_KEY, SUBMITTED_FIELD, 1)
@@ -250,7 +254,7 @@ class JobStore:
         return _decode(fields)
 
     def get(self, job_id: str) -> Job | None:
-        raw = self._redis.hgetall(self.key(job_id))
+        raw = cast("dict[str, str]", self._redis.hgetall(self.key(job_id)))  # the client decodes replies
         return _decode(raw) if raw else None
 
     def transition(
@@ -357,26 +361,30 @@ class JobStore:
         self._redis.zremrangebyscore(index, "-inf", cutoff)
         upper = f"({before}" if before is not None else "+inf"
         if not statuses:
-            ids = self._redis.zrevrangebyscore(index, upper, "-inf", start=0, num=limit)
+            ids = cast("list[str]", self._redis.zrevrangebyscore(index, upper, "-inf", start=0, num=limit))
             return self._load(ids)
         # The index holds no status: walk it newest first, a chunk at a time, until the page is full.
         wanted = {str(status) for status in statuses}
         found: list[str] = []
         chunk = max(limit, 100)
         while len(found) < limit:
-            scored = self._redis.zrevrangebyscore(index, upper, "-inf", start=0, num=chunk, withscores=True)
+            scored = cast(  # the client decodes replies
+                "list[tuple[str, float]]",
+                self._redis.zrevrangebyscore(index, upper, "-inf", start=0, num=chunk, withscores=True),
+            )
             if not scored:
                 break
             with self._redis.pipeline(transaction=False) as pipe:
                 for job_id, _ in scored:
                     pipe.hget(self.key(job_id), "status")
                 current = pipe.execute()
-            found += [job_id for (job_id, _), status in zip(scored, current) if status in wanted]
+            found += [job_id for (job_id, _), status in zip(scored, current, strict=True) if status in wanted]
             # A score cursor, not an offset: jobs created meanwhile do not shift what comes next.
             upper = f"({scored[-1][1]!r}"
         return [job for job in self._load(found[:limit]) if job.status in statuses]
 
-    def _load(self, ids: list[str]) -> list[Job]:
+    # `builtins.list`: in this class `list` is the method above.
+    def _load(self, ids: builtins.list[str]) -> builtins.list[Job]:
         with self._redis.pipeline(transaction=False) as pipe:
             for job_id in ids:
                 pipe.hgetall(self.key(job_id))

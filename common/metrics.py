@@ -85,7 +85,7 @@ if new_status and terminal[new_status] then
         observe(KEYS[2], 'batch_size', result['batch_size'], {_lua_strings(map(_bound, BATCH_BUCKETS))})
       end
       if type(result['usage']) == 'table' then
-        for _, kind in ipairs({{'prompt', 'completion'}}) do
+        for _, kind in ipairs({{'prompt', 'completion', 'cached'}}) do
           local tokens = result['usage'][kind .. '_tokens']
           if type(tokens) == 'number' then
             redis.call('HINCRBY', KEYS[2], 'tokens:' .. kind, math.floor(tokens))
@@ -175,7 +175,7 @@ class RedisCollector(Collector):
             {"batch_size": []},
         )
         tokens = CounterMetricFamily("videoqa_tokens", "Tokens of succeeded jobs.", labels=["kind"])
-        for kind in ("prompt", "completion"):
+        for kind in ("prompt", "completion", "cached"):
             tokens.add_metric([kind], float(raw.get(f"tokens:{kind}", 0)))
         yield tokens
 

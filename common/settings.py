@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
-
-import base64
-import binascii
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -208,12 +207,24 @@ class Settings(BaseSettings):
         default=0, ge=0, description="jobs a GPU worker generates together; `0` sizes it from free GPU memory (8 on CPU)"
     )
     batch_wait_ms: int = Field(default=50, ge=0, description="how long a batch waits for more queued jobs")
-    prefetch: bool = Field(
-        default=True,
-        description="while a batch generates, claim and prepare the next one (frames fetched, decoded and made "
-        "tensors) so the model does not wait on storage (docs/gpu-pipeline.md)",
+    prefetch: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="while a batch generates, claim and prepare the next jobs (frames fetched, decoded and made "
+        "tensors) so the model does not wait on storage; `auto`: on when the model runs on CUDA, off on the CPU, "
+        "where the preparing thread takes cores from the model; `true`/`false` mean on/off (docs/gpu-pipeline.md)",
     )
     fetch_threads: int = Field(default=8, ge=1, description="frames a GPU worker fetches from storage at once")
+    inflight_batching: bool = Field(
+        default=True,
+        description="jobs join a running batch between decode steps and leave it when done; off: one generate "
+        "call per batch",
+    )
+    prefix_cache_bytes: int | None = Field(
+        default=None,
+        ge=0,
+        description="bytes of device memory for the KV caches of recent frame sets, reused by the next question "
+        "about the same frames; unset: a fifth of the free GPU memory after loading (256 MiB on the CPU); 0: off",
+    )
     heartbeat_interval_s: float = Field(
         default=5.0, gt=0, description="GPU worker readiness refresh; the key expires after three intervals"
     )
@@ -261,6 +272,19 @@ class Settings(BaseSettings):
             raise ValueError(
                 "must be whsec_ followed by at least 16 bytes in base64 (e.g. whsec_$(openssl rand -base64 32))"
             )
+        return value
+
+    @field_validator("prefetch", mode="before")
+    @classmethod
+    def _prefetch_as_bool(cls, value: object) -> object:
+        # A boolean (or None) reads as the switch it was before `auto` existed.
+        if value is None:
+            return "auto"
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        if isinstance(value, str):
+            word = value.strip().lower()
+            return {"true": "on", "1": "on", "yes": "on", "false": "off", "0": "off", "no": "off"}.get(word, word)
         return value
 
     @field_validator("rate_limit")

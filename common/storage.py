@@ -8,12 +8,11 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Protocol
+from typing import IO, Any, Protocol
 from urllib.parse import urlparse
 
 from common.errors import MediaTooLarge, NotFound, StorageUnavailable
 from common.settings import Settings
-
 
 # Where the API keeps uploaded files: uploads/<job id>/<kind>-<position>-<name>.
 UPLOADS_PREFIX = "uploads/"
@@ -94,9 +93,8 @@ class LocalStore:
 
     def put_file(self, key: str, path: Path) -> None:
         target = self._path(key)
-        with self._temporary(target.parent) as tmp:
-            with open(path, "rb") as source:
-                shutil.copyfileobj(source, tmp)
+        with self._temporary(target.parent) as tmp, open(path, "rb") as source:
+            shutil.copyfileobj(source, tmp)
         os.replace(tmp.name, target)
 
     def get_file(self, key: str, path: Path) -> None:
@@ -172,7 +170,7 @@ class S3Store:
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
 
-    def _call(self, method: str, **kwargs: object) -> object:
+    def _call(self, method: str, **kwargs: object) -> Any:  # boto3 is untyped: its replies are plain dicts
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
@@ -214,7 +212,7 @@ class S3Store:
             self.ensure_bucket()
             body = kwargs.get("Body")
             if hasattr(body, "seek"):
-                body.seek(0)  # type: ignore[union-attr]
+                body.seek(0)
             self._call("put_object", Bucket=self.bucket, **kwargs)
 
     def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
@@ -222,7 +220,7 @@ class S3Store:
 
     def get_bytes(self, key: str) -> bytes:
         response = self._call("get_object", Bucket=self.bucket, Key=self._key(key))
-        return response["Body"].read()  # type: ignore[index]
+        return response["Body"].read()
 
     def put_file(self, key: str, path: Path) -> None:
         with open(path, "rb") as body:
@@ -232,10 +230,10 @@ class S3Store:
         """With ``max_bytes``, an object larger than that is refused from its declared length, or
         at the chunk that passes it: never read whole."""
         response = self._call("get_object", Bucket=self.bucket, Key=self._key(key))
-        body = response["Body"]  # type: ignore[index]
+        body = response["Body"]
         shown = f"s3://{self.bucket}/{self._key(key)}"
         try:
-            declared = response.get("ContentLength")  # type: ignore[attr-defined]
+            declared = response.get("ContentLength")
             if max_bytes is not None and isinstance(declared, int) and declared > max_bytes:
                 raise MediaTooLarge(f"{shown} is {declared} bytes; the limit is {max_bytes}")
             written = 0
@@ -257,7 +255,7 @@ class S3Store:
             response = self._call("head_object", Bucket=self.bucket, Key=self._key(key))
         except NotFound:
             return None
-        return float(response["LastModified"].timestamp())  # type: ignore[index]
+        return float(response["LastModified"].timestamp())
 
     def list_objects(self, prefix: str = "") -> Iterator[StoredObject]:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -285,7 +283,7 @@ class S3Store:
                 response = self._call(
                     "delete_objects", Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True}
                 )
-                errors = response.get("Errors") or []  # type: ignore[union-attr]
+                errors = response.get("Errors") or []
                 if errors:
                     raise StorageUnavailable(f"{len(errors)} objects not deleted: {errors[0].get('Message')}")
                 batch = []
@@ -304,7 +302,7 @@ class S3Store:
         self.ensure_bucket()
         try:
             current = self._call("get_bucket_lifecycle_configuration", Bucket=self.bucket)
-            rules = [r for r in current.get("Rules", []) if r.get("ID") != rule_id]  # type: ignore[union-attr]
+            rules = [r for r in current.get("Rules", []) if r.get("ID") != rule_id]
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") != "NoSuchLifecycleConfiguration":
                 return False

@@ -14,12 +14,13 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, cast
 
 import redis
 
 from common.errors import VideoQAError
-from common.jobs import ACTIVE, DEFAULT_TENANT, KEY_PREFIX as JOB_KEY_PREFIX, iso8601
+from common.jobs import ACTIVE, DEFAULT_TENANT, iso8601
+from common.jobs import KEY_PREFIX as JOB_KEY_PREFIX
 
 VIDEO_KEY_PREFIX = "videoqa:video:"
 # The jobs that claimed a video: a sorted set of job ids scored by when they claimed it.
@@ -212,7 +213,7 @@ class VideoStore:
             "attempts": "0",
         }
         with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self.key(video_id), mapping=fields)
+            pipe.hset(self.key(video_id), mapping=cast("dict[Any, Any]", fields))  # redis-py: keys of any encodable type
             pipe.expire(self.key(video_id), self._ttl_s)
             pipe.zadd(VIDEO_INDEX_PREFIX + tenant, {video_id: now})
             pipe.sadd(PROCESSING_KEY, video_id)
@@ -222,7 +223,7 @@ class VideoStore:
     def get(self, video_id: str) -> Video | None:
         if not is_video_id(video_id):
             return None
-        raw = self._redis.hgetall(self.key(video_id))
+        raw = cast("dict[str, str]", self._redis.hgetall(self.key(video_id)))  # the client decodes replies
         return _decode(raw) if raw else None
 
     def get_for(self, video_id: str, tenant: str) -> Video | None:
@@ -317,7 +318,7 @@ class VideoStore:
         index = VIDEO_INDEX_PREFIX + tenant
         self._redis.zremrangebyscore(index, "-inf", time.time() - self._ttl_s)
         upper = f"({before}" if before is not None else "+inf"
-        ids = self._redis.zrevrangebyscore(index, upper, "-inf", start=0, num=limit)
+        ids = cast("list[str]", self._redis.zrevrangebyscore(index, upper, "-inf", start=0, num=limit))  # decoded replies
         with self._redis.pipeline(transaction=False) as pipe:
             for video_id in ids:
                 pipe.hgetall(self.key(video_id))

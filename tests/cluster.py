@@ -94,7 +94,7 @@ class Cluster:
         )
 
 
-def _job_of(message: dict) -> str:  # type: ignore[type-arg]
+def _job_of(message: dict) -> str:
     return str(message.get("headers", {}).get("argsrepr"))
 
 

@@ -1,5 +1,10 @@
 """Real services for the tests: Redis (a database of our own), moto's S3 server over HTTP,
-the tiny model, and the service's own processes started with the README's commands."""
+the tiny model, and the service's own processes started with the README's commands.
+
+Each test is either ``unit`` (in this process only: no Redis, no S3 server, no child process but
+the code checkers) or ``service`` (real processes). A test that uses a fixture reaching a server is
+``service`` by that alone; one that starts processes itself says so with ``pytest.mark.service``;
+every other test is ``unit``, and fails if it starts a process after all."""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import boto3
 import pytest
@@ -34,6 +40,46 @@ BUCKET = "videoqa-test"
 WEBHOOK_SECRET = "whsec_" + "dGVzdHMtb25seSB3ZWJob29rIHNpZ25pbmcga2V5IQ=="
 
 
+# Fixtures that reach a server outside the test process; `service` and `local_settings` reach them too.
+SERVER_FIXTURES = frozenset({"redis_url", "spare_redis_url", "s3_endpoint"})
+# The static checkers of the code: they read files and exit, and a unit test may run them.
+CHECKERS = frozenset({"ruff", "mypy", "lint-imports"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    no_cuda = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        kinds = {mark.name for mark in item.iter_markers() if mark.name in ("unit", "service")}
+        servers = SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+        if "unit" in kinds and (servers or "service" in kinds):
+            raise pytest.UsageError(f"{item.nodeid} is marked unit but needs {sorted(servers) or 'service'}")
+        if not kinds:
+            item.add_marker(pytest.mark.service if servers else pytest.mark.unit)
+        if item.get_closest_marker("gpu") and not _cuda():
+            item.add_marker(no_cuda)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_start_no_process(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A unit test that starts a process (other than a code checker) fails, naming the fix."""
+    if request.node.get_closest_marker("unit") is not None:
+        monkeypatch.setattr(subprocess, "Popen", _CheckersOnlyPopen)
+
+
+class _CheckersOnlyPopen(subprocess.Popen[Any]):
+    def __init__(self, args: Any, *more: Any, **options: Any) -> None:
+        program = args if isinstance(args, str | os.PathLike) else args[0]
+        if Path(program).name not in CHECKERS:
+            raise AssertionError(f"a unit test started {program!r}: mark the test pytest.mark.service")
+        super().__init__(args, *more, **options)
+
+
 def _flushed(url: str) -> redis.Redis:
     client = redis.Redis.from_url(url, decode_responses=True)
     try:
@@ -56,18 +102,17 @@ def redis_url() -> Iterator[str]:
 def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """moto's standalone server: boto3 talks to it over HTTP exactly as to MinIO or AWS."""
     port = free_port()
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
-    process = subprocess.Popen(
-        [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    with open(tmp_path_factory.mktemp("moto") / "moto.log", "wb") as log:  # the server keeps its own copy
+        process = subprocess.Popen(
+            [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     endpoint = f"http://127.0.0.1:{port}"
     wait_for_http(f"{endpoint}/moto-api/", timeout_s=120)
     yield endpoint
     process.terminate()
     process.wait(10)
-    log.close()
 
 
 @pytest.fixture(scope="session")
@@ -87,7 +132,7 @@ def monkeypatch_session() -> Iterator[pytest.MonkeyPatch]:
 
 
 @pytest.fixture(scope="session")
-def s3(aws_env: dict[str, str], monkeypatch_session: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+def s3(aws_env: dict[str, str], monkeypatch_session: pytest.MonkeyPatch):
     """A boto3 client of the test process, configured by the same variables the service gets."""
     for name, value in aws_env.items():
         monkeypatch_session.setenv(name, value)
@@ -108,6 +153,17 @@ def sample_videos(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     from worker.fixtures.synthetic_videos import write_sample_videos
 
     return write_sample_videos(tmp_path_factory.mktemp("videos"))
+
+
+@pytest.fixture(scope="session")
+def direct_model(tiny_model_dir: Path) -> tuple[Any, Any]:
+    """The tiny model and its processor loaded in the test process: answers to compare the service's with."""
+    import torch
+    from transformers import LlavaForConditionalGeneration, LlavaProcessor
+
+    processor = LlavaProcessor.from_pretrained(tiny_model_dir)
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    return model.eval(), processor
 
 
 def service_env(redis_url: str, aws_env: dict[str, str], model_dir: Path, **extra: str) -> dict[str, str]:
@@ -147,7 +203,7 @@ class RunningService:
                 webhook["events"] = fields.pop("webhook_events").split(",")
         return self.client.submit([video], sampling=sampling, generation=generation, webhook=webhook, **fields).id
 
-    def wait(self, job_id: str, timeout_s: float = 120.0) -> dict:  # type: ignore[type-arg]
+    def wait(self, job_id: str, timeout_s: float = 120.0) -> dict:
         try:
             return self.client.wait(job_id, timeout_s, poll_interval=0.1).raw
         except WaitTimedOut as exc:
@@ -158,8 +214,8 @@ class RunningService:
 
 
 def start_process(stack: Stack, logs: Path, name: str, argv: list[str], **extra_env: str) -> None:
-    handle = open(logs / f"{name}.log", "ab")
-    stack.start(name, argv, stdout=handle, stderr=subprocess.STDOUT, extra_env=extra_env)
+    with open(logs / f"{name}.log", "ab") as handle:  # the process keeps its own copy
+        stack.start(name, argv, stdout=handle, stderr=subprocess.STDOUT, extra_env=extra_env)
 
 
 def start_service(env: dict[str, str], logs: Path) -> RunningService:

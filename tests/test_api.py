@@ -23,7 +23,7 @@ def client(local_settings: Settings) -> FlaskClient:
     return create_app(local_settings).test_client()
 
 
-def _queued_messages(settings: Settings) -> list[dict]:  # type: ignore[type-arg]
+def _queued_messages(settings: Settings) -> list[dict]:
     raw = redis.Redis.from_url(settings.redis_url).lrange("cpu", 0, -1)
     return [json.loads(item) for item in raw]
 
@@ -85,7 +85,7 @@ def test_multipart_uploads_are_stored_and_referenced(client: FlaskClient, local_
         ({"question": QUESTION, "videos": [{"url": "https://93.184.215.14/a.mp4"}], "generation": {"top_p": 2}}, "generation.top_p"),
     ],
 )
-def test_bad_requests_get_400_naming_the_field(client: FlaskClient, local_settings: Settings, body: dict, field: str) -> None:  # type: ignore[type-arg]
+def test_bad_requests_get_400_naming_the_field(client: FlaskClient, local_settings: Settings, body: dict, field: str) -> None:
     response = client.post("/v1/jobs", json=body)
     assert response.status_code == 400
     error = response.get_json()["error"]

@@ -9,8 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from common.client import Client
 from tests.conftest import RunningService
+
+# `videoqa ask` runs as a command.
+pytestmark = pytest.mark.service
 
 VIDEOQA = str(Path(sys.executable).with_name("videoqa"))
 QUESTION = "What is the cat doing?"

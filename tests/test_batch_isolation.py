@@ -22,8 +22,11 @@ from tests.conftest import service_env, start_process
 from tests.redis_server import RedisServer
 from tests.test_batching_queue import publish_malformed
 from tests.test_gpu_worker import frames, queue_gpu_job, unbatched, wait_for
-from worker.gpu.model import LoadedModel, load_model
 from worker.cli.stack import Stack, gpu_worker_command
+from worker.gpu.model import LoadedModel, load_model
+
+# GPU workers and a Redis of their own run as processes.
+pytestmark = pytest.mark.service
 
 torch.set_num_threads(1)
 
@@ -33,7 +36,7 @@ def loaded(tiny_model_dir: Path) -> LoadedModel:
     return load_model(load_settings({"VIDEOQA_MODEL": str(tiny_model_dir), "VIDEOQA_DEVICE": "cpu"}))
 
 
-def _assert_unbatched(loaded: LoadedModel, job: Job, images: list, question: str, max_new_tokens: int, log: str) -> None:  # type: ignore[type-arg]
+def _assert_unbatched(loaded: LoadedModel, job: Job, images: list, question: str, max_new_tokens: int, log: str) -> None:
     assert job.status is JobStatus.SUCCEEDED, (job.error, log[-3000:])
     assert job.result is not None
     expected = unbatched(loaded, images, question, max_new_tokens)
@@ -76,7 +79,7 @@ def test_jobs_that_cannot_be_prepared_and_malformed_messages_fail_alone(
     assert by_id[unreadable].error["code"] == "invalid_request"
     for job_id, (images, question, max_new) in zip((first, last), good, strict=True):
         _assert_unbatched(loaded, by_id[job_id], images, question, max_new, log)
-        assert by_id[job_id].result["batch_size"] == 2  # type: ignore[index]
+        assert by_id[job_id].result["batch_size"] == 2
     # Each malformed message was refused once and removed; none was unpickled.
     assert log.count("malformed message from the gpu queue") == 5, log[-4000:]
     assert client.llen("gpu") == 0 and client.hlen("unacked") == 0

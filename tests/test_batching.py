@@ -97,14 +97,14 @@ def test_a_job_cancelled_before_its_batch_starts_is_not_generated(loaded: Loaded
 
     def counting(model: LoadedModel, prompts: list[Prompt], **kwargs: object) -> list[Completion]:
         calls.append(len(prompts))
-        return generate_one_call(model, prompts, **kwargs)  # type: ignore[arg-type]
+        return generate_one_call(model, prompts, **kwargs)
 
     outcomes = run_batch(loaded, mixed[1:3], cancelled=lambda keys: {"f1"}, generate_fn=counting)
     assert outcomes["f1"] == Outcome("f1", cancelled=True)
     assert calls == [1]
 
 
-def _oom_when(condition):  # type: ignore[no-untyped-def]
+def _oom_when(condition):
     """The real generate call, raising CUDA's out-of-memory error when ``condition(prompts)``."""
     calls: list[list[int]] = []
 
@@ -112,7 +112,7 @@ def _oom_when(condition):  # type: ignore[no-untyped-def]
         calls.append([len(prompt.images) for prompt in prompts])
         if condition(prompts):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.60 GiB")
-        return generate_one_call(model, prompts, **kwargs)  # type: ignore[arg-type]
+        return generate_one_call(model, prompts, **kwargs)
 
     return generate, calls
 

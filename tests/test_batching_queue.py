@@ -117,7 +117,7 @@ def publish_malformed(redis_url: str, marker: Path) -> list[str]:
     return ids
 
 
-def test_malformed_messages_are_removed_once_and_never_unpickled(local_settings: Settings, tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+def test_malformed_messages_are_removed_once_and_never_unpickled(local_settings: Settings, tmp_path: Path, caplog) -> None:
     marker = tmp_path / "unpickled"
     queue, client = _setup(local_settings, ["a"])
     publish_malformed(local_settings.redis_url, marker)

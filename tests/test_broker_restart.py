@@ -32,7 +32,7 @@ def _submit(base: str, video: Path, n: int) -> str | None:
 
 def test_redis_killed_and_restarted_under_load(
     aws_env: dict[str, str], s3, tiny_model_dir: Path, sample_videos: list[Path], tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     data = tmp_path / "redis"
     data.mkdir()
     server = RedisServer(data, "--appendonly", "yes", "--appendfsync", "everysec").start()

@@ -109,8 +109,14 @@ def test_a_data_url_is_decoded_and_a_stored_video_needs_video_ids() -> None:
         (_chat([{"role": "tool", "content": "x", "tool_call_id": "1"}, {"role": "user", "content": "Q?"}]), "messages[0].role"),
         (_chat([{"role": "assistant", "content": [IMAGE]}, {"role": "user", "content": "Q?"}]), "messages[0].content[0].type"),
         (_chat([{"role": "user", "content": "a <video> tag?"}, {"role": "user", "content": [VIDEO, _text("Q?")]}]), "messages[0].content"),
-        (_chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}, _text("Q")]}]), "messages[0].content[0].image_url.url"),
-        (_chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png,abc"}}, _text("Q")]}]), "messages[0].content[0].image_url.url"),
+        (
+            _chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}, _text("Q")]}]),
+            "messages[0].content[0].image_url.url",
+        ),
+        (
+            _chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png,abc"}}, _text("Q")]}]),
+            "messages[0].content[0].image_url.url",
+        ),
         (_chat([{"role": "user", "content": [VIDEO, _text("Q?")]}], media_io_kwargs={"video": {"start": 1}}), "media_io_kwargs.video.start"),
         (_chat([{"role": "user", "content": [VIDEO, _text("Q?")]}], temperature=3), "temperature"),
         (_chat([]), "messages"),

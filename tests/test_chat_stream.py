@@ -56,7 +56,7 @@ def test_tokens_become_chunks_then_the_reason_usage_and_done(store: tuple[JobSto
     assert sent[3]["choices"][0]["finish_reason"] == "stop"
     assert sent[-2]["usage"] == {"prompt_tokens": 30, "completion_tokens": 4, "total_tokens": 34}
     assert {c["id"] for c in sent[:-1]} == {f"chatcmpl-{job.id}"}
-    assert jobs.get(job.id).status == JobStatus.SUCCEEDED  # type: ignore[union-attr]
+    assert jobs.get(job.id).status == JobStatus.SUCCEEDED
 
 
 def test_a_stream_closed_before_the_end_cancels_the_job(store: tuple[JobStore, JobEvents]) -> None:
@@ -67,7 +67,7 @@ def test_a_stream_closed_before_the_end_cancels_the_job(store: tuple[JobStore, J
     assert "assistant" in next(stream)
     assert '"A"' in next(stream)
     stream.close()  # what the server does when a write to the client fails
-    assert jobs.get(job.id).status == JobStatus.CANCELLED  # type: ignore[union-attr]
+    assert jobs.get(job.id).status == JobStatus.CANCELLED
 
 
 def test_a_failed_job_ends_the_stream_with_its_error(store: tuple[JobStore, JobEvents]) -> None:
@@ -86,12 +86,12 @@ def test_a_completion_body_or_the_jobs_error(store: tuple[JobStore, JobEvents]) 
     jobs, _ = store
     job = _generating(jobs)
     assert jobs.succeed(job.id, {**RESULT, "finish_reason": None, "usage": {"prompt_tokens": 3, "completion_tokens": 4}})
-    body = completion_body(jobs.get(job.id), "tiny")  # type: ignore[arg-type]
+    body = completion_body(jobs.get(job.id), "tiny")
     # Without a finish_reason in the record (written before it existed): max_new_tokens reached.
     assert body["choices"][0]["finish_reason"] == "length"
     assert body["usage"]["total_tokens"] == 7
     cancelled = _generating(jobs)
     assert jobs.cancel(cancelled.id)
     with pytest.raises(VideoQAError) as refused:
-        completion_body(jobs.get(cancelled.id), "tiny")  # type: ignore[arg-type]
+        completion_body(jobs.get(cancelled.id), "tiny")
     assert (refused.value.http_status, refused.value.code) == (409, "cancelled")

@@ -30,7 +30,7 @@ def test_upload_get_wait_and_list(client: Client, sample_videos: list[Path]) -> 
     assert job.id in [listed.id for listed in client.list(limit=100).jobs]
 
 
-def test_ask_s3_keys_gives_a_typed_result(client: Client, s3, sample_videos: list[Path]) -> None:  # type: ignore[no-untyped-def]
+def test_ask_s3_keys_gives_a_typed_result(client: Client, s3, sample_videos: list[Path]) -> None:
     for path in sample_videos:
         s3.upload_file(str(path), BUCKET, f"client/{path.name}")
     keys = [f"s3://{BUCKET}/client/{path.name}" for path in sample_videos]

@@ -12,10 +12,10 @@ import os
 import subprocess
 import sys
 import threading
-from pathlib import Path
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 import pytest
 
@@ -27,7 +27,8 @@ DONE = {**RECORD, "status": "succeeded", "result": {"answer": "ab", "model": "m"
 
 
 class StandIn(BaseHTTPRequestHandler):
-    seen: list[tuple[str, dict[str, str]]] = []
+    seen: ClassVar[list[tuple[str, dict[str, str]]]] = []
+    url: ClassVar[str] = ""  # the stand-in's address, once it listens
     events_route = True
     polls_until_done = 2
 
@@ -42,11 +43,11 @@ class StandIn(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(payload)
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
         self._json(202, RECORD)
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         self.seen.append((self.path, dict(self.headers)))
         if self.path.startswith("/v1/jobs/j1/events") and self.events_route:
             self.send_response(200)
@@ -69,18 +70,18 @@ class StandIn(BaseHTTPRequestHandler):
 
 @pytest.fixture()
 def stand_in() -> Iterator[type[StandIn]]:
-    handler = type("Handler", (StandIn,), {"seen": []})
+    handler: type[StandIn] = type("Handler", (StandIn,), {"seen": []})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    handler.url = f"http://127.0.0.1:{server.server_address[1]}"  # type: ignore[attr-defined]
+    handler.url = f"http://127.0.0.1:{server.server_address[1]}"
     yield handler
     server.shutdown()
     server.server_close()
 
 
 def test_events_resume_after_a_dropped_connection(stand_in: type[StandIn]) -> None:
-    events = list(Client(stand_in.url).events("j1"))  # type: ignore[attr-defined]
+    events = list(Client(stand_in.url).events("j1"))
     assert [(e.id, e.event) for e in events] == [("1", "status"), ("2", "token"), ("3", "token"), ("4", "done")]
     assert "".join(e.text for e in events) == "ab"
     assert events[0].job is not None and events[0].job.status == "queued"
@@ -91,7 +92,7 @@ def test_events_resume_after_a_dropped_connection(stand_in: type[StandIn]) -> No
 
 def test_events_on_a_server_without_them_is_a_clear_error(stand_in: type[StandIn]) -> None:
     stand_in.events_route = False
-    client = Client(stand_in.url)  # type: ignore[attr-defined]
+    client = Client(stand_in.url)
     with pytest.raises(EventsUnavailable) as missing:
         next(client.events("j1"))
     assert missing.value.code == "events_unavailable" and "wait()" in missing.value.message
@@ -102,18 +103,19 @@ def test_events_on_a_server_without_them_is_a_clear_error(stand_in: type[StandIn
 
 
 def test_wait_polls_a_server_that_answers_at_once(stand_in: type[StandIn]) -> None:
-    job = Client(stand_in.url).wait("j1", timeout=60, poll_interval=0.05)  # type: ignore[attr-defined]
+    job = Client(stand_in.url).wait("j1", timeout=60, poll_interval=0.05)
     assert job.status == "succeeded" and job.result is not None and job.result.answer == "ab"
     polls = [path for path, _ in stand_in.seen if path.startswith("/v1/jobs/j1?")]
     # Each request asked the server to hold it; this one answered at once, so the client asked again.
     assert len(polls) == 3 and all("wait=" in path for path in polls)
 
 
+@pytest.mark.service
 def test_videoqa_ask_streams_the_answer_as_it_comes(stand_in: type[StandIn]) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("VIDEOQA_")}
     done = subprocess.run(
         [str(Path(sys.executable).with_name("videoqa")), "ask", "https://example.com/a.mp4", "-q", "What?",
-         "--server", stand_in.url],  # type: ignore[attr-defined]
+         "--server", stand_in.url],
         env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
@@ -122,6 +124,7 @@ def test_videoqa_ask_streams_the_answer_as_it_comes(stand_in: type[StandIn]) -> 
     assert "job j1: queued" in done.stderr and "succeeded" not in done.stderr
 
 
+@pytest.mark.service
 def test_videoqa_ask_on_a_terminal_shows_a_spinner(stand_in: type[StandIn]) -> None:
     import pty
 
@@ -129,7 +132,7 @@ def test_videoqa_ask_on_a_terminal_shows_a_spinner(stand_in: type[StandIn]) -> N
     env = {k: v for k, v in os.environ.items() if not k.startswith("VIDEOQA_")}
     process = subprocess.Popen(
         [str(Path(sys.executable).with_name("videoqa")), "ask", "https://example.com/a.mp4", "-q", "What?",
-         "--server", stand_in.url],  # type: ignore[attr-defined]
+         "--server", stand_in.url],
         env=env, stdin=follower, stdout=follower, stderr=follower,
     )  # fmt: skip
     os.close(follower)

@@ -5,6 +5,11 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
+# Imports are measured in a fresh interpreter.
+pytestmark = pytest.mark.service
+
 HEAVY = ("torch", "transformers", "flask", "werkzeug", "av", "numpy", "PIL")
 
 

@@ -43,6 +43,7 @@ def test_defaults_read_as_an_operator_writes_them() -> None:
     assert rows["VIDEOQA_DEVICE"][1] == "`auto` \\| `cuda` \\| `cpu`"
 
 
+@pytest.mark.service  # runs a command
 def test_check_names_the_command_that_regenerates(tmp_path: Path) -> None:
     stale = tmp_path / "configuration.md"
     stale.write_text(replace_table(CONFIGURATION_DOC.read_text(), "| variable |\n"))

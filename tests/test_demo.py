@@ -7,8 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
 from worker.cli.stack import free_port, redis_answers
+
+# `videoqa demo` runs as a command.
+pytestmark = pytest.mark.service
 
 
 def test_demo_starts_what_it_needs_and_prints_an_answer(tmp_path: Path) -> None:

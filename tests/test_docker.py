@@ -72,7 +72,7 @@ def load(path: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
     text = interpolate(path.read_text(), SECRETS if env is None else env)
     # The Compose specification's own model (strict: an unknown key or a bad duration fails).
     PyOptions(apply_merge=True).from_yaml(text).validate()
-    return yaml.safe_load(text)  # type: ignore[no-any-return]
+    return yaml.safe_load(text)
 
 
 def container(argv: list[str]) -> list[str]:

@@ -38,6 +38,7 @@ def read_events(
         assert response.headers["Content-Type"].startswith("text/event-stream")
         fields: dict[str, str] = {}
         for line in response.iter_lines(decode_unicode=True):
+            assert isinstance(line, str)  # decoded, as asked
             if line.startswith(":"):
                 continue  # a heartbeat
             if line:
@@ -130,7 +131,7 @@ ALICE, BOB = "vqa_events_alice_key", "vqa_events_bob_key"
 
 
 @pytest.fixture()
-def batching_service(  # type: ignore[no-untyped-def]
+def batching_service(
     spare_redis_url: str, aws_env: dict[str, str], s3, tiny_model_dir: Path, tmp_path: Path
 ) -> Iterator[RunningService]:
     """Two tenants; the GPU worker waits for three queued jobs, so the three below share a batch

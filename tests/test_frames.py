@@ -14,9 +14,16 @@ import pytest
 
 from common.errors import InvalidMedia, InvalidRequest
 from common.schemas import Sampling
-from worker.media.sampling import Segment, choose_positions, decode_positions, decode_segments, index_stream, sample_frames
-from worker.media.mp4_index import read_timestamps
 from worker.fixtures.synthetic_videos import read_frame_index, write_cat_video
+from worker.media.mp4_index import read_timestamps
+from worker.media.sampling import (
+    Segment,
+    choose_positions,
+    decode_positions,
+    decode_segments,
+    index_stream,
+    sample_frames,
+)
 
 # Variable frame rate: irregular gaps, some long, some a few milliseconds.
 VFR_TIMES = [round(i * 0.04 + (0.03 if i % 5 == 2 else 0) + (0.2 if i >= 30 else 0), 3) for i in range(60)]
@@ -106,7 +113,7 @@ def test_seeks_that_divide_evenly_run_on_decoders_of_their_own(
 
     def recording(*args: object, **kwargs: object) -> object:
         seen.add(threading.current_thread().name)
-        return original(*args, **kwargs)  # type: ignore[arg-type]
+        return original(*args, **kwargs)
 
     monkeypatch.setattr(frames, "_decode_on_one", recording)
     # Each decoder's frames come as soon as it is done with them, so the first can be sent on
@@ -155,7 +162,9 @@ def _demuxed(path: Path) -> tuple[list[int], list[int]]:
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         packets = [p for p in container.demux(stream) if p.size and not p.is_discard]
-    return sorted(p.pts for p in packets), sorted(p.pts for p in packets if p.is_keyframe)
+    stamped = [(p.pts, p.is_keyframe) for p in packets if p.pts is not None]
+    assert len(stamped) == len(packets), "a packet without a timestamp"
+    return sorted(pts for pts, _ in stamped), sorted(pts for pts, keyframe in stamped if keyframe)
 
 
 def _read_tables(path: Path) -> tuple[list[int], list[int]] | None:
@@ -282,7 +291,7 @@ def test_fps_strategy_on_a_variable_frame_rate_follows_time(videos: dict[str, Pa
     path = videos["vfr"]
     reference, times = _decode_everything(path)
     sampled = sample_frames(path, Sampling(num_frames=32, fps=4))
-    expected = []
+    expected: list[int] = []
     for j in range(32):
         at = next((i for i, t in enumerate(times) if t >= j * 0.25 - 1e-9), None)
         if at is None:

@@ -23,6 +23,7 @@ import pytest
 
 from common.errors import InvalidMedia
 from common.schemas import Sampling
+from worker.fixtures.synthetic_videos import remux, write_cat_video
 from worker.media.sampling import (
     SampledFrame,
     check_stand_ins,
@@ -34,7 +35,6 @@ from worker.media.sampling import (
     sampled_frame,
     split_segments,
 )
-from worker.fixtures.synthetic_videos import remux, write_cat_video
 
 IN_STREAM = {"mpegts", "vob"}
 AVI_IN_STREAM = {"h264", "h264_bframes"}

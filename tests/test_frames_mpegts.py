@@ -16,9 +16,9 @@ from common.errors import InvalidMedia
 from common.schemas import Sampling
 from common.settings import load_settings
 from tests.conftest import RunningService
+from worker.fixtures.synthetic_videos import read_frame_index, write_cat_video
 from worker.media.decode import DecodeLimits, decode_frames_in_sandbox
 from worker.media.sampling import sample_frames
-from worker.fixtures.synthetic_videos import read_frame_index, write_cat_video
 
 # name -> (seconds, write_cat_video arguments), 25 fps: the shapes the sampling went wrong on.
 REPORTED = {
@@ -64,6 +64,7 @@ def test_the_reported_files_sample_exactly(reported: dict[str, Path], name: str)
         assert np.array_equal(frame.array, arrays[frame.index])
 
 
+@pytest.mark.service
 def test_the_sandboxed_sampler_splits_an_mpegts_file_and_stays_exact(reported: dict[str, Path]) -> None:
     """Two children, each seeking into its own share of a long-GOP file."""
     path = reported["h264_long_gop.ts"]

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.schemas import Generation
 from common.settings import load_settings
 from tests.test_gpu_worker import frames, loaded  # noqa: F401 - a fixture
 from worker.gpu.batch import BatchItem, run_batch
 from worker.gpu.compiled import cache_bucket, row_bucket
 from worker.gpu.model import LoadedModel, Prompt, encode_prompt, load_model
-from common.schemas import Generation
 
 torch.set_num_threads(1)
 

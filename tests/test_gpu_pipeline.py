@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -24,6 +25,7 @@ from common.settings import Settings, SettingsError, load_settings
 from common.storage import open_store
 from tests.conftest import start_process
 from tests.test_gpu_worker import frames, loaded, queue_gpu_job, unbatched, wait_for, worker_env  # noqa: F401
+from worker.app.resources import prefetch_enabled
 from worker.cli.stack import Stack, gpu_worker_command
 from worker.gpu.claims import GpuQueue
 from worker.gpu.model import LoadedModel, ModelLoadError, Prompt, encode_prompt, generate_one_call, load_model
@@ -52,6 +54,18 @@ def test_pixel_values_made_on_the_device_equal_the_image_processors(loaded: Load
     assert encoded.pixels is not None and encoded.pixels.dtype == torch.uint8 and encoded.pixel_values is None
     other = encode_prompt(loaded, Prompt(text="<image>", images=[images[0].resize((200, 100))]))
     assert other.pixels is None and other.pixel_values is not None
+
+
+def test_prefetch_setting_is_on_with_cuda_only_unless_set() -> None:
+    assert load_settings({}).prefetch == "auto"
+    # The boolean it was before `auto` keeps its meaning.
+    assert load_settings({"VIDEOQA_PREFETCH": "true"}).prefetch == "on"
+    assert load_settings({"VIDEOQA_PREFETCH": "0"}).prefetch == "off"
+    assert Settings(prefetch=None).prefetch == "auto"
+    with pytest.raises(SettingsError, match="VIDEOQA_PREFETCH"):
+        load_settings({"VIDEOQA_PREFETCH": "sometimes"})
+    assert prefetch_enabled("auto", "cuda:0") and not prefetch_enabled("auto", "cpu")
+    assert prefetch_enabled("on", "cpu") and not prefetch_enabled("off", "cuda")
 
 
 def test_dtype_setting_refuses_combinations_that_cannot_run() -> None:
@@ -154,8 +168,9 @@ def test_cancelled_jobs_held_ahead_end_cancelled(local_settings: Settings, loade
         assert job is not None and job.status is JobStatus.CANCELLED and job.result is None and job.attempts == 0
 
 
+@pytest.mark.parametrize("inflight", ["true", "false"])
 def test_a_worker_runs_batch_after_batch_from_prefetched_jobs_with_solo_answers(
-    worker_env: dict[str, str], loaded: LoadedModel, tmp_path: Path  # noqa: F811
+    worker_env: dict[str, str], loaded: LoadedModel, tmp_path: Path, inflight: str  # noqa: F811
 ) -> None:
     settings = load_settings(worker_env)
     store, client = open_store(settings), redis_client(settings)
@@ -164,7 +179,10 @@ def test_a_worker_runs_batch_after_batch_from_prefetched_jobs_with_solo_answers(
     job_ids = [queue_gpu_job(settings, store, images, question, new) for images, question, new in cases]
 
     stack = Stack(env=worker_env)
-    start_process(stack, tmp_path, "gpu", gpu_worker_command(), VIDEOQA_BATCH_SIZE="2", VIDEOQA_PREFETCH="true")
+    start_process(
+        stack, tmp_path, "gpu", gpu_worker_command(),
+        VIDEOQA_BATCH_SIZE="2", VIDEOQA_PREFETCH="on", VIDEOQA_INFLIGHT_BATCHING=inflight,
+    )  # fmt: skip
     try:
         finished = wait_for(jobs, job_ids, lambda job: job.status.terminal, tmp_path, timeout_s=300)
     finally:
@@ -175,5 +193,12 @@ def test_a_worker_runs_batch_after_batch_from_prefetched_jobs_with_solo_answers(
         assert job.attempts == 1
         expected = unbatched(loaded, images, question, new)
         assert job.result is not None and job.result["answer"] == loaded.processor.tokenizer.decode(expected, skip_special_tokens=True)
-    # The first delivery went on with the jobs loaded while its batches generated.
-    assert "batches in" in log and "from one delivery" in log, log[-3000:]
+    # The first delivery went on with the jobs loaded while its batches generated: in flight they
+    # join the running batch as rows free up; otherwise they make the next batches.
+    delivery = re.search(r"ran (\d+) batches in [0-9.]+ s from one delivery, (\d+) prefetched jobs joining", log)
+    assert delivery is not None, log[-3000:]
+    batches, joined = int(delivery[1]), int(delivery[2])
+    if inflight == "true":
+        assert joined > 0, log[-3000:]
+    else:
+        assert batches > 1 and joined == 0, log[-3000:]

@@ -25,10 +25,10 @@ from common.jobs import Job, JobStatus, JobStore
 from common.settings import Settings, load_settings
 from common.storage import ObjectStore, open_store
 from tests.conftest import service_env, start_process
-from worker.media.png import encode_png
+from worker.cli.stack import Stack, gpu_worker_command
 from worker.gpu.lifecycle import EX_CONFIG
 from worker.gpu.model import LoadedModel, load_model
-from worker.cli.stack import Stack, gpu_worker_command
+from worker.media.png import encode_png
 
 torch.set_num_threads(1)
 HOSTNAME = f"gpu0@{socket.gethostname()}"
@@ -86,8 +86,8 @@ def wait_for(jobs: JobStore, job_ids: list[str], done: object, logs: Path, timeo
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         current = [jobs.get(job_id) for job_id in job_ids]
-        if all(job is not None and done(job) for job in current):  # type: ignore[operator]
-            return current  # type: ignore[return-value]
+        if all(job is not None and done(job) for job in current):
+            return current
         time.sleep(0.05)
     raise AssertionError(f"jobs did not get there: {current}\n{(logs / 'gpu.log').read_text()[-4000:]}")
 
@@ -126,6 +126,36 @@ def test_queued_jobs_are_generated_as_one_batch_with_their_unbatched_tokens(
     assert worker.batch_size == 4 and worker.free_memory_bytes > 0 and worker.revision is None
     # A stopped worker withdraws its readiness at once, not when the key expires.
     assert readiness.ready_workers(client) == []
+
+
+def test_a_second_question_over_the_same_frames_reuses_their_prefill(
+    worker_env: dict[str, str], loaded: LoadedModel, tmp_path: Path
+) -> None:
+    """Two jobs over the same frames (stored twice, under each job's own keys): the second
+    prefills only its question, and both keep their solo answers."""
+    settings = load_settings(worker_env)
+    store, client = open_store(settings), redis_client(settings)
+    jobs = JobStore(client, ttl_s=60)
+    images = frames(4, 30)
+    questions = ["What is happening in this video?", "How many people are walking in the street?"]
+    job_ids = [queue_gpu_job(settings, store, images, question, 10) for question in questions]
+
+    stack = Stack(env=worker_env)
+    start_process(stack, tmp_path, "gpu", gpu_worker_command(), VIDEOQA_BATCH_SIZE="2")
+    try:
+        finished = wait_for(jobs, job_ids, lambda job: job.status.terminal, tmp_path)
+    finally:
+        stack.stop()
+
+    usages = []
+    for job, question in zip(finished, questions, strict=True):
+        assert job.status is JobStatus.SUCCEEDED and job.result is not None, job.error
+        expected = unbatched(loaded, images, question, 10)
+        assert job.result["answer"] == loaded.processor.tokenizer.decode(expected, skip_special_tokens=True)
+        usages.append(job.result["usage"])
+    first, second = sorted(usages, key=lambda usage: usage["cached_tokens"])
+    assert first["cached_tokens"] == 0
+    assert second["cached_tokens"] >= 0.9 * second["prompt_tokens"]
 
 
 def test_cancelling_a_generating_job_stops_it_and_spares_the_rest_of_its_batch(

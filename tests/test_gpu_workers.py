@@ -36,7 +36,7 @@ def test_one_pinned_worker_per_gpu_named_after_it() -> None:
         plan_workers([0], [])
 
 
-def _ready_pid(client, hostname: str, *, other_than: int | None, process: subprocess.Popen[bytes], log: Path) -> int:  # type: ignore[no-untyped-def]
+def _ready_pid(client, hostname: str, *, other_than: int | None, process: subprocess.Popen[bytes], log: Path) -> int:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         for worker in readiness.ready_workers(client):

@@ -24,7 +24,7 @@ class _TouchOnUnpickle:
     def __init__(self, marker: Path) -> None:
         self.marker = marker
 
-    def __reduce__(self):  # type: ignore[no-untyped-def]
+    def __reduce__(self):
         return (pathlib.Path.touch, (pathlib.Path(self.marker),))
 
 
@@ -79,7 +79,7 @@ def test_chunked_upload_over_the_limit_is_413(spare_redis_url: str, tmp_path: Pa
         base = f"http://127.0.0.1:{port}"
         wait_for_http(f"{base}/healthz")
 
-        def chunks():  # type: ignore[no-untyped-def]
+        def chunks():
             yield b'--x\r\nContent-Disposition: form-data; name="videos"; filename="a.mp4"\r\n\r\n'
             for _ in range(50):
                 yield b"z" * 10_000

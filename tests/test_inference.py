@@ -118,6 +118,7 @@ def _installed(site: Path, distribution: str, version: str) -> Path:
     return site
 
 
+@pytest.mark.service
 @pytest.mark.parametrize(("distribution", "version", "expected"), [("flash-attn-4", "4.0.0", "sdpa"), ("flash-attn", "2.7.4", "flash_attention_2")])
 def test_auto_attention_takes_flash_attention_2_only_from_the_flash_attn_distribution(
     tmp_path: Path, distribution: str, version: str, expected: str
@@ -139,3 +140,14 @@ def test_auto_attention_takes_flash_attention_2_only_from_the_flash_attn_distrib
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split()[-1] == expected
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_model_loads_in_fp16_and_answers(tiny_model_dir: Path) -> None:
+    from worker.gpu.model import warm_up
+
+    loaded = load_model(load_settings({"VIDEOQA_MODEL": str(tiny_model_dir), "VIDEOQA_DEVICE": "cuda"}))
+    assert loaded.model.dtype == torch.float16
+    assert next(loaded.model.parameters()).is_cuda
+    (completion,) = warm_up(loaded)
+    assert 1 <= completion.completion_tokens <= 2

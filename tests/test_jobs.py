@@ -35,7 +35,7 @@ def test_a_job_cannot_move_backwards(local_settings: Settings) -> None:
     job = jobs.create({})
     jobs.transition(job.id, JobStatus.QUEUED_GPU, allowed_from={JobStatus.QUEUED})
     assert not jobs.transition(job.id, JobStatus.INGESTING, allowed_from={JobStatus.QUEUED, JobStatus.INGESTING})
-    assert jobs.get(job.id).status is JobStatus.QUEUED_GPU  # type: ignore[union-attr]
+    assert jobs.get(job.id).status is JobStatus.QUEUED_GPU
 
 
 def test_cancel_wins_over_a_late_stage_change(local_settings: Settings) -> None:

@@ -25,4 +25,4 @@ def test_retries_after_transient_errors_are_not_lost_deliveries(local_settings: 
     for _ in range(6):
         assert jobs.begin_attempt(job.id, 3)
         jobs.note_retry(job.id)
-    assert jobs.get(job.id).status is JobStatus.QUEUED  # type: ignore[union-attr]
+    assert jobs.get(job.id).status is JobStatus.QUEUED

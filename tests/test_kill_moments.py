@@ -26,13 +26,13 @@ WORKER_DEATH = {"VIDEOQA_VISIBILITY_TIMEOUT_S": "24", "VIDEOQA_TASK_TIME_LIMIT_S
 
 
 @pytest.fixture()
-def cluster(spare_redis_url: str, aws_env: dict[str, str], s3, tiny_model_dir: Path, tmp_path: Path) -> Iterator[Cluster]:  # type: ignore[no-untyped-def]
+def cluster(spare_redis_url: str, aws_env: dict[str, str], s3, tiny_model_dir: Path, tmp_path: Path) -> Iterator[Cluster]:
     with running_cluster(spare_redis_url, aws_env, tiny_model_dir, tmp_path, cpu=False, **CHILD_DEATH) as running:
         yield running
 
 
 @pytest.fixture()
-def restoring_cluster(spare_redis_url: str, aws_env: dict[str, str], s3, tiny_model_dir: Path, tmp_path: Path) -> Iterator[Cluster]:  # type: ignore[no-untyped-def]
+def restoring_cluster(spare_redis_url: str, aws_env: dict[str, str], s3, tiny_model_dir: Path, tmp_path: Path) -> Iterator[Cluster]:
     with running_cluster(spare_redis_url, aws_env, tiny_model_dir, tmp_path, cpu=False, **WORKER_DEATH) as running:
         yield running
 
@@ -96,7 +96,7 @@ def test_worker_killed_with_the_message_taken_and_again_right_after_its_restore(
         except subprocess.TimeoutExpired:
             raise AssertionError(f"worker {name} never took the message\n{restoring_cluster.diagnosis()}") from None
         assert _moments_reached(restoring_cluster) == death
-        assert restoring_cluster.jobs.get(job_id).status is JobStatus.QUEUED  # type: ignore[union-attr]
+        assert restoring_cluster.jobs.get(job_id).status is JobStatus.QUEUED
     restoring_cluster.start_cpu(FAULTY_APP, VIDEOQA_TEST_KILL_AT="task_received", VIDEOQA_TEST_KILLS="2")
     job = restoring_cluster.wait_for(job_id, ENDED)
     assert job.status is JobStatus.SUCCEEDED, (job.error, restoring_cluster.diagnosis())

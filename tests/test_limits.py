@@ -18,9 +18,9 @@ from common.jobs import KEY_PREFIX, JobStatus, JobStore
 from common.schemas import MediaSource, Sampling, StoredRequest
 from common.settings import Settings, load_settings
 from common.storage import LocalStore
-from worker.media.geometry import FrameGeometry
 from worker.cpu.stage import IngestContext, ingest_job
 from worker.fixtures.synthetic_videos import write_cat_video
+from worker.media.geometry import FrameGeometry
 
 VIDEO = {"url": "https://93.184.215.14/a.mp4"}
 
@@ -38,11 +38,11 @@ def _job_keys(settings: Settings) -> list[bytes]:
     return list(redis.Redis.from_url(settings.redis_url).scan_iter(f"{KEY_PREFIX}*"))
 
 
-def _error(response) -> dict:  # type: ignore[no-untyped-def,type-arg]
+def _error(response) -> dict:
     assert response.status_code == 400, response.get_json()
     error = response.get_json()["error"]
     assert error["code"] == "invalid_request"
-    return error  # type: ignore[no-any-return]
+    return error
 
 
 def test_question_and_prompt_share_one_limit_in_json_and_multipart(spare_redis_url: str, tmp_path: Path) -> None:

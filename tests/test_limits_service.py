@@ -4,6 +4,7 @@ being read whole, and a presigned URL's signature reaches neither an error messa
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import socket
 import threading
@@ -66,10 +67,8 @@ class CountingProxy:
             pass
         finally:
             for end in (source, target):
-                try:
+                with contextlib.suppress(OSError):
                     end.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
 
     @staticmethod
     def _without_length(received: bytes) -> tuple[bytes | None, bytes, int | None]:
@@ -95,7 +94,7 @@ class _Forbidden(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args: object) -> None:
         pass
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         self.send_response(403)
         self.send_header("Content-Length", "0")
         self.end_headers()
@@ -139,7 +138,7 @@ def _submit(service: RunningService, url: str) -> str:
 
 
 def test_an_s3_object_over_the_byte_cap_fails_without_being_read_whole(
-    limited_service: RunningService, s3, proxy: CountingProxy  # type: ignore[no-untyped-def]
+    limited_service: RunningService, s3, proxy: CountingProxy
 ) -> None:
     s3.put_object(Bucket=BUCKET, Key="inputs/huge.mp4", Body=b"\0" * OBJECT_BYTES)
     before = proxy.to_client
@@ -172,7 +171,7 @@ def test_a_signed_url_query_reaches_no_error_message_and_no_log(limited_service:
         assert "AKIA" not in text, name
 
 
-def test_an_s3_object_of_undeclared_length_is_cut_at_the_cap_while_it_streams(s3, s3_endpoint: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_an_s3_object_of_undeclared_length_is_cut_at_the_cap_while_it_streams(s3, s3_endpoint: str, tmp_path: Path) -> None:
     """The same cap when the response does not say how long the object is: the read stops at the
     chunk that passes it."""
     from common.errors import MediaTooLarge

@@ -16,11 +16,11 @@ JOB = "0123456789abcdef0123456789abcdef"
 def _line(record: logging.LogRecord) -> dict[str, object]:
     text = JsonFormatter().format(record)
     assert "\n" not in text
-    return json.loads(text)  # type: ignore[no-any-return]
+    return json.loads(text)
 
 
 def _record(msg: str, args: object = None, **extra: object) -> logging.LogRecord:
-    record = logging.LogRecord("videoqa.test", logging.INFO, __file__, 1, msg, args, None)  # type: ignore[arg-type]
+    record = logging.LogRecord("videoqa.test", logging.INFO, __file__, 1, msg, args, None)
     record.__dict__.update(extra)
     return record
 

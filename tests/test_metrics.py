@@ -36,7 +36,7 @@ def _value(samples: Samples, name: str, **labels: str) -> float:
 
 
 def _submit(service: RunningService, **kwargs: object) -> str:
-    response = requests.post(service.url("/v1/jobs"), timeout=30, **kwargs)  # type: ignore[arg-type]
+    response = requests.post(service.url("/v1/jobs"), timeout=30, **kwargs)
     assert response.status_code == 202, response.text
     return str(response.json()["id"])
 

@@ -76,6 +76,7 @@ def test_the_page_is_served_with_a_strict_policy_and_needs_nothing_from_elsewher
         assert refused.status_code == 404 and refused.get_json()["error"]["code"] == "not_found", name
 
 
+@pytest.mark.service  # runs a command
 def test_the_wheel_carries_the_page(tmp_path: Path) -> None:
     source = tmp_path / "source"
     source.mkdir()

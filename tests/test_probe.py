@@ -13,8 +13,8 @@ from PIL import Image
 
 from common.errors import InvalidMedia, MediaTooLarge
 from common.settings import load_settings
-from worker.media.probe import MediaLimits, probe
 from worker.fixtures.synthetic_videos import write_cat_video
+from worker.media.probe import MediaLimits, probe
 
 LIMITS = MediaLimits.from_settings(load_settings({}))
 
@@ -45,7 +45,7 @@ def test_probe_describes_a_video(clip: Path) -> None:
 )
 def test_a_file_over_a_limit_is_refused_naming_it(clip: Path, change: dict[str, float], message: str) -> None:
     with pytest.raises(MediaTooLarge, match=message) as raised:
-        probe(clip, dataclasses.replace(LIMITS, **change))  # type: ignore[arg-type]
+        probe(clip, dataclasses.replace(LIMITS, **change))
     assert raised.value.code == "media_too_large"
 
 

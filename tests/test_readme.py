@@ -81,6 +81,7 @@ def test_the_parts_are_there() -> None:
     ]
 
 
+@pytest.mark.service
 def test_keep_the_service_running() -> None:
     (command,) = quick_start()["Keep the service running"]
     assert command.split("#")[0].split() == ["videoqa", "up", "--tiny"]
@@ -136,7 +137,12 @@ def test_receive_a_webhook(service: RunningService, workdir: Path) -> None:
         _listening(port)
         job_id = _run(submit.replace("9000", str(port)), "python", service, workdir).stdout.split()[-1]
         lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=lambda: [lines.put(line) for line in process.stdout or ()], daemon=True).start()
+
+        def pump() -> None:
+            for line in process.stdout or ():
+                lines.put(line)
+
+        threading.Thread(target=pump, daemon=True).start()
         line = lines.get(timeout=240)
         verdict, _, body = line.partition(" ")
         assert verdict == "verified", line
@@ -156,6 +162,7 @@ def test_watch_events(service: RunningService, workdir: Path, sample_videos: lis
     assert "".join(json.loads(e.data)["text"] for e in events if e.event == "token") == answer
 
 
+@pytest.mark.service
 def test_the_webhook_receiver_tells_signed_from_forged() -> None:
     # Signed here by the contract's scheme, so the snippet is checked before a service sends any.
     import base64

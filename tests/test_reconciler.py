@@ -51,7 +51,7 @@ def test_only_stale_jobs_without_a_message_are_sent_again(spare_redis_url: str) 
 
 def test_a_deleted_queue_message_does_not_lose_the_job(
     spare_redis_url: str, aws_env: dict[str, str], s3, tiny_model_dir: Path, sample_videos: list[Path], tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     env = service_env(
         spare_redis_url, aws_env, tiny_model_dir, VIDEOQA_RECONCILE_INTERVAL_S="0.5", VIDEOQA_RECONCILE_AFTER_S="1"
     )

@@ -5,11 +5,15 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import pytest
 import redis
 
 from api.app import create_app
 from common.settings import load_settings
 from tests.redis_server import RedisServer
+
+# A Redis server of the test's own is started.
+pytestmark = pytest.mark.service
 
 
 def _fill(url: str) -> redis.Redis:

@@ -22,27 +22,36 @@ from common.jobs import Job, JobStatus, JobStore
 from common.schemas import MediaSource, Sampling, StoredRequest
 from common.settings import Settings, load_settings
 from common.storage import LocalStore
-from worker.media.geometry import FrameGeometry
 from worker.cpu.stage import IngestContext, ingest_job
 from worker.fixtures.synthetic_videos import write_cat_video
+from worker.media.geometry import FrameGeometry
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    """Serves ``body``; ``sent`` lists the statuses it answered with."""
+
+    body: bytes
+    sent: list[int]
 
 
 class _VideoServer(http.server.BaseHTTPRequestHandler):
     """Serves one file with a strong ETag and honours If-None-Match, counting what it sent."""
 
+    server: _Server
+
     def log_message(self, *args: object) -> None:
         pass
 
-    def do_GET(self) -> None:  # noqa: N802
-        body: bytes = self.server.body  # type: ignore[attr-defined]
+    def do_GET(self) -> None:
+        body: bytes = self.server.body
         etag = '"' + hashlib.sha256(body).hexdigest()[:16] + '"'
         if self.headers.get("If-None-Match") == etag:
-            self.server.sent.append(304)  # type: ignore[attr-defined]
+            self.server.sent.append(304)
             self.send_response(304)
             self.send_header("ETag", etag)
             self.end_headers()
             return
-        self.server.sent.append(200)  # type: ignore[attr-defined]
+        self.server.sent.append(200)
         self.send_response(200)
         self.send_header("ETag", etag)
         self.send_header("Content-Length", str(len(body)))
@@ -51,10 +60,10 @@ class _VideoServer(http.server.BaseHTTPRequestHandler):
 
 
 @pytest.fixture()
-def server() -> Iterator[http.server.ThreadingHTTPServer]:
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _VideoServer)
-    httpd.sent = []  # type: ignore[attr-defined]
-    httpd.body = b""  # type: ignore[attr-defined]
+def server() -> Iterator[_Server]:
+    httpd = _Server(("127.0.0.1", 0), _VideoServer)
+    httpd.sent = []
+    httpd.body = b""
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     yield httpd
@@ -122,21 +131,21 @@ def test_a_second_job_on_the_same_bytes_does_not_decode_again(context: IngestCon
 
 
 def test_the_same_url_with_the_same_etag_is_neither_downloaded_nor_decoded(
-    context: IngestContext, server: http.server.ThreadingHTTPServer, video: Path, tmp_path: Path
+    context: IngestContext, server: _Server, video: Path, tmp_path: Path
 ) -> None:
-    server.body = video.read_bytes()  # type: ignore[attr-defined]
+    server.body = video.read_bytes()
     source = MediaSource.from_url(f"http://127.0.0.1:{server.server_address[1]}/cat.mp4")
     first = _run_job(context, source, num_frames=4)
     second = _run_job(context, source, num_frames=4)
-    assert server.sent == [200, 304]  # type: ignore[attr-defined]
+    assert server.sent == [200, 304]
     assert "decode" in first.ingest_timings and "decode" not in second.ingest_timings
     assert second.media == first.media
 
     # New bytes behind the same URL: a new ETag, so a full download and new frames.
     server.body = write_cat_video(tmp_path / "other.mp4", seconds=2, fps=30, width=160, height=120,
-                                  variant=1).read_bytes()  # type: ignore[attr-defined]  # fmt: skip
+                                  variant=1).read_bytes()  # fmt: skip
     third = _run_job(context, source, num_frames=4)
-    assert server.sent == [200, 304, 200]  # type: ignore[attr-defined]
+    assert server.sent == [200, 304, 200]
     assert "decode" in third.ingest_timings
     assert third.media != first.media
 
@@ -153,7 +162,7 @@ def test_frames_older_than_half_the_retention_are_sampled_again(context: IngestC
 
 
 def test_tenants_share_neither_frames_nor_etag_records_unless_told_to(
-    context: IngestContext, server: http.server.ThreadingHTTPServer, video: Path
+    context: IngestContext, server: _Server, video: Path
 ) -> None:
     acme = _run_job(context, _upload(context, video, "a.mp4"), tenant="acme", num_frames=4)
     beta = _run_job(context, _upload(context, video, "b.mp4"), tenant="beta", num_frames=4)
@@ -162,12 +171,12 @@ def test_tenants_share_neither_frames_nor_etag_records_unless_told_to(
     assert all(f["key"].startswith("tenants/acme/frames/") for f in acme.media[0]["frames"])
     assert all(f["key"].startswith("tenants/beta/frames/") for f in beta.media[0]["frames"])
 
-    server.body = video.read_bytes()  # type: ignore[attr-defined]
+    server.body = video.read_bytes()
     url = MediaSource.from_url(f"http://127.0.0.1:{server.server_address[1]}/cat.mp4")
     _run_job(context, url, tenant="acme", num_frames=4)
     _run_job(context, url, tenant="beta", num_frames=4)
     _run_job(context, url, tenant="beta", num_frames=4)
-    assert server.sent == [200, 200, 304]  # type: ignore[attr-defined]
+    assert server.sent == [200, 200, 304]
 
     shared = replace(context, settings=context.settings.model_copy(update={"share_frames_across_tenants": True}))
     first = _run_job(shared, _upload(context, video, "c.mp4"), tenant="acme", num_frames=4)

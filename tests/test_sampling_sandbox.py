@@ -20,12 +20,15 @@ from common.schemas import Sampling
 from common.settings import load_settings
 from common.storage import LocalStore, ObjectStore, S3Store
 from worker.cpu.stage import store_frames
+from worker.fixtures.synthetic_videos import read_frame_index, write_cat_video
 from worker.media.decode import DecodeLimits, VideoSample, decode_frames_in_sandbox
-from worker.media.sampling import sample_frames
 from worker.media.geometry import FrameGeometry
 from worker.media.png import decode_png
-from worker.fixtures.synthetic_videos import read_frame_index, write_cat_video
+from worker.media.sampling import sample_frames
 from worker.sandbox.runner import Session, run_isolated, run_until
+
+# Every test decodes in the sandbox's own server process.
+pytestmark = pytest.mark.service
 
 LIMITS = DecodeLimits.from_settings(load_settings({}))
 
@@ -38,11 +41,11 @@ def long_video(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _limits(**changes: object) -> DecodeLimits:
-    return dataclasses.replace(LIMITS, **changes)  # type: ignore[arg-type]
+    return dataclasses.replace(LIMITS, **changes)
 
 
 def _sample(path: Path, sampling: Sampling, limits: DecodeLimits = LIMITS, **kwargs: object) -> VideoSample:
-    return decode_frames_in_sandbox(path, sampling, limits, **kwargs)  # type: ignore[arg-type]
+    return decode_frames_in_sandbox(path, sampling, limits, **kwargs)
 
 
 @pytest.mark.parametrize("processes", [1, 2])
@@ -145,7 +148,7 @@ def test_a_window_outside_the_video_is_a_bad_request(long_video: Path) -> None:
 def test_limits_hold_when_the_header_declares_nothing(tmp_path: Path) -> None:
     # Written to a pipe: no duration and no frame count in the file; the stream still counts.
     path = write_cat_video(tmp_path / "pipe.mkv", seconds=3, fps=20, width=96, height=64, to_pipe=True)
-    with pytest.raises(MediaTooLarge, match="60 frames; the limit is 50 .VIDEOQA_MAX_VIDEO_FRAMES"):
+    with pytest.raises(MediaTooLarge, match=r"60 frames; the limit is 50 \(VIDEOQA_MAX_VIDEO_FRAMES"):
         _sample(path, Sampling(), _limits(media=dataclasses.replace(LIMITS.media, max_frames=50)))
     with pytest.raises(MediaTooLarge, match="VIDEOQA_MAX_VIDEO_SECONDS"):
         _sample(path, Sampling(), _limits(media=dataclasses.replace(LIMITS.media, max_seconds=2.5)))
@@ -162,7 +165,7 @@ def test_a_decoder_out_of_memory_fails_the_video_and_the_next_one_decodes(tmp_pa
 
 def test_a_decode_past_the_deadline_is_stopped(tmp_path: Path) -> None:
     path = write_cat_video(tmp_path / "hd.mp4", seconds=2, fps=30, width=1280, height=720, gop=60)
-    with pytest.raises(InvalidMedia, match="longer than 0.05 s .VIDEOQA_DECODE_TIMEOUT_S"):
+    with pytest.raises(InvalidMedia, match=r"longer than 0\.05 s \(VIDEOQA_DECODE_TIMEOUT_S"):
         _sample(path, Sampling(num_frames=16), _limits(deadline_s=0.05))
 
 
@@ -177,7 +180,7 @@ def _hang(pid_file: str) -> None:
 
 
 def test_a_crashing_child_fails_the_video_not_the_caller(long_video: Path) -> None:
-    with pytest.raises(InvalidMedia, match="crashed .SIGSEGV"):
+    with pytest.raises(InvalidMedia, match=r"crashed \(SIGSEGV"):
         run_isolated([(_crash, ())], LIMITS.memory_bytes, LIMITS.deadline_s)
     assert len(_sample(long_video, Sampling(num_frames=2)).frames) == 2
 
@@ -199,7 +202,7 @@ def test_a_hanging_child_is_killed_at_the_deadline(tmp_path: Path, long_video: P
     assert len(_sample(long_video, Sampling(num_frames=2)).frames) == 2
 
 
-def _plan_then_work(release_file: str):  # type: ignore[no-untyped-def]
+def _plan_then_work(release_file: str):
     # Hands over a plan, then works on until the caller has acted on it (the release file).
     yield {"pid": os.getpid()}, []
     while not Path(release_file).exists():
@@ -207,7 +210,7 @@ def _plan_then_work(release_file: str):  # type: ignore[no-untyped-def]
     return "done", [np.arange(6, dtype=np.int32).reshape(2, 3)]
 
 
-def _plan_then_crash():  # type: ignore[no-untyped-def]
+def _plan_then_crash():
     yield "plan", []
     os.kill(os.getpid(), signal.SIGSEGV)
     return None, []
@@ -231,7 +234,7 @@ def test_a_child_that_dies_after_its_plan_fails_the_session() -> None:
     with Session(LIMITS.memory_bytes, time.monotonic() + 30, 30) as session:
         child = session.start(_plan_then_crash, ())
         assert session.next_answer(child) == ("plan", [])
-        with pytest.raises(InvalidMedia, match="crashed .SIGSEGV"):
+        with pytest.raises(InvalidMedia, match=r"crashed \(SIGSEGV"):
             session.finish()
 
 
@@ -277,7 +280,7 @@ def _answer_claiming_a_terabyte() -> tuple[None, list[np.ndarray]]:
 
 def test_an_answer_that_would_run_code_in_the_caller_is_refused(tmp_path: Path, long_video: Path) -> None:
     marker = tmp_path / "ran"
-    with pytest.raises(InvalidMedia, match="answer was refused: UnpicklingError: posix.system may not appear"):
+    with pytest.raises(InvalidMedia, match=r"answer was refused: UnpicklingError: posix\.system may not appear"):
         run_isolated([(_answer_with_code, (str(marker),))], LIMITS.memory_bytes, LIMITS.deadline_s)
     assert not marker.exists()
     assert len(_sample(long_video, Sampling(num_frames=2)).frames) == 2

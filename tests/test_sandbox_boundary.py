@@ -29,7 +29,10 @@ from worker.sandbox import runner as sandbox
 from worker.sandbox.confinement import ENVIRONMENT_ALLOWLIST, OPEN_FILES, THREAD_ALLOWANCE, server_environment
 from worker.sandbox.runner import run_isolated
 
-pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the boundary is built from Linux features")
+pytestmark = [
+    pytest.mark.skipif(sys.platform != "linux", reason="the boundary is built from Linux features"),
+    pytest.mark.service,  # the sandbox's own server process, and commands of the tests' own
+]
 
 MEMORY = 512 * 1024 * 1024
 SECRETS = {
@@ -67,7 +70,7 @@ print(json.dumps({"caller_has_them": dict(os.environ), "child": found}))
 """
 
 
-def _run_as_the_worker_user(function: str) -> dict:  # type: ignore[type-arg]
+def _run_as_the_worker_user(function: str) -> dict:
     """``function(caller pid)`` in a child of a caller with secrets in its environment, as the CPU
     worker has them in compose, and with no capabilities, as the worker image's own user (root's
     would read any process's /proc and lift the process limit)."""
@@ -79,7 +82,7 @@ def _run_as_the_worker_user(function: str) -> dict:  # type: ignore[type-arg]
         argv = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", *argv]
     done = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout.splitlines()[-1])  # type: ignore[no-any-return]
+    return json.loads(done.stdout.splitlines()[-1])
 
 
 def test_a_child_sees_no_secret_of_the_worker_environment() -> None:

@@ -14,7 +14,15 @@ import requests
 from common.logging_config import JOB_ID_PATTERN
 from common.settings import load_settings
 from tests.conftest import service_env, start_process
-from worker.cli.stack import Stack, api_command, cpu_worker_command, free_port, gpu_worker_command, wait_for_http, wait_for_workers
+from worker.cli.stack import (
+    Stack,
+    api_command,
+    cpu_worker_command,
+    free_port,
+    gpu_worker_command,
+    wait_for_http,
+    wait_for_workers,
+)
 
 SECRET = "scaling-test-secret-4711"
 JOBS = 8

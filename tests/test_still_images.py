@@ -8,6 +8,7 @@ import io
 import struct
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -20,6 +21,9 @@ from tests.conftest import BUCKET, RunningService
 from worker.app.resources import load_geometry
 from worker.media.geometry import FrameGeometry
 from worker.media.still_image import decode_image
+
+# Images are decoded in the sandbox's own server process.
+pytestmark = pytest.mark.service
 
 GEOMETRY = FrameGeometry(96, 64, Image.Resampling.BICUBIC)
 
@@ -53,7 +57,7 @@ def _gif_bomb(path: Path, side: int = 50_000) -> Path:
 
 
 @pytest.mark.parametrize("make", [_png_bomb, _gif_bomb])
-def test_an_image_bomb_fails_media_too_large_before_it_is_decoded(tmp_path: Path, make) -> None:  # type: ignore[no-untyped-def]
+def test_an_image_bomb_fails_media_too_large_before_it_is_decoded(tmp_path: Path, make) -> None:
     bomb = make(tmp_path / "bomb")
     assert bomb.stat().st_size < 1_000_000
     with pytest.raises(MediaTooLarge, match=r"50000x50000 \(2500000000 pixels\); the limit is 67108864 pixels "
@@ -111,7 +115,7 @@ def _submit(service: RunningService, video: Path, image: tuple[str, bytes]) -> s
 
 
 def test_an_image_bomb_fails_its_job_and_a_normal_image_is_stored_as_decoded(
-    service: RunningService, s3: object, sample_videos: list[Path], tmp_path: Path, tiny_model_dir: Path
+    service: RunningService, s3: Any, sample_videos: list[Path], tmp_path: Path, tiny_model_dir: Path
 ) -> None:
     bomb = _submit(service, sample_videos[0], ("bomb.png", _png_bomb(tmp_path / "bomb.png").read_bytes()))
     picture = _picture(tmp_path / "cat.png", "RGB").read_bytes()
@@ -126,8 +130,8 @@ def test_an_image_bomb_fails_its_job_and_a_normal_image_is_stored_as_decoded(
     geometry = load_geometry(str(tiny_model_dir))
     # Where it lies depends on the tenant's scope and the retention period: find it by content.
     wanted = f"images/{hashlib.sha256(picture).hexdigest()}/{geometry.key()}"
-    listed = s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="service/")  # type: ignore[attr-defined]
+    listed = s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="service/")
     (key,) = [item["Key"] for page in listed for item in page.get("Contents", []) if wanted in item["Key"]]
-    stored = Image.open(io.BytesIO(s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()))  # type: ignore[attr-defined]
+    stored = Image.open(io.BytesIO(s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()))
     with Image.open(io.BytesIO(picture)) as image:
         assert np.array_equal(np.asarray(stored.convert("RGB")), np.asarray(geometry.resize(image.convert("RGB"))))

@@ -13,7 +13,7 @@ from common.storage import LocalStore, ObjectStore, S3Store, open_store
 from worker.cli.stack import free_port
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.service)])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> ObjectStore:
     if request.param == "local":
         return LocalStore(tmp_path / "store")
@@ -40,7 +40,7 @@ def test_round_trip_of_bytes_and_files(store: ObjectStore, tmp_path: Path) -> No
     store.ping()
 
 
-def test_s3_prefix_is_applied(s3) -> None:  # type: ignore[no-untyped-def]
+def test_s3_prefix_is_applied(s3) -> None:
     bucket = f"prefixed-{uuid.uuid4().hex[:8]}"
     S3Store(bucket, "jobs").put_bytes("k", b"v")
     assert s3.get_object(Bucket=bucket, Key="jobs/k")["Body"].read() == b"v"

@@ -28,11 +28,11 @@ class MotoServer:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        handle = open(self.log, "ab")
-        self.process = subprocess.Popen(
-            [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(self.port)],
-            stdout=handle, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+        with open(self.log, "ab") as handle:  # the server keeps its own copy
+            self.process = subprocess.Popen(
+                [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(self.port)],
+                stdout=handle, stderr=subprocess.STDOUT,
+            )  # fmt: skip
         wait_for_http(f"http://127.0.0.1:{self.port}/moto-api/")
 
     def stop(self) -> None:

@@ -3,6 +3,7 @@ fix, ``--tiny`` runs the whole stack on the tiny model, and CPU workers never as
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import signal
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -19,15 +21,18 @@ from PIL import Image
 from tests.conftest import RunningService, start_process
 from worker.cli.stack import Stack, api_command, cpu_worker_command, free_port, offline_cpu_env, wait_for_http
 
+# `videoqa up` and its checks run as commands.
+pytestmark = pytest.mark.service
+
 VIDEOQA = str(Path(sys.executable).with_name("videoqa"))
 HUB_MODEL = "llava-hf/llava-interleave-qwen-7b-hf"
 
 
-def _lines(stream: object) -> queue.Queue[str]:
+def _lines(stream: Iterable[str]) -> queue.Queue[str]:
     found: queue.Queue[str] = queue.Queue()
 
     def _read() -> None:
-        for line in stream:  # type: ignore[attr-defined]
+        for line in stream:
             found.put(line)
 
     threading.Thread(target=_read, daemon=True).start()
@@ -45,6 +50,60 @@ def _until(lines: queue.Queue[str], seen: list[str], needle: str, timeout_s: flo
         if needle in line:
             return line
     raise AssertionError(f"no {needle!r} within {timeout_s:.0f} s:\n{''.join(seen)[-6000:]}")
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            # An exited child not yet reaped by init is gone for our purpose.
+            return stat.read().split(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_the_processes_up_started_stop_when_up_is_killed_outright(
+    spare_redis_url: str, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    cache = tmp_path / ".cache" / "videoqa"
+    cache.mkdir(parents=True)
+    (cache / "tiny-model").symlink_to(tiny_model_dir)
+    env = offline_cpu_env(
+        os.environ,
+        HOME=str(tmp_path),
+        VIDEOQA_REDIS_URL=spare_redis_url,
+        VIDEOQA_STORAGE_URL=str(tmp_path / "store"),
+        VIDEOQA_LOG_FORMAT="console",
+    )
+    port = free_port()
+    process = subprocess.Popen(
+        [VIDEOQA, "up", "--tiny", "--port", str(port), "--api-workers", "1", "--cpu-concurrency", "1"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    children: list[int] = []
+    try:
+        _until(_lines(process.stdout), [], "starting the API", timeout_s=120)
+        deadline = time.monotonic() + 60
+        while len(children) < 3 and time.monotonic() < deadline:
+            with open(f"/proc/{process.pid}/task/{process.pid}/children") as listed:
+                children = [int(pid) for pid in listed.read().split()]
+            time.sleep(0.2)
+        assert len(children) == 3, children  # the API, a CPU worker and a GPU worker
+        process.kill()
+        process.wait(timeout=30)
+        deadline = time.monotonic() + 90
+        while (alive := [pid for pid in children if _alive(pid)]) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert alive == [], f"still running after `up` was killed: {alive}"
+    finally:
+        if process.poll() is None:
+            process.kill()
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
 
 
 @pytest.mark.parametrize("where", ["missing-folder", "hub-id-offline"])
@@ -78,9 +137,10 @@ def test_up_tiny_gets_ready_answers_a_job_and_stops_on_ctrl_c(
         VIDEOQA_STORAGE_URL=str(tmp_path / "store"),
         VIDEOQA_LOG_FORMAT="console",
     )
+    # Started with SIGINT ignored, as a shell starts a background command: Ctrl-C still stops it.
     process = subprocess.Popen(
         [VIDEOQA, "up", "--tiny", "--port", str(port), "--api-workers", "1", "--cpu-concurrency", "1"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=_ignore_sigint,
     )  # fmt: skip
     seen: list[str] = []
     try:

@@ -51,7 +51,7 @@ def test_public_literal_addresses_pass_and_the_checked_address_is_kept() -> None
     assert (target.host, target.port, str(target.address)) == ("93.184.215.14", 8443, "93.184.215.14")
 
 
-def _resolver(answers: dict[str, list[str]]):  # type: ignore[no-untyped-def]
+def _resolver(answers: dict[str, list[str]]):
     # No DNS server of ours can be reached here: a resolver stands in for one, as a table.
     def resolve(host: str, port: int) -> list[IPAddress]:
         return [ipaddress.ip_address(a) for a in answers[host]]
@@ -61,7 +61,7 @@ def _resolver(answers: dict[str, list[str]]):  # type: ignore[no-untyped-def]
 
 def test_a_name_with_one_public_and_one_private_address_is_blocked() -> None:
     policy = UrlPolicy.from_allowlist([], resolver=_resolver({"mixed.example": ["93.184.215.14", "10.1.2.3"]}))
-    with pytest.raises(BlockedUrl, match="10.1.2.3"):
+    with pytest.raises(BlockedUrl, match=r"10\.1\.2\.3"):
         policy.check("https://mixed.example/v.mp4")
 
 
@@ -87,7 +87,7 @@ def client(local_settings: Settings) -> FlaskClient:
     return create_app(local_settings).test_client()
 
 
-@pytest.mark.parametrize("url", HOSTILE[:12] + ["file:///etc/passwd"])
+@pytest.mark.parametrize("url", [*HOSTILE[:12], "file:///etc/passwd"])
 def test_the_api_answers_400_naming_the_url_field(client: FlaskClient, url: str) -> None:
     response = client.post("/v1/jobs", json={"question": "q", "videos": [{"url": "https://93.184.215.14/ok.mp4"}, {"url": url}]})
     assert response.status_code == 400

@@ -27,7 +27,7 @@ def client(local_settings: Settings) -> FlaskClient:
     return create_app(local_settings).test_client()
 
 
-def _details(response) -> dict[str, str]:  # type: ignore[no-untyped-def]
+def _details(response) -> dict[str, str]:
     assert response.status_code == 400, response.get_json()
     error = response.get_json()["error"]
     assert error["code"] == "invalid_request"

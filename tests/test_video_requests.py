@@ -42,12 +42,12 @@ def client(spare_redis_url: str, tmp_path: Path) -> FlaskClient:
     return create_app(settings).test_client()
 
 
-def _upload(client: FlaskClient, key: str = KEY_A, **fields: str) -> dict:  # type: ignore[type-arg]
+def _upload(client: FlaskClient, key: str = KEY_A, **fields: str) -> dict:
     data = {"video": (io.BytesIO(b"not decoded here: no worker runs"), "clip.mp4"), **fields}
     response = client.post("/v1/videos", data=data, content_type="multipart/form-data", headers=_auth(key))
     assert response.status_code == 202, response.get_json()
     assert response.headers["Location"] == f"/v1/videos/{response.get_json()['id']}"
-    return response.get_json()  # type: ignore[no-any-return]
+    return response.get_json()
 
 
 # -- the models ---------------------------------------------------------------------------------
@@ -63,7 +63,7 @@ def _upload(client: FlaskClient, key: str = KEY_A, **fields: str) -> dict:  # ty
         ({"url": "ftp://a/v.mp4"}, "must be an http://, https:// or s3:// URL"),
     ],
 )
-def test_media_names_exactly_one_source(body: dict, message: str) -> None:  # type: ignore[type-arg]
+def test_media_names_exactly_one_source(body: dict, message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         MediaInput.model_validate(body)
     assert MediaInput.model_validate({"video_id": VIDEO_ID}).video_id == VIDEO_ID
@@ -178,7 +178,7 @@ def test_a_new_video_is_processing_and_only_its_tenant_sees_it(client: FlaskClie
         ({"json": {"url": "https://93.184.215.14/v.mp4", "sampling": {"end": -1}}}, "sampling.end"),
     ],
 )
-def test_bad_video_submissions_are_400_naming_the_field(client: FlaskClient, request_kwargs: dict, field: str) -> None:  # type: ignore[type-arg]
+def test_bad_video_submissions_are_400_naming_the_field(client: FlaskClient, request_kwargs: dict, field: str) -> None:
     response = client.post("/v1/videos", headers=_auth(KEY_A), **request_kwargs)
     assert response.status_code == 400, response.get_json()
     error = response.get_json()["error"]
@@ -200,7 +200,8 @@ def test_bad_ids_are_404_or_400(client: FlaskClient) -> None:
     malformed = client.post("/v1/jobs", json={"question": "q", "videos": [{"video_id": "x"}]}, headers=_auth(KEY_A))
     assert malformed.status_code == 400
     assert malformed.get_json()["error"]["details"][0]["field"] == "videos.0.video_id"
-    both = client.post("/v1/jobs", json={"question": "q", "videos": [{"url": "https://93.184.215.14/v.mp4", "video_id": VIDEO_ID}]}, headers=_auth(KEY_A))  # fmt: skip
+    conflicting = {"url": "https://93.184.215.14/v.mp4", "video_id": VIDEO_ID}
+    both = client.post("/v1/jobs", json={"question": "q", "videos": [conflicting]}, headers=_auth(KEY_A))
     assert both.status_code == 400
     assert "exactly one of url and video_id" in both.get_json()["error"]["message"]
     assert client.get("/v1/videos?limit=0", headers=_auth(KEY_A)).status_code == 400

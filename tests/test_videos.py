@@ -29,7 +29,7 @@ GENERATION = {"max_new_tokens": 12}
 def _post(service: RunningService, path: str, expected: int = 202, **kwargs: Any) -> dict[str, Any]:
     response = requests.post(service.url(path), timeout=30, **kwargs)
     assert response.status_code == expected, response.text
-    return response.json()  # type: ignore[no-any-return]
+    return response.json()
 
 
 def _ready(service: RunningService, video_id: str, timeout_s: float = 180.0) -> dict[str, Any]:
@@ -38,7 +38,7 @@ def _ready(service: RunningService, video_id: str, timeout_s: float = 180.0) -> 
         video = requests.get(service.url(f"/v1/videos/{video_id}?wait=20"), timeout=30).json()
         if video["status"] != "processing" or time.monotonic() > deadline:
             assert video["status"] == "ready", (video, service.tail_logs())
-            return video  # type: ignore[no-any-return]
+            return video
 
 
 def _ask(service: RunningService, videos: list[dict[str, str]], question: str) -> dict[str, Any]:
@@ -57,12 +57,12 @@ def _frames(job: dict[str, Any]) -> list[tuple[int, int, float]]:
     return [(f["video"], f["index"], f["time"]) for f in job["result"]["frames"]]
 
 
-def _stored_png(s3, key: str) -> np.ndarray:  # type: ignore[no-untyped-def]
+def _stored_png(s3, key: str) -> np.ndarray:
     body = s3.get_object(Bucket=BUCKET, Key=f"service/{key}")["Body"].read()
     return np.asarray(Image.open(io.BytesIO(body)).convert("RGB"))
 
 
-def test_ingest_once_then_jobs_by_video_id_answer_as_jobs_by_url(service: RunningService, s3, sample_videos: list[Path]) -> None:  # type: ignore[no-untyped-def]
+def test_ingest_once_then_jobs_by_video_id_answer_as_jobs_by_url(service: RunningService, s3, sample_videos: list[Path]) -> None:
     s3.upload_file(str(sample_videos[0]), BUCKET, "inputs/stored-cats_1.mp4")
     url = f"s3://{BUCKET}/inputs/stored-cats_1.mp4"
     created = requests.post(service.url("/v1/videos"), json={"url": url, "sampling": SAMPLING}, timeout=30)
@@ -86,11 +86,14 @@ def test_ingest_once_then_jobs_by_video_id_answer_as_jobs_by_url(service: Runnin
     # No CPU stage: the jobs wait for a GPU from the start, their media already named.
     assert [job["status"] for job in submitted] == ["queued_gpu", "queued_gpu"]
     by_id = [_succeeded(service, job["id"]) for job in submitted]
-    for url_job, id_job in zip(by_url, by_id):
+    for url_job, id_job in zip(by_url, by_id, strict=True):
         _conforms(spec, "JobView", id_job)
         assert id_job["result"]["answer"] == url_job["result"]["answer"]
         assert _frames(id_job) == _frames(url_job) == [(0, f["index"], f["time"]) for f in video["frames"]]
-        assert id_job["result"]["usage"] == url_job["result"]["usage"]
+        # The same tokens; how many of the prompt's came from the GPU worker's prefix cache depends
+        # on which job over these frames ran first.
+        usage, url_usage = id_job["result"]["usage"], url_job["result"]["usage"]
+        assert {**usage, "cached_tokens": 0} == {**url_usage, "cached_tokens": 0}
         # Nothing was fetched or decoded for them: no ingest stage ran, no download or decode time.
         assert "ingest" not in id_job["stages"] and "ingest" in url_job["stages"]
         assert not {"download", "decode", "store_frames", "ingest"} & set(id_job["result"]["timings"])
@@ -160,7 +163,7 @@ def held_server(sample_videos: list[Path]) -> Iterator[tuple[str, threading.Even
     server.shutdown()
 
 
-def test_an_uploaded_video_is_kept_until_deleted_and_not_while_a_job_uses_it(  # type: ignore[no-untyped-def]
+def test_an_uploaded_video_is_kept_until_deleted_and_not_while_a_job_uses_it(
     service: RunningService, s3, sample_videos: list[Path], held_server: tuple[str, threading.Event]
 ) -> None:
     with open(sample_videos[1], "rb") as handle:

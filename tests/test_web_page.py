@@ -79,6 +79,17 @@ def loaded_thumbnails(browser: Browser, count: int) -> list[dict[str, object]]:
     return list(browser.js(script))
 
 
+def skipped_stages(browser: Browser) -> list[str]:
+    return list(browser.js("return [...document.querySelectorAll('#stages li.skipped')].map(li => li.dataset.stage)"))
+
+
+def shown_conversation(browser: Browser) -> list[list[str]]:
+    """Each turn shown, oldest first: its question and its answer."""
+    script = """return [...document.querySelectorAll('#turns .turn')].map(t =>
+        [t.querySelector('.question .text').textContent, t.querySelector('.answer').textContent])"""
+    return [list(turn) for turn in browser.js(script)]
+
+
 def assert_fits(browser: Browser, width: int) -> None:
     overflow = browser.js("const d = document.documentElement; return [d.scrollWidth, d.clientWidth, innerWidth]")
     assert overflow[0] <= overflow[1] == width, f"horizontal scroll at {width} px: {overflow}"
@@ -115,29 +126,49 @@ def test_a_person_asks_about_a_video_and_watches_the_answer_arrive(
     assert [name for name in order if name in expected] == expected, order
     browser.screenshot(artifacts / "page-desktop.png")
 
-    # A follow-up goes as {"parent", "question"}; whatever the service answers, the page shows it.
-    probe = requests.post(service.url("/v1/jobs"), json={"parent": job_id, "question": "And then?"}, timeout=10)
+    # A follow-up goes as {"parent", "question"}: the same frames, the earlier turn above its own.
     browser.type("#followup", "And then?")
     browser.find("#followup-submit").click()
-    if probe.status_code >= 400:
-        message = probe.json()["error"]["message"]
-        browser.wait(lambda: browser.visible("#followup-error"), "the refused follow-up's error")
-        assert "The follow-up was not accepted" in browser.text("#followup-error")
-        assert message in browser.text("#followup-error")
-        browser.screenshot(artifacts / "page-follow-up-refused.png")
-    else:
-        browser.wait(lambda: browser.text("#job-id") != job_id, "the follow-up job")
-        follow_up = browser.text("#job-id")
-        assert wait_for_answer(browser, follow_up) == service.wait(follow_up)["result"]["answer"]
-        assert browser.text(f'.turn[data-job="{job_id}"] .answer') == shown  # the first turn stays
+    browser.wait(lambda: browser.text("#job-id") != job_id, "the follow-up job")
+    follow_up = browser.text("#job-id")
+    # Its frames are its parent's: shown as soon as it is (its own record lists them only at the end).
+    assert browser.js("return document.querySelectorAll('#frames figure').length") == len(frames)
+    follow_up_answer = wait_for_answer(browser, follow_up)
+    follow_up_job = requests.get(service.url(f"/v1/jobs/{follow_up}"), timeout=10).json()
+    assert follow_up_job["status"] == "succeeded", follow_up_job
+    assert follow_up_answer == follow_up_job["result"]["answer"]
+    assert follow_up_job["request"]["parent"] == job_id
+    assert follow_up_job["request"]["generation"]["max_new_tokens"] == 12  # as long as the question it follows
+    assert follow_up_job["result"]["frames"] == frames
+    # No CPU stage ran for it: nothing fetched, decoded or stored; it started waiting for a GPU.
+    assert "ingest" not in follow_up_job["stages"], follow_up_job["stages"]
+    assert not {"download", "decode", "store_frames", "ingest"} & set(follow_up_job["result"]["timings"])
+    assert reached_stages(browser) == ["queued_gpu", "generating", "succeeded"]
+    assert skipped_stages(browser) == ["queued", "ingesting"]
+    conversation = [["What is the cat doing?", shown], ["And then?", follow_up_answer]]
+    assert shown_conversation(browser) == conversation
+    assert job_id in browser.text("#job-parent")
+    assert [t["caption"] for t in loaded_thumbnails(browser, len(frames))] == [t["caption"] for t in thumbnails]
+    assert_no_policy_violation(browser)
+    assert browser.accessibility_problems() == []
+    browser.screenshot(artifacts / "page-follow-up.png")
 
     # Another job, then the first one again from the list: its events replay from the start.
     second = ask(browser, sample_videos[1], "Which colours?", frames=2, tokens=8)
     wait_for_answer(browser, second)
+    assert len(shown_conversation(browser)) == 1  # a new question starts a new conversation
     browser.find(f'#jobs button[data-job="{job_id}"]').send_keys(Keys.ENTER)  # from the keyboard
     browser.wait(lambda: browser.text("#job-id") == job_id, "the picked job")
     assert wait_for_answer(browser, job_id) == job["result"]["answer"]
     assert reached_stages(browser) == LIFECYCLE
+    loaded_thumbnails(browser, len(frames))
+
+    # The follow-up from the list: its whole conversation again, from its record's history.
+    browser.find(f'#jobs button[data-job="{follow_up}"]').click()
+    browser.wait(lambda: browser.text("#job-id") == follow_up, "the picked follow-up")
+    assert wait_for_answer(browser, follow_up) == follow_up_answer
+    assert shown_conversation(browser) == conversation
+    assert skipped_stages(browser) == ["queued", "ingesting"]
     loaded_thumbnails(browser, len(frames))
 
     browser.resize(PHONE)
@@ -157,7 +188,7 @@ def file_server(sample_videos: list[Path]) -> Iterator[str]:
 
 
 @pytest.fixture()
-def keyed_service(  # type: ignore[no-untyped-def]
+def keyed_service(
     spare_redis_url: str, aws_env: dict[str, str], s3, tiny_model_dir: Path, tmp_path: Path
 ) -> Iterator[RunningService]:
     """API keys on; the API and a CPU worker, without a GPU worker until the test starts one,

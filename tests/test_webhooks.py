@@ -23,9 +23,9 @@ from common.errors import FetchFailed
 from common.jobs import JobStore
 from common.settings import Settings
 from common.url_policy import UrlPolicy
-from worker.cpu import safe_http
 from tests.conftest import WEBHOOK_SECRET, RunningService
 from tests.test_openapi import _conforms
+from worker.cpu import safe_http
 
 TIMEOUT_S = 180.0
 
@@ -34,7 +34,7 @@ class _Receiver(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args: object) -> None:
         pass
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
         server: Any = self.server
         answers: list[tuple[int, str | None]] = server.answers

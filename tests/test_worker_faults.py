@@ -23,7 +23,7 @@ SHORT_LIMIT = {"VIDEOQA_VISIBILITY_TIMEOUT_S": "12", "VIDEOQA_TASK_TIME_LIMIT_S"
 
 
 @pytest.fixture()
-def cluster(spare_redis_url: str, aws_env: dict[str, str], s3, tiny_model_dir: Path, tmp_path: Path) -> Iterator[Cluster]:  # type: ignore[no-untyped-def]
+def cluster(spare_redis_url: str, aws_env: dict[str, str], s3, tiny_model_dir: Path, tmp_path: Path) -> Iterator[Cluster]:
     with running_cluster(spare_redis_url, aws_env, tiny_model_dir, tmp_path, **REDELIVERY) as running:
         yield running
 
@@ -32,7 +32,7 @@ def test_sigkill_during_generation_redelivers_and_completes_once(cluster: Cluste
     job_id = cluster.submit(sample_videos[0], frames=12, new_tokens=400)
     cluster.wait_for(job_id, {JobStatus.GENERATING})
     cluster.kill_gpu()
-    assert cluster.jobs.get(job_id).status is JobStatus.GENERATING  # type: ignore[union-attr]
+    assert cluster.jobs.get(job_id).status is JobStatus.GENERATING
     cluster.start_gpu()  # the restarted worker
     job = cluster.wait_for(job_id, ENDED)
     assert job.status is JobStatus.SUCCEEDED, job.error
@@ -46,7 +46,7 @@ class _Drip(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args: object) -> None:
         pass
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         self.send_response(200)
         self.end_headers()
         try:
@@ -60,7 +60,7 @@ class _Drip(http.server.BaseHTTPRequestHandler):
 
 def test_a_poison_job_fails_after_three_attempts_and_others_flow(
     spare_redis_url: str, aws_env: dict[str, str], s3, tiny_model_dir: Path, sample_videos: list[Path], tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     """The job takes down the process that runs it, every time (here: the CPU worker's pool
     process that its worker reports running the job, SIGKILLed); the fourth delivery fails it as
     poison. Limits long enough that no kill can come after the job's own time limit."""
@@ -107,7 +107,7 @@ def test_sigterm_finishes_the_running_job_and_loses_none(cluster: Cluster, sampl
 
 def test_a_job_past_its_time_limit_fails_with_timeout(
     spare_redis_url: str, aws_env: dict[str, str], s3, tiny_model_dir: Path, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     """The hard limit (10 s here) sits below the visibility timeout (12 s), so a job can never run
     long enough to be handed to a second worker; at the limit it fails with ``timeout``."""
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Drip)

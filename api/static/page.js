@@ -1,31 +1,18 @@
 // The page: a form that submits a job, the job's stages and answer as its events arrive, the
-// frames the model saw, follow-up questions, recent jobs and the API key. Text from the service
-// is only ever set as textContent, never parsed as HTML.
+// frames the model saw, follow-up questions and the conversation so far, recent jobs and the API
+// key. Text from the service is only ever set as textContent, never parsed as HTML.
 
 import * as api from "./client.js";
+import { element } from "./dom.js";
 import { jobEvents } from "./events.js";
+import { ENDINGS, renderStages } from "./stages.js";
+import { earlierTurns, turnFor } from "./turns.js";
 
-const STAGES = [
-  ["queued", "Queued"],
-  ["ingesting", "Sampling frames"],
-  ["queued_gpu", "Waiting for a GPU"],
-  ["generating", "Generating"],
-];
-const ENDINGS = { succeeded: "Answered", failed: "Failed", cancelled: "Cancelled" };
 const IMAGE_URL = /\.(jpe?g|png|gif|webp|bmp|tiff?)([?#]|$)/i;
 
 const $ = (id) => document.getElementById(id);
 const chosenFiles = [];
-let shown = null; // {id, controller, blobs, seen, record}
-
-function element(tag, { className, text, attrs } = {}, children = []) {
-  const node = document.createElement(tag);
-  if (className) node.className = className;
-  if (text !== undefined) node.textContent = text;
-  for (const [name, value] of Object.entries(attrs || {})) node.setAttribute(name, value);
-  node.append(...children);
-  return node;
-}
+let shown = null; // the job on show: see show()
 
 function showError(box, error) {
   if (!error) {
@@ -151,7 +138,7 @@ async function ask(event) {
     chosenFiles.length = 0;
     renderFiles();
     $("urls").value = "";
-    show(job.id, { question: job.request && job.request.question });
+    show(job.id, { record: job });
     $("job").focus();
     refreshJobs();
   } catch (error) {
@@ -171,14 +158,19 @@ async function followUp(event) {
   const button = $("followup-submit");
   button.disabled = true;
   try {
-    const job = await api.submitJob({ parent: shown.id, question });
+    // Answered at the length the conversation's last question asked for (the API's default otherwise).
+    const body = { parent: shown.id, question };
+    const asked = shown.record && shown.record.request && shown.record.request.generation;
+    if (asked && asked.max_new_tokens) body.generation = { max_new_tokens: asked.max_new_tokens };
+    const job = await api.submitJob(body);
     $("followup").value = "";
-    show(job.id, { question, keepTurns: true });
+    // The follow-up reuses these very frames: they stay shown while it runs.
+    const frames = (shown.record && shown.record.result && shown.record.result.frames) || [];
+    show(job.id, { record: job, frames });
     refreshJobs();
   } catch (error) {
     showError(errorBox, error);
-    const unknown = error.details && error.details.some((d) => d.field === "parent" && /^unknown field/.test(d.message));
-    errorBox.prepend(unknown ? "This service does not take follow-up questions yet.\n" : "", "The follow-up was not accepted: ");
+    errorBox.prepend("The follow-up was not accepted: ");
   } finally {
     button.disabled = false;
   }
@@ -186,56 +178,40 @@ async function followUp(event) {
 
 // ---- one job ----------------------------------------------------------------------------------
 
-function renderStages() {
-  const { seen, record } = shown;
-  const status = record ? record.status : "queued";
-  // The last step is the ending reached, or the one hoped for while the job runs.
-  const ending = ENDINGS[status] ? status : "succeeded";
-  const items = [...STAGES, [ending, ENDINGS[ending]]];
-  $("stages").replaceChildren(
-    ...items.map(([name, label]) => {
-      const reached = seen.has(name);
-      const item = element("li", { attrs: { "data-stage": name } }, [
-        element("span", { className: "label", text: label }),
-        element("code", { text: name }),
-        element("span", { className: "when", text: reached ? `+${seen.get(name).toFixed(1)} s` : "" }),
-      ]);
-      item.classList.toggle("reached", reached);
-      if (name === status) item.setAttribute("aria-current", "step");
-      return item;
-    }),
-  );
-  $("job-status").textContent = `Job ${ENDINGS[status] ? status : `is ${status}`}.`;
+function showStages() {
+  $("job-status").textContent = renderStages($("stages"), shown.seen, shown.record);
 }
 
-function turnFor(jobId, question) {
-  let turn = $("turns").querySelector(`[data-job="${CSS.escape(jobId)}"]`);
-  if (!turn) {
-    turn = element("article", { className: "turn", attrs: { "data-job": jobId } }, [
-      element("p", { className: "question" }, [element("span", { className: "who", text: "You asked" }), element("span", { className: "text" })]),
-      element("p", { className: "answer-block" }, [
-        element("span", { className: "who", text: "Answer" }),
-        // Busy while tokens arrive: a screen reader reads the answer once, when it is whole.
-        element("span", { className: "answer", attrs: { "aria-live": "polite", "aria-busy": "true" } }),
-      ]),
+// The turns before the job's own, from its record's request.history (a follow-up's holds its
+// parent's history, the parent's question and its answer), and the parent it follows.
+function showEarlierTurns(record) {
+  if (shown.earlierShown || !record.request) return;
+  shown.earlierShown = true;
+  $("turns").prepend(...earlierTurns(record.request.history));
+  const parent = record.request.parent;
+  if (parent) {
+    const open = element("button", { className: "link", attrs: { type: "button", "aria-label": `Open job ${parent}` } }, [
+      element("code", { text: parent }),
     ]);
-    $("turns").append(turn);
+    open.addEventListener("click", () => { show(parent); $("job").focus(); });
+    $("job-parent").replaceChildren("Follow-up to job ", open);
+    $("job-parent").hidden = false;
   }
-  if (question) turn.querySelector(".question .text").textContent = question;
-  return turn;
 }
 
 function onStatus(record) {
   shown.record = record;
   if (!shown.seen.has(record.status)) shown.seen.set(record.status, Math.max(0, record.updated_at - record.created_at));
-  turnFor(record.id, record.request && record.request.question);
-  renderStages();
+  turnFor($("turns"), record.id, record.request && record.request.question);
+  showEarlierTurns(record);
+  if (record.request && record.request.parent && !ENDINGS[record.status]) showParentFrames(record.request.parent);
+  showStages();
   $("cancel").hidden = Boolean(ENDINGS[record.status]);
 }
 
-async function onDone(record) {
+function onDone(record) {
   onStatus(record);
-  const answer = turnFor(record.id).querySelector(".answer");
+  const answer = turnFor($("turns"), record.id).querySelector(".answer");
   if (record.result && typeof record.result.answer === "string") answer.textContent = record.result.answer;
   answer.classList.add("final");
   answer.setAttribute("aria-busy", "false");
@@ -245,13 +221,29 @@ async function onDone(record) {
     showError($("job-error"), "The job was cancelled.");
   }
   $("followup-form").hidden = record.status !== "succeeded";
-  await showFrames(record);
+  showFrames((record.result && record.result.frames) || []);
   refreshJobs();
 }
 
-async function showFrames(record) {
-  const frames = (record.result && record.result.frames) || [];
-  const list = $("frames");
+// A job's record lists its frames in result.frames only, once it has ended; a follow-up's are its
+// parent's, so while it runs they are taken from the parent's record (fetched through the
+// follow-up's own frames route, which serves them from its submission on).
+async function showParentFrames(parentId) {
+  const mine = shown;
+  if (mine.frameKey !== null || mine.parentFramesAsked) return;
+  mine.parentFramesAsked = true;
+  try {
+    const parent = await api.getJob(parentId);
+    if (shown === mine && mine.frameKey === null) showFrames((parent.result && parent.result.frames) || []);
+  } catch {
+    // The parent is gone (retention): the frames come with the follow-up's result.
+  }
+}
+
+function showFrames(frames) {
+  const key = JSON.stringify(frames.map(({ video, index, time }) => [video, index, time]));
+  if (key === shown.frameKey) return; // the same frames are on show already
+  shown.frameKey = key;
   $("frames-title").hidden = frames.length === 0;
   const videos = new Set(frames.map((frame) => frame.video)).size;
   const mine = shown;
@@ -260,13 +252,13 @@ async function showFrames(record) {
     const caption = videos > 1 ? `video ${frame.video + 1} · ${when}` : when;
     const image = element("img", { attrs: { alt: `Frame ${n + 1}, ${caption}`, width: "160", height: "160" } });
     const item = element("li", {}, [element("figure", {}, [image, element("figcaption", { text: caption, attrs: { "data-time": String(frame.time) } })])]);
-    api.frameUrl(record.id, n, mine.controller.signal).then(
+    api.frameUrl(mine.id, n, mine.controller.signal).then(
       (url) => { mine.blobs.push(url); image.src = url; },
       (error) => { if (error.name !== "AbortError") item.append(element("p", { className: "error-text", text: api.describe(error) })); },
     );
     return item;
   });
-  list.replaceChildren(...items);
+  $("frames").replaceChildren(...items);
 }
 
 function leave() {
@@ -275,27 +267,35 @@ function leave() {
   for (const url of shown.blobs) URL.revokeObjectURL(url);
 }
 
-async function show(jobId, { question, keepTurns = false } = {}) {
+// Shows a job from its events; ``record`` (the record POST answered) and ``frames`` (a follow-up's,
+// known from its parent) show at once what is known before the first event arrives.
+async function show(jobId, { record, frames } = {}) {
   leave();
-  shown = { id: jobId, controller: new AbortController(), blobs: [], seen: new Map(), record: null };
+  shown = {
+    id: jobId, controller: new AbortController(), blobs: [], seen: new Map(), record: null,
+    earlierShown: false, frameKey: null, parentFramesAsked: false,
+  };
   const mine = shown;
   $("job-empty").hidden = true;
   $("job-view").hidden = false;
   $("job-id").textContent = jobId;
-  if (!keepTurns) $("turns").replaceChildren();
-  turnFor(jobId, question);
+  $("job-parent").hidden = true;
+  $("turns").replaceChildren();
+  turnFor($("turns"), jobId);
   for (const id of ["job-error", "followup-error"]) showError($(id), null);
   $("followup-form").hidden = true;
   $("frames").replaceChildren();
   $("frames-title").hidden = true;
   $("cancel").hidden = false;
-  renderStages();
+  if (frames && frames.length) showFrames(frames);
+  if (record) onStatus(record);
+  else showStages();
   markCurrent();
   try {
     for await (const message of jobEvents(jobId, mine.controller.signal)) {
       if (message.event === "status") onStatus(message.data);
-      else if (message.event === "token") turnFor(jobId).querySelector(".answer").append(message.data.text);
-      else if (message.event === "done") await onDone(message.data);
+      else if (message.event === "token") turnFor($("turns"), jobId).querySelector(".answer").append(message.data.text);
+      else if (message.event === "done") onDone(message.data);
     }
   } catch (error) {
     if (error.name !== "AbortError" && shown === mine) showError($("job-error"), error);
@@ -319,6 +319,31 @@ function markCurrent() {
   }
 }
 
+// One item per job, kept from one refresh to the next and updated in place (moved only when the
+// order changed): the button a keyboard user is on keeps its focus when a job's status changes.
+function showJobs(jobs) {
+  const list = $("jobs");
+  const kept = new Map([...list.children].map((item) => [item.firstChild.dataset.job, item]));
+  const items = jobs.map((job) => {
+    let item = kept.get(job.id);
+    if (!item) {
+      const button = element("button", { className: "job", attrs: { type: "button", "data-job": job.id } }, [
+        element("span"), element("span", { className: "q" }), element("span", { className: "when" }),
+      ]);
+      button.addEventListener("click", () => { show(job.id); $("job").focus(); });
+      item = element("li", {}, [button]);
+    }
+    const [badge, question, when] = item.firstChild.children;
+    badge.className = `badge ${job.status}`;
+    badge.textContent = job.status;
+    question.textContent = (job.request && job.request.question) || "(no question)";
+    when.textContent = new Date(job.created_at * 1000).toLocaleTimeString();
+    return item;
+  });
+  items.forEach((item, i) => { if (list.children[i] !== item) list.insertBefore(item, list.children[i] || null); });
+  while (list.children.length > items.length) list.lastChild.remove();
+}
+
 // True when the list loaded; a 401 shows the key form instead.
 async function refreshJobs() {
   try {
@@ -326,19 +351,7 @@ async function refreshJobs() {
     showError($("jobs-error"), null);
     if (api.apiKey()) $("auth").hidden = false;
     $("jobs-empty").hidden = page.jobs.length > 0;
-    $("jobs").replaceChildren(
-      ...page.jobs.map((job) => {
-        const question = (job.request && job.request.question) || "(no question)";
-        const when = new Date(job.created_at * 1000).toLocaleTimeString();
-        const button = element("button", { className: "job", attrs: { type: "button", "data-job": job.id } }, [
-          element("span", { className: `badge ${job.status}`, text: job.status }),
-          element("span", { className: "q", text: question }),
-          element("span", { className: "when", text: when }),
-        ]);
-        button.addEventListener("click", () => { show(job.id); $("job").focus(); });
-        return element("li", {}, [button]);
-      }),
-    );
+    showJobs(page.jobs);
     markCurrent();
     return true;
   } catch (error) {

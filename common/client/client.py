@@ -8,7 +8,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 import requests
 
@@ -24,7 +24,7 @@ DEFAULT_SERVER = "http://127.0.0.1:8000"
 MAX_WAIT_S = 60
 URL_SCHEMES = ("http://", "https://", "s3://")
 # Media: a local file (path), a URL (http, https, s3) as a string, or the API's own JSON entry.
-Media = Union[str, os.PathLike[str], Mapping[str, Any]]
+Media = str | os.PathLike[str] | Mapping[str, Any]
 
 
 def _split_media(items: Sequence[Media], kind: str) -> tuple[list[Path], list[dict[str, Any]]]:
@@ -192,6 +192,7 @@ class Client:
         no event stream (fall back on ``wait``).
         """
         failures = 0
+        error: requests.RequestException | None = None
         while True:
             headers = {"Accept": "text/event-stream"}
             if last_event_id is not None:

@@ -26,6 +26,7 @@ class Frame:
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens reused from an earlier job over the same frames
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,11 @@ class Result:
             answer=body["answer"],
             model=body.get("model", ""),
             frames=[Frame.from_json(frame) for frame in body.get("frames", [])],
-            usage=Usage(int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))),
+            usage=Usage(
+                int(usage.get("prompt_tokens", 0)),
+                int(usage.get("completion_tokens", 0)),
+                int(usage.get("cached_tokens", 0)),
+            ),
             timings={name: float(seconds) for name, seconds in (body.get("timings") or {}).items()},
             raw=body,
         )

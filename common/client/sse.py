@@ -44,7 +44,8 @@ def parse_sse(chunks: Iterable[bytes]) -> Iterator[SSEMessage]:
     ``id`` is the last event id seen so far in the stream (the standard keeps it across
     messages), which is what a reconnecting client sends back as ``Last-Event-ID``.
     """
-    event, data, last_id = "", [], None
+    event, last_id = "", None
+    data: list[str] = []
     for line in _lines(chunks):
         if not line:
             if data:

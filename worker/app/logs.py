@@ -9,8 +9,8 @@ from typing import Any
 
 from celery.signals import after_setup_logger, after_setup_task_logger, task_postrun, task_prerun
 
-from common.logging_config import JOB_ID_PATTERN, configure_logging as configure_root_logging
-from common.logging_config import job_id_var, make_formatter
+from common.logging_config import JOB_ID_PATTERN, job_id_var, make_formatter
+from common.logging_config import configure_logging as configure_root_logging
 
 _TOKEN_ATTR = "_videoqa_job_token"
 

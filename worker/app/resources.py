@@ -29,15 +29,16 @@ from common.storage import ObjectStore, open_store
 from common.url_policy import UrlPolicy
 from common.videos import VideoStore
 from common.webhooks import webhook_sender
-from worker.gpu.claims import GpuQueue
-from worker.gpu.pipeline import Prefetching
-from worker.gpu.stage import AnswerContext
-from worker.media.geometry import DEFAULT_RESAMPLE, FrameGeometry, processor_geometry
-from worker.gpu.model import LoadedModel, load_model
 from worker.cpu.stage import IngestContext
 from worker.cpu.video_stage import VideoContext
 from worker.cpu.webhooks import WebhookContext
+from worker.gpu.claims import GpuQueue
 from worker.gpu.lifecycle import describe
+from worker.gpu.model import LoadedModel, load_model
+from worker.gpu.pipeline import Prefetching
+from worker.gpu.prefix_cache import PrefixCache, default_prefix_cache_bytes
+from worker.gpu.stage import AnswerContext
+from worker.media.geometry import DEFAULT_RESAMPLE, FrameGeometry, processor_geometry
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ class WorkerResources:
         self.hostname = ""
         self.batch_size = 1
         self.ready_since = 0.0
+        self.prefixes: PrefixCache | None = None
 
     @cached_property
     def jobs(self) -> JobStore:
@@ -121,7 +123,7 @@ class WorkerResources:
         """Load the model, run one warm-up generation and size the batch (before any job).
         Raises ``worker.gpu.model.ModelLoadError``."""
         from worker.gpu.batch import default_batch_size
-        from worker.gpu.model import ModelLoadError, warm_up
+        from worker.gpu.model import ModelLoadError, memory_info, warm_up
 
         self.hostname = hostname
         loaded = self.load_model()
@@ -134,7 +136,13 @@ class WorkerResources:
         for problem in size_setting_mismatches(loaded.model.config, self.settings):
             log.warning("%s", problem)
         self._check_geometry(loaded)
-        self.batch_size = self.settings.batch_size or default_batch_size(loaded)
+        prefix_bytes = self.settings.prefix_cache_bytes
+        if prefix_bytes is None:
+            prefix_bytes = default_prefix_cache_bytes(loaded.device, memory_info(loaded)[0])
+        self.prefixes = PrefixCache(prefix_bytes, loaded.model_id)
+        # The prefix cache fills over time: the batch is sized as if it were full.
+        self.batch_size = self.settings.batch_size or default_batch_size(loaded, set_aside_bytes=prefix_bytes)
+        log.info("prefix cache: up to %.2f GiB; batches of up to %d jobs", prefix_bytes / 2**30, self.batch_size)
         self.ready_since = time.time()
 
     def _check_geometry(self, loaded: LoadedModel) -> None:
@@ -193,6 +201,9 @@ class WorkerResources:
             time_limit_s=self.settings.task_time_limit_s,
             max_attempts=self.settings.max_attempts,
             fetch_pool=self.fetch_pool,
+            inflight=self.settings.inflight_batching,
+            max_rows=self.batch_size,
+            prefixes=self.prefixes,
         )
 
     def answer_context(self) -> AnswerContext:
@@ -200,8 +211,9 @@ class WorkerResources:
         return self._answer_context
 
     def prefetching(self, should_stop: Callable[[], bool]) -> Prefetching | None:
-        """How the generate task pipelines batches; None with ``VIDEOQA_PREFETCH=false``."""
-        if not self.settings.prefetch:
+        """How the generate task pipelines batches; None with ``VIDEOQA_PREFETCH=off``, and with
+        ``auto`` on the CPU, where the preparing thread takes cores the model would use."""
+        if not prefetch_enabled(self.settings.prefetch, self.load_model().device):
             return None
         return Prefetching(
             ahead_ctx=self._ahead_context,
@@ -215,6 +227,13 @@ class WorkerResources:
         from worker.gpu.prefetch import with_own_processor
 
         return replace(self._answer_context, model=with_own_processor(self.load_model()), model_seconds=0.0)
+
+
+def prefetch_enabled(setting: str, device: str) -> bool:
+    """``VIDEOQA_PREFETCH`` for a model on ``device``: ``auto`` is on with CUDA only."""
+    if setting == "auto":
+        return device.startswith("cuda")
+    return setting == "on"
 
 
 # The attribute of the Celery app that holds its process's resources.

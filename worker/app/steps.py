@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any
+from typing import Any, ClassVar
 
 import redis
 from celery import bootsteps
@@ -53,7 +53,7 @@ class ModelSetup(bootsteps.StartStopStep):
 class ReconcilerStep(bootsteps.StartStopStep):
     """Runs ``reconcile`` on the worker's timer (CPU workers only)."""
 
-    requires = {"celery.worker.components:Timer"}
+    requires: ClassVar[set[str]] = {"celery.worker.components:Timer"}
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         super().__init__(worker, **kwargs)
@@ -91,7 +91,7 @@ class SweeperStep(bootsteps.StartStopStep):
     """Runs ``sweep`` on the worker's timer (CPU workers only), in a thread of its own: listing a
     large bucket must not hold up the worker's event loop."""
 
-    requires = {"celery.worker.components:Timer"}
+    requires: ClassVar[set[str]] = {"celery.worker.components:Timer"}
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         super().__init__(worker, **kwargs)

@@ -10,11 +10,11 @@ from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 
 from common.celery_config import GENERATE_TASK, INGEST_TASK, VIDEO_TASK, WEBHOOK_TASK
 from common.errors import TransientError, VideoQAError
-from worker.gpu.pipeline import answer_claimed_batch
+from worker.app.resources import WorkerResources
 from worker.cpu.stage import ingest_job
 from worker.cpu.video_stage import ingest_stored_video
-from worker.app.resources import WorkerResources
 from worker.cpu.webhooks import deliver
+from worker.gpu.pipeline import answer_claimed_batch
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def _stopping() -> bool:
 
 
 def register_tasks(app: Celery, resources: WorkerResources) -> None:
-    class JobTask(Task):  # type: ignore[misc]
+    class JobTask(Task):
         """Ends the job as failed when the task gives up (retries spent, time limit, a bug)."""
 
         def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
@@ -57,7 +57,7 @@ def register_tasks(app: Celery, resources: WorkerResources) -> None:
     def ingest(job_id: str) -> None:
         ingest_job(job_id, resources.ingest_context())
 
-    class VideoTask(Task):  # type: ignore[misc]
+    class VideoTask(Task):
         """Ends the stored video as failed when its task gives up."""
 
         def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:

@@ -9,6 +9,7 @@ frames to stdout. Exit status: 0 answered, 1 the job failed or the service could
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -163,6 +164,9 @@ def ask(
     if max_new_tokens is not None:
         options["generation"] = {"max_new_tokens": max_new_tokens}
     client = Client(server or settings.server, api_key or settings.api_key)
+    # Honour Ctrl-C (and cancel the job) even when started with SIGINT ignored, as a shell starts
+    # background commands.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         code = run_ask(client, videos, question, options, as_json)
     except VideoQAError as exc:

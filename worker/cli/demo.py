@@ -15,7 +15,16 @@ import click
 
 from common.client import Client, Job, VideoQAError, WaitTimedOut
 from common.settings import DEFAULT_STORAGE_DIR, load_settings
-from worker.cli.stack import Stack, api_command, cpu_worker_command, free_port, gpu_worker_command, redis_answers, wait_for_http, wait_for_workers
+from worker.cli.stack import (
+    Stack,
+    api_command,
+    cpu_worker_command,
+    free_port,
+    gpu_worker_command,
+    redis_answers,
+    wait_for_http,
+    wait_for_workers,
+)
 
 DEMO_QUESTION = "Are these two cats in these two videos doing the same thing?"
 CACHE_DIR = Path.home() / ".cache" / "videoqa"

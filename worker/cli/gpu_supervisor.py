@@ -16,8 +16,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from worker.gpu.lifecycle import EX_CONFIG
 from worker.cli.stack import Stack, gpu_worker_command
+from worker.gpu.lifecycle import EX_CONFIG
 
 log = logging.getLogger(__name__)
 

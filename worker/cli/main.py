@@ -12,7 +12,15 @@ import click
 
 from worker.cli.ask import ask
 from worker.cli.demo import DEMO_QUESTION, TINY_MODEL_DIR, ensure_tiny_model, run_demo
-from worker.cli.stack import Stack, api_command, cpu_worker_command, flower_command, flower_env, gpu_worker_command, http_ok
+from worker.cli.stack import (
+    Stack,
+    api_command,
+    cpu_worker_command,
+    flower_command,
+    flower_env,
+    gpu_worker_command,
+    http_ok,
+)
 
 
 @click.group()
@@ -75,7 +83,7 @@ def up(
     if tiny:
         env["VIDEOQA_MODEL"] = str(ensure_tiny_model(TINY_MODEL_DIR))
     check_startup(env)
-    stack = Stack(env=env)
+    stack = Stack(env=env, die_with_parent=True)
     stack.start("api", api_command(host, port, api_workers))
     stack.start("cpu", cpu_worker_command(cpu_concurrency))
     for gpu in range(gpu_workers):
@@ -90,6 +98,9 @@ def up(
         user, password = auth.split(":", 1)
         stack.start("flower", flower_command(), extra_env=flower_env(user, password))
     signal.signal(signal.SIGTERM, _interrupt)
+    # A shell starts background commands with SIGINT ignored, and the ignore is inherited across
+    # exec: without this, "Ctrl-C stops it" would not hold for an `up` started by a script.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     failed = False
     try:
         click.echo("starting the API, the CPU worker and the GPU worker; waiting until /readyz answers 200")

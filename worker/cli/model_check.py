@@ -45,7 +45,7 @@ def model_problem(model: str) -> str | None:
         return f"{model} is neither a model folder nor a hub id: {MODEL_HINT} {UP_TINY}"
     where = "the hub cache (HF_HOME)"
     if _offline():
-        reason = f"{model} is not in {where} and HF_HUB_OFFLINE is set"
+        reason: str | None = f"{model} is not in {where} and HF_HUB_OFFLINE is set"
     else:
         reason = _hub_problem(model)
         if reason is None:

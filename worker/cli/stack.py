@@ -5,6 +5,7 @@ README, ``docker/`` and the tests use these same command lines.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
@@ -135,18 +136,32 @@ def wait_for_workers(settings: Settings, prefixes: Sequence[str], timeout_s: flo
     raise TimeoutError(f"workers {missing} did not come up within {timeout_s:.0f} s")
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _terminate_with_parent() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
 @dataclass
 class Stack:
     """Child processes started together and stopped together (SIGTERM, then SIGKILL)."""
 
     env: Mapping[str, str]
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    # Each child gets SIGTERM from the kernel when the process that started it dies, so a
+    # supervisor killed outright (SIGKILL, out of memory) leaves no workers behind. The kernel ties
+    # this to the starting thread: only for a supervisor that starts children from its main thread.
+    die_with_parent: bool = False
 
     def start(
         self, name: str, argv: Sequence[str], *, extra_env: Mapping[str, str] | None = None, **popen: object
     ) -> subprocess.Popen[bytes]:
         env = {**self.env, **(extra_env or {})}
-        process = subprocess.Popen(list(argv), env=env, start_new_session=True, **popen)  # type: ignore[call-overload]
+        if self.die_with_parent:
+            popen.setdefault("preexec_fn", _terminate_with_parent)
+        process = subprocess.Popen(list(argv), env=env, start_new_session=True, **popen)  # type: ignore[call-overload]  # the caller's options pass through
         self.processes[name] = process
         return process
 

@@ -21,12 +21,12 @@ from common.schemas import MediaSource, Sampling, StoredRequest
 from common.settings import Settings
 from common.storage import ObjectStore
 from common.videos import VideoStore, VideoUnavailable
-from worker.media.decode import DecodeLimits, decode_frames_in_sandbox
 from worker.cpu.fetch import fetch_if_changed, fetch_media, known_version, remember_version
+from worker.cpu.frame_store import ContentKeys
+from worker.media.decode import DecodeLimits, decode_frames_in_sandbox
 from worker.media.geometry import FrameGeometry
 from worker.media.png import encode_png
 from worker.media.sampling import SampledFrame
-from worker.cpu.frame_store import ContentKeys
 from worker.media.still_image import decode_image
 
 log = logging.getLogger(__name__)

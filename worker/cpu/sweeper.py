@@ -26,6 +26,7 @@ import math
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import cast
 
 import redis
 
@@ -53,7 +54,7 @@ def live_jobs(client: redis.Redis, jobs: JobStore) -> dict[str, Job]:
     """Jobs not yet ended: each is in its tenant's active set until its terminal transition."""
     live: dict[str, Job] = {}
     for key in client.scan_iter(match=ACTIVE_PREFIX + "*", count=500):
-        for job_id in client.smembers(key):
+        for job_id in cast("set[str]", client.smembers(key)):  # the client decodes replies
             job = jobs.get(job_id)
             if job is not None and not job.status.terminal:
                 live[job.id] = job
@@ -113,12 +114,12 @@ def trim_indexes(client: redis.Redis, *, ttl_s: float, now: float) -> int:
         # Records expire job_ttl_s after their creation, which is the entry's score.
         removed += int(client.zremrangebyscore(index, "-inf", now - ttl_s))
         # A record can also be gone sooner (a lowered TTL, an operator): the oldest go first.
-        while oldest := client.zrange(index, 0, _PAGE - 1):
+        while oldest := cast("list[str]", client.zrange(index, 0, _PAGE - 1)):  # the client decodes replies
             with client.pipeline(transaction=False) as pipe:
                 for job_id in oldest:
                     pipe.exists(KEY_PREFIX + job_id)
                 present = pipe.execute()
-            gone = [job_id for job_id, there in zip(oldest, present) if not there]
+            gone = [job_id for job_id, there in zip(oldest, present, strict=True) if not there]
             if gone:
                 removed += int(client.zrem(index, *gone))
             if len(gone) < len(oldest):

@@ -20,7 +20,11 @@
   ``generate_fn`` is the one place that touches the model, so the split is testable anywhere.
 
 Rows that finished stay in the batch until its last row is done (the ``generate`` loop cannot drop
-them), so a batch of very different ``max_new_tokens`` spends some steps on padding.
+them), so a batch of very different ``max_new_tokens`` spends some steps on padding, and a job that
+arrives meanwhile waits for the whole batch. The worker's default is the in-flight loop
+(worker.gpu.inflight), where rows join and leave between steps; this static path is what
+``VIDEOQA_INFLIGHT_BATCHING=false`` runs, and the benchmarks' baseline. The batch sizing below
+serves both.
 """
 
 from __future__ import annotations
@@ -38,8 +42,8 @@ from worker.gpu.model import (
     Prompt,
     completion_from_tokens,
     generate_one_call,
-    memory_info,
     generation_key,
+    memory_info,
 )
 from worker.gpu.token_stream import TokenStream
 
@@ -57,6 +61,8 @@ MAX_BATCH_SIZE = 32
 class BatchItem:
     key: str  # the job id
     prompt: Prompt
+    # A ``time.time()`` past which the job ends with ``timeout``; None: the batch's own deadline.
+    deadline: float | None = None
 
 
 @dataclass
@@ -66,6 +72,7 @@ class Outcome:
     error: VideoQAError | None = None
     cancelled: bool = False
     generated_tokens: int = 0  # new tokens the row had when it ended (also for cancelled rows)
+    step: int | None = None  # the in-flight loop's decode steps so far when the job ended
 
 
 def run_batch(
@@ -296,15 +303,16 @@ def job_memory_bytes(
     return tokens * (kv_cache_bytes_per_token(config, dtype_bytes) + activations)
 
 
-def default_batch_size(loaded: LoadedModel, *, reserve: float = 0.1) -> int:
+def default_batch_size(loaded: LoadedModel, *, reserve: float = 0.1, set_aside_bytes: int = 0) -> int:
     """How many 12-frame jobs fit next to the loaded model, keeping ``reserve`` of the GPU free
-    for the allocator's fragmentation and the vision tower's activations."""
+    for the allocator's fragmentation and the vision tower's activations, and ``set_aside_bytes``
+    (the prefix cache's) for other uses."""
     if not loaded.device.startswith("cuda"):
         return CPU_BATCH_SIZE
     free, total = memory_info(loaded)
     dtype_bytes = loaded.model.dtype.itemsize
     per_job = job_memory_bytes(loaded.model.config, dtype_bytes)
-    fits = int((free - reserve * total) // per_job)
+    fits = int((free - set_aside_bytes - reserve * total) // per_job)
     return max(1, min(MAX_BATCH_SIZE, fits))
 
 

@@ -213,5 +213,5 @@ class GpuQueue:
                         else {}
                     )
                     dispatcher.send(kind, uuid=claim.task_id, **extra, **fields)
-        except Exception:  # noqa: BLE001 - monitoring only
+        except Exception:
             log.debug("could not send %s events", kind, exc_info=True)

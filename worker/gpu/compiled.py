@@ -76,7 +76,8 @@ class CompiledDecoding:
         from transformers import CompileConfig
 
         config = CompileConfig(fullgraph=False, dynamic=False)
-        config._compile_all_devices = True  # transformers compiles on CUDA only by default; CPU is for tests
+        # transformers compiles on CUDA only by default; CPU is for tests. Typed None in its stubs.
+        config._compile_all_devices = True  # type: ignore[assignment]
         torch._dynamo.config.cache_size_limit = max(
             torch._dynamo.config.cache_size_limit, len(ROW_BUCKETS) * MAX_CACHE_BUCKETS
         )

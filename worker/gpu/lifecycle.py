@@ -56,7 +56,7 @@ class Heartbeat:
         while not self.stopping.wait(self.interval_s):
             try:
                 self._beat()
-            except Exception:  # noqa: BLE001 - Redis may blink; the next beat tries again
+            except Exception:
                 log.warning("readiness heartbeat failed", exc_info=True)
 
     def stop(self) -> None:

@@ -23,6 +23,7 @@ from common.settings import Settings
 from worker.gpu.conversation import render_conversation
 from worker.gpu.pixels import Normalisation, host_pixels, to_model_input
 from worker.gpu.precision import resolve_dtype
+from worker.gpu.prefix_cache import pixel_digest
 from worker.gpu.prompt_ids import Span, prompt_ids
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,10 @@ class LoadedModel:
         return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_token_ids)
 
     @cached_property
+    def image_token_id(self) -> int:
+        return int(self.processor.tokenizer.convert_tokens_to_ids(self.processor.image_token))
+
+    @cached_property
     def image_token_count(self) -> int:
         """Ids the processor puts in place of one image token. Asked of the processor itself: every
         image is resized to the image processor's one size, so the count does not vary."""
@@ -79,6 +84,7 @@ class EncodedPrompt:
     # Instead of ``pixel_values``: the images as uint8 (images, height, width, 3), normalised on
     # the device when the batch runs (worker.gpu.pixels).
     pixels: Any | None = None
+    pixel_digest: str = ""  # of the images pixel_values are made from, which the prefix cache's keys hold
 
 
 @dataclass
@@ -96,6 +102,7 @@ class Completion:
     token_ids: list[int]
     text: str
     prompt_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
 
     @property
     def completion_tokens(self) -> int:
@@ -172,7 +179,7 @@ def _load_model(settings: Settings) -> LoadedModel:
     # Left padding is what keeps batched greedy answers equal to unbatched ones.
     processor.tokenizer.padding_side = "left"
     model = LlavaForConditionalGeneration.from_pretrained(settings.model, dtype=dtype, attn_implementation=attn)
-    model.to(device).eval()
+    model.to(device).eval()  # type: ignore[arg-type]  # transformers types `to` through a decorator that loses `self`
     compiled = None
     if settings.compile == "decode":
         from worker.gpu.compiled import CompiledDecoding
@@ -199,8 +206,8 @@ def render_prompt(
     turn format (the template cannot interleave text between images). The prompt records where the
     user's text lies, so that it is tokenized as text. With earlier turns: worker.gpu.conversation."""
     if request.history:
-        text, ordered, spans = render_conversation(processor, request, video_frames, images)
-        return Prompt(text, ordered, request.generation, user_spans=spans)
+        text, ordered, turn_spans = render_conversation(processor, request, video_frames, images)
+        return Prompt(text, ordered, request.generation, user_spans=turn_spans)
     if request.prompt is None:
         ordered = [frame for frames in video_frames for frame in frames] + list(images)
         content: list[dict[str, str]] = [{"type": "image"} for _ in ordered]
@@ -267,13 +274,14 @@ def encode_prompt(loaded: LoadedModel, prompt: Prompt) -> EncodedPrompt:
         raise ValueError(f"the prompt's image tokens do not match its {len(prompt.images)} images")
     if not prompt.images:
         return EncodedPrompt(input_ids=ids, pixel_values=None)
+    digest = pixel_digest(prompt.images)
     normalisation = loaded.normalisation
     if normalisation is not None and normalisation.fits(prompt.images):
         # Stored frames are at the model's size: only rescale and normalise remain, on the device.
         pixels = host_pixels(prompt.images, pin=loaded.device.startswith("cuda"))
-        return EncodedPrompt(input_ids=ids, pixel_values=None, pixels=pixels)
+        return EncodedPrompt(input_ids=ids, pixel_values=None, pixels=pixels, pixel_digest=digest)
     pixel_values = processor.image_processor(prompt.images, return_tensors="pt")["pixel_values"]
-    return EncodedPrompt(input_ids=ids, pixel_values=pixel_values)
+    return EncodedPrompt(input_ids=ids, pixel_values=pixel_values, pixel_digest=digest)
 
 
 def generation_key(generation: Generation) -> tuple[Any, ...]:
@@ -299,7 +307,7 @@ def generate_batch(loaded: LoadedModel, prompts: list[Prompt]) -> list[Completio
         groups[generation_key(prompt.generation)].append(position)
     results: list[Completion | None] = [None] * len(prompts)
     for positions in groups.values():
-        for position, completion in zip(positions, generate_one_call(loaded, [prompts[p] for p in positions])):
+        for position, completion in zip(positions, generate_one_call(loaded, [prompts[p] for p in positions]), strict=True):
             results[position] = completion
     return [completion for completion in results if completion is not None]
 
@@ -335,7 +343,7 @@ def generate_one_call(loaded: LoadedModel, prompts: list[Prompt], *, watch: Gene
         return_tensors="pt",
     )
     inputs: dict[str, Any] = {name: padded[name].to(loaded.model.device) for name in ("input_ids", "attention_mask")}
-    pixels = [_device_pixels(loaded, item) for item in encoded if item.pixel_values is not None or item.pixels is not None]
+    pixels = [device_pixels(loaded, item) for item in encoded if item.pixel_values is not None or item.pixels is not None]
     if pixels:
         # Rows in prompt order: the model fills the image tokens in that order.
         inputs["pixel_values"] = torch.cat(pixels)
@@ -366,14 +374,18 @@ def generate_one_call(loaded: LoadedModel, prompts: list[Prompt], *, watch: Gene
     ]
 
 
-def _device_pixels(loaded: LoadedModel, encoded: EncodedPrompt) -> Any:
+def device_pixels(loaded: LoadedModel, encoded: EncodedPrompt) -> Any:
+    """The prompt's images as the model's pixel values, on its device and in its dtype: uint8
+    frames normalised there, or the processor's values moved; None without images."""
     device, dtype = loaded.model.device, loaded.model.dtype
     if encoded.pixels is not None and loaded.normalisation is not None:
         return to_model_input(encoded.pixels, loaded.normalisation, device, dtype)
+    if encoded.pixel_values is None:
+        return None
     return encoded.pixel_values.to(device, dtype)
 
 
-def warm_up(loaded: LoadedModel) -> Completion:
+def warm_up(loaded: LoadedModel) -> list[Completion]:
     """One short generation on a blank frame: the first call pays for kernel selection and
     allocator growth, so the first job does not."""
     frame = _blank_image(loaded.processor)

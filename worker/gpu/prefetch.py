@@ -159,7 +159,7 @@ class Prefetcher:
             try:
                 with self.lock:
                     claims = self.gpu_queue.drain(self._bound, room, 0.0, exclude=held)
-            except Exception:  # noqa: BLE001 - the broker may blink; the batch in hand goes on
+            except Exception:  # the broker may blink; the batch in hand goes on
                 log.warning("prefetch: cannot claim from the queue; trying again", exc_info=True)
                 self.stopping.wait(1.0)
                 continue
@@ -175,7 +175,7 @@ class Prefetcher:
     def _load(self, claim: Claim) -> None:
         try:
             loaded = self.load(claim.job_id)
-        except Exception:  # noqa: BLE001 - load keeps the job's own errors; this is a bug: the job starts as if unloaded
+        except Exception:  # load keeps the job's own errors; this is a bug: the job starts as if unloaded
             log.exception("prefetch: job %s could not be loaded ahead", claim.job_id)
             loaded = None
         if loaded is not None and self.needs_nothing(loaded):

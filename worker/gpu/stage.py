@@ -1,4 +1,5 @@
-"""The GPU stage of jobs: load their stored frames, generate them as one batch, publish each
+"""The GPU stage of jobs: load their stored frames, generate them together (in-flight batching,
+worker.gpu.inflight: jobs handed over by ``admit`` join while others generate), publish each
 answer's text as it is generated (worker.gpu.token_stream), write each result once, as soon as that
 job's answer is complete.
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -26,10 +27,13 @@ from common.jobs import Job, JobStatus, JobStore
 from common.logging_config import job_context
 from common.schemas import StoredRequest
 from common.storage import ObjectStore
-from worker.gpu.batch import BatchItem, Outcome, describe, run_batch
-from worker.media.png import decode_png
+from worker.gpu.batch import CPU_BATCH_SIZE, BatchItem, Outcome, describe, run_batch
+from worker.gpu.inflight import run_inflight
+from worker.gpu.kv_rows import model_forward
 from worker.gpu.model import Completion, LoadedModel, Prompt, encode_prompt, generate_one_call, render_prompt
+from worker.gpu.prefix_cache import PrefixCache
 from worker.gpu.token_stream import TokenStream
+from worker.media.png import decode_png
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +51,14 @@ class AnswerContext:
     max_attempts: int = 3
     # Fetches and decodes frames (VIDEOQA_FETCH_THREADS); None: a pool of _LOAD_THREADS per job.
     fetch_pool: Executor | None = None
-    # Seconds spent inside the model's generate calls since the worker started (host overhead is
-    # the rest of its busy time; bench/host_overhead.py reads it from the log).
+    # Seconds spent inside the model (generate calls, or the in-flight loop's forward passes) since
+    # the worker started (host overhead is the rest of its busy time; bench/host_overhead.py reads
+    # it from the log).
     model_seconds: float = 0.0
+    # In-flight batching (else one generate call per batch), its most rows, the prefix cache.
+    inflight: bool = True
+    max_rows: int = CPU_BATCH_SIZE
+    prefixes: PrefixCache | None = None
 
 
 @dataclass
@@ -191,7 +200,11 @@ def _publish(prepared: _Prepared, completion: Completion, ctx: AnswerContext, ba
         "answer": completion.text,
         "model": ctx.model.model_id,
         "frames": prepared.sampled,
-        "usage": {"prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens},
+        "usage": {
+            "prompt_tokens": completion.prompt_tokens,
+            "completion_tokens": completion.completion_tokens,
+            "cached_tokens": completion.cached_tokens,
+        },
         # "stop": the model ended its answer; "length": max_new_tokens did.
         "finish_reason": "stop" if completion.token_ids[-1:] and completion.token_ids[-1] in ctx.model.eos_token_ids else "length",
         "timings": _timings(job, time.time(), {"load_frames": prepared.load_seconds}),
@@ -225,14 +238,25 @@ class _CancelPoll:
 
 
 def answer_jobs(
-    job_ids: list[str], ctx: AnswerContext, ahead: Mapping[str, LoadedJob] | None = None
+    job_ids: list[str],
+    ctx: AnswerContext,
+    ahead: Mapping[str, LoadedJob] | None = None,
+    *,
+    admit: Callable[[int], list[str]] | None = None,
 ) -> dict[str, TransientError]:
     """Run the GPU stage of several jobs as one batch.
 
     Each job reaches one terminal state, written once, as soon as its own answer is complete; a
     job cancelled meanwhile stops generating within about 100 ms plus one step. Returns the jobs
     that met a transient error (storage unreachable) and should be tried again later; they stay
-    ``generating``, which a retry accepts. ``ahead`` holds jobs already loaded (``load_job``).
+    ``generating``, which a retry accepts. ``ahead`` holds jobs already loaded (``load_job``);
+    it is read as each job starts, so jobs handed over by ``admit`` may be added to it meanwhile.
+
+    ``admit(free_rows)`` (in-flight batching only) is asked between decode steps for the ids of
+    up to that many more jobs whose messages the caller holds; it must not block (it hands over
+    what is already claimed, or nothing). They are prepared here and join the batch, and end as
+    the others do: their time limit starts when they join, and the returned retries include them.
+    The caller settles their messages after this returns, as it does the first ones'.
     """
     jobs = ctx.jobs
     retry: dict[str, TransientError] = {}
@@ -246,45 +270,77 @@ def answer_jobs(
             continue
         if ready is not None:
             prepared[job_id] = ready
-    if not prepared:
+    if not prepared and admit is None:
         return retry
     started = time.time()
     for job_id in prepared:
         jobs.mark(job_id, "generate", "start", at=started)
-    size = len(prepared)
 
     def settle(outcome: Outcome) -> None:
         with job_context(outcome.key):
             if outcome.completion is not None:
-                _publish(prepared[outcome.key], outcome.completion, ctx, size)
+                # The jobs of this run so far: with in-flight batching, later ones join after it.
+                _publish(prepared[outcome.key], outcome.completion, ctx, len(prepared))
                 return
             jobs.mark(outcome.key, "generate", "end")
             if outcome.error is not None:
                 jobs.fail(outcome.key, outcome.error.code, outcome.error.message)
 
+    def joining(free_rows: int) -> list[BatchItem]:
+        assert admit is not None
+        items = []
+        for job_id in admit(free_rows):
+            if job_id in prepared or job_id in retry:
+                continue
+            try:
+                with job_context(job_id):
+                    ready = _prepare(job_id, ctx, (ahead or {}).get(job_id))
+            except TransientError as exc:
+                retry[job_id] = exc
+                continue
+            if ready is None:
+                continue
+            joined = time.time()
+            prepared[job_id] = ready
+            jobs.mark(job_id, "generate", "start", at=joined)
+            deadline = joined + ctx.time_limit_s if ctx.time_limit_s else None
+            items.append(BatchItem(job_id, ready.prompt, deadline=deadline))
+        return items
+
     tokens = TokenStream(ctx.model.processor.tokenizer, ctx.model.eos_token_ids, JobEvents(jobs.client).publish_tokens)
-
-    def timed_generate(*args: Any, **kwargs: Any) -> list[Completion]:
-        begun = time.perf_counter()
-        try:
-            return generate_one_call(*args, **kwargs)
-        finally:
-            ctx.model_seconds += time.perf_counter() - begun
-
+    items = [BatchItem(job_id, ready.prompt) for job_id, ready in prepared.items()]
+    deadline = started + ctx.time_limit_s if ctx.time_limit_s else None
     try:
-        outcomes = run_batch(
-            ctx.model,
-            [BatchItem(job_id, ready.prompt) for job_id, ready in prepared.items()],
-            on_outcome=settle,
-            cancelled=_CancelPoll(jobs),
-            deadline=started + ctx.time_limit_s if ctx.time_limit_s else None,
-            tokens=tokens,
-            generate_fn=timed_generate,
-        )
+        if ctx.inflight:
+            outcomes = run_inflight(
+                ctx.model, items, admit=joining if admit is not None else None, max_rows=ctx.max_rows,
+                on_outcome=settle, cancelled=_CancelPoll(jobs), deadline=deadline, tokens=tokens, prefixes=ctx.prefixes,
+                forward=_timed(model_forward(ctx.model), ctx),
+            )  # fmt: skip
+        else:
+            outcomes = run_batch(
+                ctx.model, items, on_outcome=settle, cancelled=_CancelPoll(jobs), deadline=deadline, tokens=tokens,
+                generate_fn=_timed(generate_one_call, ctx),
+            )  # fmt: skip
     finally:
         tokens.close()
     log.info(
-        "generated a batch of %d in %.2f s: %s (model_total_s=%.3f)",
-        size, time.time() - started, describe(outcomes.values()), ctx.model_seconds,
+        "generated %d jobs in %.2f s: %s (model_total_s=%.3f)",
+        len(outcomes), time.time() - started, describe(outcomes.values()), ctx.model_seconds,
     )  # fmt: skip
     return retry
+
+
+def _timed(call: Callable[..., Any], ctx: AnswerContext) -> Callable[..., Any]:
+    """``call``, adding the seconds it runs to ``ctx.model_seconds``. On CUDA a forward returns
+    before its kernels finish; the next one (or the token read after it) waits, so the sum over a
+    run still counts the device's time."""
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        begun = time.perf_counter()
+        try:
+            return call(*args, **kwargs)
+        finally:
+            ctx.model_seconds += time.perf_counter() - begun
+
+    return timed

@@ -111,7 +111,7 @@ class TokenStream:
         for key, text in texts.items():
             self.pending[key] = self.pending.get(key, "") + text
         wait_s = RETRY_AFTER_S if self.failing else self.every_s
-        if self.pending and (now and not self.failing or time.monotonic() >= self.last + wait_s):
+        if self.pending and ((now and not self.failing) or time.monotonic() >= self.last + wait_s):
             texts, self.pending = self.pending, {}
             self.last = time.monotonic()
             self._publish(texts)
@@ -121,7 +121,7 @@ class TokenStream:
         # the batch (the result is written, or fails, on its own path).
         try:
             self.publish(texts)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - a failed publish must not fail the generation
             if not self.failing:
                 log.warning("cannot publish token events (%s: %s); generation goes on", type(exc).__name__, exc)
                 self.failing = True

@@ -23,6 +23,9 @@ from PIL import Image
 
 from common.schemas import Sampling
 from common.settings import Settings
+from worker.media.errors import plain_reason
+from worker.media.geometry import FrameGeometry
+from worker.media.probe import MediaInfo, MediaLimits, check_index, open_checked
 from worker.media.sampling import (
     Decoded,
     SampledFrame,
@@ -38,9 +41,6 @@ from worker.media.sampling import (
     segment_cost,
     split_segments,
 )
-from worker.media.geometry import FrameGeometry
-from worker.media.probe import MediaInfo, MediaLimits, check_index, open_checked
-from worker.media.errors import plain_reason
 from worker.sandbox.runner import Answer, ChildSetup, Session, available_cores
 
 # The media's sandbox: its fork server preloads the decoding stack, and an unexpected exception

@@ -99,7 +99,7 @@ def _read_track(path: str, track_number: int, indexed: int) -> _Track | None:
         return None
     # The demuxer reads every track's samples in one interleaved pass, so a sample of any track
     # lying outside the file cuts the video short there.
-    if not all(_REQUIRED <= tables.keys() and _samples_within(tables, file_size) for tables in tracks):
+    if not all(tables.keys() >= _REQUIRED and _samples_within(tables, file_size) for tables in tracks):
         return None
     tables = tracks[track_number]
     count = _sample_count(tables[b"stsz"])
@@ -277,7 +277,7 @@ def _agreed_decode_shift(stream: av.video.stream.VideoStream, track: _Track) -> 
     keyframes = track.keyframes.tolist()
     if keyframes[0] > 0 and index.search_timestamp(times[keyframes[0] - 1]) != -1:
         return None
-    for number, following in zip(keyframes, keyframes[1:] + [count], strict=True):
+    for number, following in zip(keyframes, [*keyframes[1:], count], strict=True):
         entry = index[number]
         if entry.timestamp != times[number] or not entry.is_keyframe:
             return None

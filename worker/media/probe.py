@@ -22,6 +22,7 @@ from common.errors import InvalidMedia, MediaTooLarge
 from common.settings import Settings
 from worker.media.sampling import StreamIndex, open_input, video_stream
 
+
 @dataclass(frozen=True)
 class MediaLimits:
     """The configured limits on one video, in a form child processes can receive."""

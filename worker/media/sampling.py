@@ -478,7 +478,7 @@ def _substitutes(
 
 def to_rgb(frame: av.VideoFrame) -> np.ndarray:
     """The frame as upright RGB: a phone's display rotation is applied, as players do."""
-    rgb = frame.to_ndarray(format="rgb24")
+    rgb: np.ndarray = frame.to_ndarray(format="rgb24")
     turns = _ROTATIONS.get(round(frame.rotation), 0)
     if turns:
         rgb = np.ascontiguousarray(np.rot90(rgb, k=turns))

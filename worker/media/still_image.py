@@ -12,9 +12,9 @@ from PIL import Image
 
 from common.errors import InvalidMedia, MediaTooLarge
 from common.settings import Settings
-from worker.media.geometry import FrameGeometry
-from worker.media.errors import plain_reason
 from worker.media.decode import MEDIA_SANDBOX
+from worker.media.errors import plain_reason
+from worker.media.geometry import FrameGeometry
 from worker.sandbox.runner import Answer, run_isolated
 
 

@@ -163,7 +163,7 @@ def prepare() -> Prepared:
 def _add_rules(seccomp: Any, rules: Any) -> tuple[str, ...]:
     """The rules every child shares; the names of the calls this libseccomp does not know."""
     unknown = []
-    denied = [(errno.EPERM, name, ()) for name in _DENIED]
+    denied: list[tuple[int, str, tuple[Any, ...]]] = [(errno.EPERM, name, ()) for name in _DENIED]
     if platform.machine() in _CLONE_FLAGS_FIRST:
         # clone() starting a process, not a thread.
         denied.append((errno.EPERM, "clone", (seccomp.Arg(0, seccomp.MASKED_EQ, _CLONE_THREAD, 0),)))

@@ -21,7 +21,6 @@ import contextlib
 import ctypes
 import dataclasses
 import importlib
-import inspect
 import io
 import json
 import logging
@@ -37,10 +36,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Generator, Sequence
 from fractions import Fraction
 from multiprocessing.connection import wait
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -176,8 +175,9 @@ class Session:
             remaining = self.deadline - time.monotonic()
             if remaining <= 0:
                 raise InvalidMedia(f"decoding took longer than {self.deadline_s:g} s (VIDEOQA_DECODE_TIMEOUT_S)")
-            pending = [child for child in self.children if not child.finished]
-            for child in wait(pending, timeout=remaining):  # type: ignore[assignment]
+            pending = {child.fileno(): child for child in self.children if not child.finished}
+            for fd in wait(list(pending), timeout=remaining):
+                child = pending[cast(int, fd)]  # wait() gives back the file numbers it was given
                 try:
                     child.receive()
                 except (EOFError, OSError):
@@ -284,7 +284,8 @@ class _Server:
 
     def _read(self) -> tuple[int, int, int]:
         data = _recv_exactly(self.sock, _MESSAGE.size)
-        return _MESSAGE.unpack(data)  # type: ignore[return-value]
+        kind, pid, value = _MESSAGE.unpack(data)
+        return kind, pid, value
 
     def alive(self) -> bool:
         return self.pid == os.getpid() and self.process.poll() is None
@@ -372,7 +373,7 @@ class _Child:
             size = _nbytes((shape, dtype))
             # Straight into the block: one copy out of the socket, none after.
             part = self._block[self._offset : self._offset + size]
-            _recv_into(self.sock, memoryview(part))
+            _recv_into(self.sock, part.data)
             self._arrays.append(part.view(np.dtype(dtype)).reshape(shape))
             self._offset += size
         if len(self._arrays) == len(self._header[2]):
@@ -423,14 +424,21 @@ class _AnswerUnpickler(pickle.Unpickler):
 def _checked_header(header: Any) -> tuple[Any, ...]:
     """``header`` if it has the shape ``_send`` gives headers, else ValueError."""
     if isinstance(header, tuple) and header and header[0] == "error":
-        if len(header) == 3 and isinstance(header[1], type) and issubclass(header[1], VideoQAError):
-            if isinstance(header[2], str):
-                return header
+        if (
+            len(header) == 3
+            and isinstance(header[1], type)
+            and issubclass(header[1], VideoQAError)
+            and isinstance(header[2], str)
+        ):
+            return header
     elif isinstance(header, tuple) and len(header) == 4 and header[0] in ("more", "last"):
         specs, peak = header[2], header[3]
-        if isinstance(specs, list) and all(isinstance(spec, tuple) and len(spec) == 2 for spec in specs):
-            if isinstance(peak, int):
-                return header
+        if (
+            isinstance(specs, list)
+            and all(isinstance(spec, tuple) and len(spec) == 2 for spec in specs)
+            and isinstance(peak, int)
+        ):
+            return header
     raise ValueError("not an answer header")
 
 
@@ -494,7 +502,7 @@ def serve(fd: int, setup_bytes: bytes) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the caller; we follow it out
     live: set[int] = set()
     while True:
-        readable, _, _ = select.select([sock, wake_read], [], [])
+        readable, _, _ = select.select([sock.fileno(), wake_read], [], [])
         if wake_read in readable:
             os.read(wake_read, 4096)
         while live:
@@ -503,7 +511,7 @@ def serve(fd: int, setup_bytes: bytes) -> None:
                 break
             live.discard(pid)
             sock.sendall(_MESSAGE.pack(_EXITED, pid, status))
-        if sock not in readable:
+        if sock.fileno() not in readable:
             continue
         try:
             data, fds, _, _ = socket.recv_fds(sock, _MESSAGE.size, 1)
@@ -562,12 +570,12 @@ def _child(fd: int, payload: bytes, confined: tuple[confinement.Prepared, int], 
 def _answer(conn: socket.socket, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
     try:
         result = fn(*args)
-        if inspect.isgenerator(result):
+        if isinstance(result, Generator):
             while True:
                 try:
                     payload, arrays = next(result)
                 except StopIteration as stop:
-                    payload, arrays = stop.value
+                    payload, arrays = cast("tuple[Any, Any]", stop.value)
                     break
                 _send_answer(conn, "more", payload, arrays)
         else:
