@@ -3,6 +3,9 @@ against the GPU worker's batching path (``worker.gpu.batch.run_batch``), as shar
 
     python -m bench.gpu            # CUDA: the real architecture with random fp16 weights
                                    # no CUDA: the tiny model on the CPU (it says so)
+    python -m bench.gpu --quick    # only the realistic mix (bench.gpu_mix), small: < 5 min on one H200
+    python -m bench.gpu --mix      # the table below, then the realistic mix at full size
+    VIDEOQA_DTYPE=bfloat16 VIDEOQA_COMPILE=decode python -m bench.gpu --quick   # other settings
 
 On CUDA it builds LLaVA-Interleave-Qwen-7B's architecture from the values in the shared model
 reference (Qwen2 7B text model, SigLIP so400m vision tower, 2-layer projector; 8.14 B parameters)
@@ -79,20 +82,29 @@ def reference_config(image_token_id: int) -> Any:
     )  # fmt: skip
 
 
-def build(device: str, tiny_dir: Path, attn: str) -> LoadedModel:
+def build(device: str, tiny_dir: Path, attn: str, environ: dict[str, str] | None = None) -> LoadedModel:
+    """The model to measure; ``VIDEOQA_DTYPE`` and ``VIDEOQA_COMPILE`` from ``environ`` apply."""
     from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
+    from worker.gpu.compiled import CompiledDecoding
+    from worker.gpu.precision import resolve_dtype
+
+    chosen = {k: v for k, v in (environ or {}).items() if k in ("VIDEOQA_DTYPE", "VIDEOQA_COMPILE")}
+    settings = load_settings({"VIDEOQA_MODEL": str(tiny_dir), "VIDEOQA_DEVICE": device, **chosen})
     if device == "cpu":
-        loaded = load_model(load_settings({"VIDEOQA_MODEL": str(tiny_dir), "VIDEOQA_DEVICE": "cpu"}))
+        loaded = load_model(settings)
     else:
+        dtype = resolve_dtype(settings.dtype, "cuda", attn)
         processor = LlavaProcessor.from_pretrained(tiny_dir)
         processor.tokenizer.padding_side = "left"
         config = reference_config(processor.tokenizer.convert_tokens_to_ids("<image>"))
         with torch.device("cuda"):
-            model = LlavaForConditionalGeneration._from_config(config, dtype=torch.float16, attn_implementation=attn)
+            model = LlavaForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation=attn)
         model.eval()
-        name = "llava-interleave-qwen-7b architecture, random fp16 weights"
-        loaded = LoadedModel(model, processor, name, "cuda", "float16", attn)
+        short = str(dtype).removeprefix("torch.")
+        name = f"llava-interleave-qwen-7b architecture, random {short} weights"
+        compiled = CompiledDecoding.create() if settings.compile == "decode" else None
+        loaded = LoadedModel(model, processor, name, "cuda", short, attn, compiled=compiled)
     # Every job generates exactly NEW_TOKENS: no token id can be eos.
     loaded.model.generation_config.eos_token_id = loaded.model.config.text_config.vocab_size
     return loaded
@@ -322,7 +334,13 @@ def largest_batch(loaded: LoadedModel) -> int:
 
 
 def main() -> int:
-    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="the realistic mix only, small (under 5 minutes on one H200)")
+    parser.add_argument("--mix", action="store_true", help="also the realistic mix (bench.gpu_mix), full size")
+    args = parser.parse_args()
+    import os
+
+    from bench.gpu_mix import print_mix
     from worker.fixtures.tiny_model import build_tiny_model
 
     cuda = torch.cuda.is_available()
@@ -339,7 +357,7 @@ def main() -> int:
         print("flash-attn is not installed: SDPA only (pip install -e '.[gpu]' adds it)")
     with tempfile.TemporaryDirectory(prefix="videoqa-bench-") as tmp:
         tiny = build_tiny_model(Path(tmp) / "tiny")
-        loaded = build(device, tiny, attns[0])
+        loaded = build(device, tiny, attns[0], dict(os.environ))
         params = sum(p.numel() for p in loaded.model.parameters())
         roofline = None
         if cuda:
@@ -351,8 +369,13 @@ def main() -> int:
                 f"{name}: roofline of {known or 'an H100 (this GPU is not in the table)'}: "
                 f"{roofline.prefill_s_per_job:.3f} s prefill/job, {roofline.step_s(1) * 1e3:.1f} ms/step at batch 1"
             )
-        print(f"model: {loaded.model_id} ({params / 1e9:.3g} B parameters, {loaded.dtype}); "
-              f"{FRAMES} frames of 384x384 + ~20-token question, {NEW_TOKENS} new tokens per job")  # fmt: skip
+        print(f"model: {loaded.model_id} ({params / 1e9:.3g} B parameters, {loaded.dtype}, {loaded.attn_implementation}, "
+              f"compile {'decode' if loaded.compiled else 'off'})")  # fmt: skip
+        if args.quick:
+            print_mix(loaded, Path(tmp), count=24 if cuda else 8, batch=8 if cuda else 4, videos=6,
+                      solo=8, first_token=FirstToken, same_as_solo=same_as_solo)  # fmt: skip
+            return 0
+        print(f"{FRAMES} frames of 384x384 + ~20-token question, {NEW_TOKENS} new tokens per job")
         batches = list(BATCHES)
         largest = largest_batch(loaded) if cuda else default_batch_size(loaded)
         if largest not in batches:
@@ -364,6 +387,9 @@ def main() -> int:
                 loaded.model.set_attn_implementation(attn)
                 loaded.attn_implementation = attn
             measure(loaded, batches, roofline, attn)
+        if args.mix:
+            print_mix(loaded, Path(tmp), count=96 if cuda else 16, batch=largest, videos=12,
+                      solo=16, first_token=FirstToken, same_as_solo=same_as_solo)  # fmt: skip
     return 0
 
 

@@ -18,6 +18,7 @@ import statistics
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -34,16 +35,16 @@ from worker.cli.stack import Stack, gpu_worker_command
 from worker.media.png import encode_png
 
 
-def stored_frames(settings: Settings, jobs: int, frames: int) -> list[list[dict[str, object]]]:
+def stored_frames(settings: Settings, jobs: int, frames: int, prefix: str = "bench") -> list[list[dict[str, object]]]:
     """Frames for every job, stored once and shared by both runs."""
     store = open_store(settings)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(zlib.crc32(prefix.encode()) if prefix != "bench" else 0)
     media = []
     for job in range(jobs):
         entries = []
         for index in range(frames):
             image = Image.fromarray(rng.integers(0, 256, (384, 384, 3), dtype=np.uint8))
-            key = f"bench/{job}/{index:04d}.png"
+            key = f"{prefix}/{job}/{index:04d}.png"
             store.put_bytes(key, encode_png(image), content_type="image/png")
             entries.append({"index": index, "time": index / 30, "key": key})
         media.append([{"kind": "video", "position": 0, "frames": entries}])
@@ -51,18 +52,23 @@ def stored_frames(settings: Settings, jobs: int, frames: int) -> list[list[dict[
 
 
 def create_gpu_jobs(
-    jobs: JobStore, media: list[list[dict[str, object]]], new_tokens: int, status: JobStatus = JobStatus.QUEUED_GPU
+    jobs: JobStore,
+    media: list[list[dict[str, object]]],
+    new_tokens: int | list[int],
+    status: JobStatus = JobStatus.QUEUED_GPU,
 ) -> list[str]:
-    """Job records whose frames are already stored, at ``status`` (queued for or in generation)."""
+    """Job records whose frames are already stored, at ``status`` (queued for or in generation);
+    ``new_tokens`` for all of them, or one per job."""
     ids = []
     for number, job_media in enumerate(media):
+        wanted = new_tokens[number] if isinstance(new_tokens, list) else new_tokens
         request = {
             "question": f"What happens in clip {number}?",
             "prompt": None,
             "videos": [{"kind": "upload", "location": "bench"}],
             "images": [],
             "sampling": {"num_frames": len(job_media[0]["frames"])},
-            "generation": {"max_new_tokens": new_tokens},
+            "generation": {"max_new_tokens": wanted},
         }
         job = jobs.create(request)
         jobs.transition(job.id, JobStatus.QUEUED_GPU, media=job_media)
@@ -72,7 +78,9 @@ def create_gpu_jobs(
     return ids
 
 
-def queue_jobs(settings: Settings, media: list[list[dict[str, object]]], new_tokens: int) -> tuple[list[str], float]:
+def queue_jobs(
+    settings: Settings, media: list[list[dict[str, object]]], new_tokens: int | list[int]
+) -> tuple[list[str], float]:
     jobs = JobStore(redis_client(settings), ttl_s=3600)
     app = make_celery(settings)
     ids = create_gpu_jobs(jobs, media, new_tokens)
@@ -83,13 +91,22 @@ def queue_jobs(settings: Settings, media: list[list[dict[str, object]]], new_tok
 
 
 def run(
-    env: dict[str, str], settings: Settings, media: list[list[dict[str, object]]], new_tokens: int, batch: int, log: Path
+    env: dict[str, str],
+    settings: Settings,
+    media: list[list[dict[str, object]]],
+    new_tokens: int | list[int],
+    batch: int,
+    log: Path,
+    extra_env: dict[str, str] | None = None,
 ) -> dict[str, float]:
+    """One GPU worker process over the jobs; figures of the run (``wall_s``: first message to
+    last answer)."""
     flush()
     client = redis_client(settings)
     stack = Stack(env=env)
     with open(log, "ab") as handle:
-        stack.start("gpu", gpu_worker_command(), extra_env={"VIDEOQA_BATCH_SIZE": str(batch)}, stdout=handle, stderr=handle)
+        worker_env = {"VIDEOQA_BATCH_SIZE": str(batch), **(extra_env or {})}
+        stack.start("gpu", gpu_worker_command(), extra_env=worker_env, stdout=handle, stderr=handle)
     try:
         deadline = time.monotonic() + 180
         while not readiness.ready_workers(client):
@@ -115,6 +132,7 @@ def run(
     sizes = [job.result["batch_size"] for job in current if job and job.result]
     tokens = sum(job.result["usage"]["completion_tokens"] for job in current if job and job.result)
     return {
+        "wall_s": finished - started,
         "jobs_per_s": len(ids) / (finished - started),
         "mean_batch": statistics.mean(sizes),
         "median_latency_s": statistics.median(latencies),

@@ -41,6 +41,16 @@ class Settings(BaseSettings):
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = Field(
         default="auto", description="attention kernels; `auto`: `flash_attention_2` when usable on CUDA, else `sdpa`"
     )
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        default="auto",
+        description="what GPU workers run the model in; `auto`: `float16` on CUDA, `float32` on the CPU "
+        "(docs/gpu-pipeline.md has the trade-off)",
+    )
+    compile: Literal["off", "decode"] = Field(
+        default="off",
+        description="`decode`: a static KV cache and `torch.compile` of the decoding step, with batch sizes and cache "
+        "lengths rounded up to a few buckets (docs/gpu-pipeline.md)",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO",
         description="level of the service's own log lines (API and workers; gunicorn's own: `--log-level`)",
@@ -197,6 +207,13 @@ class Settings(BaseSettings):
         default=0, ge=0, description="jobs a GPU worker generates together; `0` sizes it from free GPU memory (8 on CPU)"
     )
     batch_wait_ms: int = Field(default=50, ge=0, description="how long a batch waits for more queued jobs")
+    prefetch: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="while a batch generates, claim and prepare the next jobs (frames fetched, decoded and made "
+        "tensors) so the model does not wait on storage; `auto`: on when the model runs on CUDA, off on the CPU, "
+        "where the preparing thread takes cores from the model; `true`/`false` mean on/off (docs/gpu-pipeline.md)",
+    )
+    fetch_threads: int = Field(default=8, ge=1, description="frames a GPU worker fetches from storage at once")
     inflight_batching: bool = Field(
         default=True,
         description="jobs join a running batch between decode steps and leave it when done; off: one generate "
@@ -257,6 +274,19 @@ class Settings(BaseSettings):
             )
         return value
 
+    @field_validator("prefetch", mode="before")
+    @classmethod
+    def _prefetch_as_bool(cls, value: object) -> object:
+        # A boolean (or None) reads as the switch it was before `auto` existed.
+        if value is None:
+            return "auto"
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        if isinstance(value, str):
+            word = value.strip().lower()
+            return {"true": "on", "1": "on", "yes": "on", "false": "off", "0": "off", "no": "off"}.get(word, word)
+        return value
+
     @field_validator("rate_limit")
     @classmethod
     def _rate_limit_syntax(cls, value: str) -> str:
@@ -267,6 +297,21 @@ class Settings(BaseSettings):
         except ValueError:
             raise ValueError("must read like '120/minute' or '10/second;1000/hour'") from None
         return value
+
+    @model_validator(mode="after")
+    def _dtype_fits_device(self) -> Settings:
+        # Checked here so that a worker refuses at start; `auto` devices are checked again once
+        # CUDA is asked (worker.gpu.precision).
+        if self.dtype == "float16" and self.device == "cpu":
+            raise ValueError(
+                "VIDEOQA_DTYPE=float16 is not supported with VIDEOQA_DEVICE=cpu (incomplete, slow kernels); "
+                "use float32 or bfloat16"
+            )
+        if self.dtype == "float32" and self.attn_implementation == "flash_attention_2":
+            raise ValueError(
+                "VIDEOQA_ATTN_IMPLEMENTATION=flash_attention_2 runs only in float16 or bfloat16, not VIDEOQA_DTYPE=float32"
+            )
+        return self
 
     @model_validator(mode="after")
     def _time_limit_below_visibility(self) -> Settings:

@@ -119,7 +119,7 @@ def test_a_follow_up_whose_history_holds_the_frames_reuses_the_first_jobs_prefix
 
     from common.schemas import Generation, MediaSource, Sampling, StoredRequest, Turn
     from worker.gpu.batch import BatchItem
-    from worker.gpu.model import encode_prompt, render_prompt
+    from worker.gpu.model import device_pixels, encode_prompt, render_prompt
 
     images = frames(2, 9)
     source = MediaSource(kind="upload", location="unused")
@@ -146,6 +146,6 @@ def test_a_follow_up_whose_history_holds_the_frames_reuses_the_first_jobs_prefix
     with torch.inference_mode():
         output = loaded.model.generate(
             input_ids=torch.tensor([encoded.input_ids]), attention_mask=torch.ones(1, len(encoded.input_ids), dtype=torch.long),
-            pixel_values=encoded.pixel_values, do_sample=False, max_new_tokens=10,
+            pixel_values=device_pixels(loaded, encoded), do_sample=False, max_new_tokens=10,
         )  # fmt: skip
     assert completion.token_ids == output[0, len(encoded.input_ids) :].tolist()

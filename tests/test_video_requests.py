@@ -200,8 +200,8 @@ def test_bad_ids_are_404_or_400(client: FlaskClient) -> None:
     malformed = client.post("/v1/jobs", json={"question": "q", "videos": [{"video_id": "x"}]}, headers=_auth(KEY_A))
     assert malformed.status_code == 400
     assert malformed.get_json()["error"]["details"][0]["field"] == "videos.0.video_id"
-    both_media = [{"url": "https://93.184.215.14/v.mp4", "video_id": VIDEO_ID}]
-    both = client.post("/v1/jobs", json={"question": "q", "videos": both_media}, headers=_auth(KEY_A))
+    conflicting = {"url": "https://93.184.215.14/v.mp4", "video_id": VIDEO_ID}
+    both = client.post("/v1/jobs", json={"question": "q", "videos": [conflicting]}, headers=_auth(KEY_A))
     assert both.status_code == 400
     assert "exactly one of url and video_id" in both.get_json()["error"]["message"]
     assert client.get("/v1/videos?limit=0", headers=_auth(KEY_A)).status_code == 400

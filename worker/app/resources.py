@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
@@ -32,6 +35,7 @@ from worker.cpu.webhooks import WebhookContext
 from worker.gpu.claims import GpuQueue
 from worker.gpu.lifecycle import describe
 from worker.gpu.model import LoadedModel, load_model
+from worker.gpu.pipeline import Prefetching
 from worker.gpu.prefix_cache import PrefixCache, default_prefix_cache_bytes
 from worker.gpu.stage import AnswerContext
 from worker.media.geometry import DEFAULT_RESAMPLE, FrameGeometry, processor_geometry
@@ -183,7 +187,12 @@ class WorkerResources:
             policy=UrlPolicy.from_allowlist(self.settings.fetch_allowlist_entries),
         )
 
-    def answer_context(self) -> AnswerContext:
+    @cached_property
+    def fetch_pool(self) -> ThreadPoolExecutor:
+        return ThreadPoolExecutor(max_workers=self.settings.fetch_threads, thread_name_prefix="frame-fetch")
+
+    @cached_property
+    def _answer_context(self) -> AnswerContext:
         # The solo pool enforces no task time limit: generation ends itself at the same limit.
         return AnswerContext(
             jobs=self.jobs,
@@ -191,10 +200,40 @@ class WorkerResources:
             model=self.load_model(),
             time_limit_s=self.settings.task_time_limit_s,
             max_attempts=self.settings.max_attempts,
+            fetch_pool=self.fetch_pool,
             inflight=self.settings.inflight_batching,
             max_rows=self.batch_size,
             prefixes=self.prefixes,
         )
+
+    def answer_context(self) -> AnswerContext:
+        """One per process: it also counts the seconds spent in the model."""
+        return self._answer_context
+
+    def prefetching(self, should_stop: Callable[[], bool]) -> Prefetching | None:
+        """How the generate task pipelines batches; None with ``VIDEOQA_PREFETCH=off``, and with
+        ``auto`` on the CPU, where the preparing thread takes cores the model would use."""
+        if not prefetch_enabled(self.settings.prefetch, self.load_model().device):
+            return None
+        return Prefetching(
+            ahead_ctx=self._ahead_context,
+            # Every message a task holds is settled within the visibility timeout (worker.gpu.pipeline).
+            budget_s=self.settings.visibility_timeout_s - self.settings.task_time_limit_s,
+            should_stop=should_stop,
+        )
+
+    @cached_property
+    def _ahead_context(self) -> AnswerContext:
+        from worker.gpu.prefetch import with_own_processor
+
+        return replace(self._answer_context, model=with_own_processor(self.load_model()), model_seconds=0.0)
+
+
+def prefetch_enabled(setting: str, device: str) -> bool:
+    """``VIDEOQA_PREFETCH`` for a model on ``device``: ``auto`` is on with CUDA only."""
+    if setting == "auto":
+        return device.startswith("cuda")
+    return setting == "on"
 
 
 # The attribute of the Celery app that holds its process's resources.

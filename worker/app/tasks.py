@@ -14,7 +14,7 @@ from worker.app.resources import WorkerResources
 from worker.cpu.stage import ingest_job
 from worker.cpu.video_stage import ingest_stored_video
 from worker.cpu.webhooks import deliver
-from worker.gpu.claims import answer_claimed_batch
+from worker.gpu.pipeline import answer_claimed_batch
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,13 @@ def failure_of(exc: BaseException) -> tuple[str, str]:
     if isinstance(exc, VideoQAError):
         return exc.code, exc.message
     return "internal", "internal error while processing the job"
+
+
+def _stopping() -> bool:
+    """A warm or cold shutdown was asked for (Celery's flags, set by its signal handlers)."""
+    from celery.worker import state
+
+    return bool(state.should_stop is not None or state.should_terminate is not None)
 
 
 def register_tasks(app: Celery, resources: WorkerResources) -> None:
@@ -75,6 +82,7 @@ def register_tasks(app: Celery, resources: WorkerResources) -> None:
             batch_size=resources.batch_size,
             wait_s=resources.settings.batch_wait_ms / 1000,
             fail_job=fail_job,
+            prefetching=resources.prefetching(_stopping),
         )
 
     # Not a JobTask: a delivery that fails never changes the job's outcome.

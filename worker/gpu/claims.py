@@ -35,7 +35,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -48,7 +48,6 @@ from kombu.message import Message
 
 from common.celery_config import GENERATE_TASK, GPU_QUEUE, RETRY_BACKOFF_MAX_S
 from common.errors import TransientError
-from worker.gpu.stage import AnswerContext, answer_jobs
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +121,7 @@ class GpuQueue:
             return
         with self.app.connection_for_read() as connection:
             bound = Queue(self.queue)(connection.default_channel)
-            claims = self._drain(bound, limit, wait_s, exclude)
+            claims = self.drain(bound, limit, wait_s, exclude=exclude)
             if claims:
                 self._events("task-received", claims)
                 self._events("task-started", claims)
@@ -135,7 +134,10 @@ class GpuQueue:
                     # the queue (kombu restores unacked messages when a channel closes).
                     log.warning("returning %d claimed jobs to the queue", len(unsettled))
 
-    def _drain(self, bound: Queue, limit: int, wait_s: float, exclude: str | None) -> list[Claim]:
+    def drain(self, bound: Queue, limit: int, wait_s: float, *, exclude: str | Collection[str] | None = None) -> list[Claim]:
+        """Claims from ``bound`` (the queue on an open channel); see ``claim``. Messages of jobs in
+        ``exclude`` (held already) are acknowledged as duplicates."""
+        excluded = {exclude} if isinstance(exclude, str) else set(exclude or ())
         claims: list[Claim] = []
         deadline = time.monotonic() + wait_s
         while len(claims) < limit:
@@ -159,12 +161,18 @@ class GpuQueue:
             if claim is None:
                 message.reject(requeue=True)  # not ours to run now: back to the queue's tail
                 break
-            if claim.job_id == exclude or any(c.job_id == claim.job_id for c in claims):
+            if claim.job_id in excluded or any(c.job_id == claim.job_id for c in claims):
                 # A second message for a job this batch already holds: it needs no run of its own.
                 message.ack()
                 continue
             claims.append(claim)
         return claims
+
+    def announce(self, claims: list[Claim]) -> None:
+        """Flower's received and started events for claims taken with ``drain``."""
+        if claims:
+            self._events("task-received", claims)
+            self._events("task-started", claims)
 
     def done(self, claim: Claim) -> None:
         claim.message.ack()
@@ -207,33 +215,3 @@ class GpuQueue:
                     dispatcher.send(kind, uuid=claim.task_id, **extra, **fields)
         except Exception:
             log.debug("could not send %s events", kind, exc_info=True)
-
-
-def answer_claimed_batch(
-    job_id: str,
-    *,
-    gpu_queue: GpuQueue,
-    ctx: AnswerContext,
-    batch_size: int,
-    wait_s: float,
-    fail_job: Callable[[str, BaseException], None],
-) -> None:
-    """The generate task's body: ``job_id`` (the delivered message) plus what the queue offers.
-
-    A transient error of the leader propagates, so Celery retries it; a bug fails every job of
-    the batch, then propagates for the leader."""
-    with gpu_queue.claim(batch_size - 1, wait_s, exclude=job_id) as claims:
-        try:
-            retry = answer_jobs([job_id, *(claim.job_id for claim in claims)], ctx)
-        except Exception as exc:
-            for claim in claims:
-                fail_job(claim.job_id, exc)
-                gpu_queue.fail(claim, exc)
-            raise
-        for claim in claims:
-            if claim.job_id in retry:
-                gpu_queue.retry(claim, retry[claim.job_id], on_give_up=lambda c, e: fail_job(c.job_id, e))
-            else:
-                gpu_queue.done(claim)
-    if job_id in retry:
-        raise retry[job_id]

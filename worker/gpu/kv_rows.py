@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from worker.gpu.model import EncodedPrompt, LoadedModel
+from worker.gpu.model import EncodedPrompt, LoadedModel, device_pixels
 from worker.gpu.prefix_cache import PrefixCache, visual_prefix_length
 
 Forward = Callable[..., Any]
@@ -58,10 +58,9 @@ def cache_layers(cache: Any) -> list[tuple[Any, Any]]:
 
 
 def pixel_input(loaded: LoadedModel, encoded: EncodedPrompt) -> Any:
-    """The prompt's pixel values on the model's device, in its dtype; None without images."""
-    if encoded.pixel_values is None:
-        return None
-    return encoded.pixel_values.to(loaded.model.device, loaded.model.dtype)
+    """The prompt's pixel values on the model's device, in its dtype; None without images. Uint8
+    frames are normalised there (``EncodedPrompt.pixels``), as the static batch does."""
+    return device_pixels(loaded, encoded)
 
 
 @dataclass
@@ -143,7 +142,7 @@ class RunningRows:
         """Add ``prefilled``'s row below the others, left-padding whichever side is shorter. After
         a failure (out of memory) the running rows are as they were."""
         import torch
-        import torch.nn.functional as F  # noqa: N812 - torch's own spelling
+        from torch.nn.functional import pad
 
         theirs = prefilled.cache
         their_length = theirs.get_seq_length()
@@ -153,13 +152,13 @@ class RunningRows:
             return
         rows, length = self.rows, max(self.length, their_length)
         mine_pad, their_pad = length - self.length, length - their_length
-        mask = torch.cat([F.pad(self.mask, (mine_pad, 0)), F.pad(their_mask, (their_pad, 0))])
+        mask = torch.cat([pad(self.mask, (mine_pad, 0)), pad(their_mask, (their_pad, 0))])
         merged = 0
         try:
             # Layer by layer, so that the memory a merge needs beyond the cache is one layer's.
             for mine, other in zip(self.cache.layers, theirs.layers, strict=True):
-                keys = torch.cat([F.pad(mine.keys, (0, 0, mine_pad, 0)), F.pad(other.keys, (0, 0, their_pad, 0))])
-                values = torch.cat([F.pad(mine.values, (0, 0, mine_pad, 0)), F.pad(other.values, (0, 0, their_pad, 0))])
+                keys = torch.cat([pad(mine.keys, (0, 0, mine_pad, 0)), pad(other.keys, (0, 0, their_pad, 0))])
+                values = torch.cat([pad(mine.values, (0, 0, mine_pad, 0)), pad(other.values, (0, 0, their_pad, 0))])
                 mine.keys, mine.values = keys, values
                 merged += 1
         except BaseException:

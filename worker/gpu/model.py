@@ -20,6 +20,8 @@ from PIL import Image
 from common.schemas import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Generation, StoredRequest
 from common.settings import Settings
 from worker.gpu.conversation import render_conversation
+from worker.gpu.pixels import Normalisation, host_pixels, to_model_input
+from worker.gpu.precision import resolve_dtype
 from worker.gpu.prefix_cache import pixel_digest
 from worker.gpu.prompt_ids import Span, prompt_ids
 
@@ -42,6 +44,7 @@ class LoadedModel:
     dtype: str
     attn_implementation: str
     revision: str | None = None
+    compiled: Any = None  # a worker.gpu.compiled.CompiledDecoding with VIDEOQA_COMPILE=decode
 
     @property
     def eos_token_ids(self) -> set[int]:
@@ -68,11 +71,18 @@ class LoadedModel:
         inputs = processor(text=[processor.image_token], images=[_blank_image(processor)])
         return list(inputs["input_ids"][0]).count(image_id)
 
+    @cached_property
+    def normalisation(self) -> Normalisation | None:
+        return Normalisation.of(self.processor.image_processor)
+
 
 @dataclass
 class EncodedPrompt:
     input_ids: list[int]
     pixel_values: Any | None  # a tensor, one row per image in prompt order; None without images
+    # Instead of ``pixel_values``: the images as uint8 (images, height, width, 3), normalised on
+    # the device when the batch runs (worker.gpu.pixels).
+    pixels: Any | None = None
     pixel_digest: str = ""  # of the images pixel_values are made from, which the prefix cache's keys hold
 
 
@@ -127,7 +137,8 @@ class ModelLoadError(RuntimeError):
 
 
 def load_model(settings: Settings) -> LoadedModel:
-    """Load model and processor from a hub id or a local folder (fp16 on CUDA, fp32 on CPU).
+    """Load model and processor from a hub id or a local folder (``VIDEOQA_DTYPE``; by default fp16
+    on CUDA, fp32 on CPU: worker.gpu.precision).
 
     Raises ``ModelLoadError`` with a message for an operator: no such model, weights not cached
     while offline, not enough memory, an attention implementation that is not installed.
@@ -159,14 +170,21 @@ def _load_model(settings: Settings) -> LoadedModel:
 
     hf_logging.disable_progress_bar()  # progress bars would flood the worker's log
     device = resolve_device(settings.device)
-    dtype = torch.float16 if device == "cuda" else torch.float32
+    dtype = resolve_dtype(settings.dtype, device, settings.attn_implementation)
     attn = resolve_attention(settings.attn_implementation, device)
+    if attn == "flash_attention_2" and dtype == torch.float32:
+        attn = "sdpa"  # chosen by `auto`: flash-attention runs in half precision only
     processor = LlavaProcessor.from_pretrained(settings.model)
     # Left padding is what keeps batched greedy answers equal to unbatched ones.
     processor.tokenizer.padding_side = "left"
     model = LlavaForConditionalGeneration.from_pretrained(settings.model, dtype=dtype, attn_implementation=attn)
     model.to(device).eval()  # type: ignore[arg-type]  # transformers types `to` through a decorator that loses `self`
-    log.info("loaded %s on %s (%s, %s)", settings.model, device, dtype, attn)
+    compiled = None
+    if settings.compile == "decode":
+        from worker.gpu.compiled import CompiledDecoding
+
+        compiled = CompiledDecoding.create()
+    log.info("loaded %s on %s (%s, %s, compile %s)", settings.model, device, dtype, attn, settings.compile)
     return LoadedModel(
         model=model,
         processor=processor,
@@ -175,6 +193,7 @@ def _load_model(settings: Settings) -> LoadedModel:
         dtype=str(dtype).removeprefix("torch."),
         attn_implementation=attn,
         revision=getattr(model.config, "_commit_hash", None),
+        compiled=compiled,
     )
 
 
@@ -254,8 +273,14 @@ def encode_prompt(loaded: LoadedModel, prompt: Prompt) -> EncodedPrompt:
         raise ValueError(f"the prompt's image tokens do not match its {len(prompt.images)} images")
     if not prompt.images:
         return EncodedPrompt(input_ids=ids, pixel_values=None)
+    digest = pixel_digest(prompt.images)
+    normalisation = loaded.normalisation
+    if normalisation is not None and normalisation.fits(prompt.images):
+        # Stored frames are at the model's size: only rescale and normalise remain, on the device.
+        pixels = host_pixels(prompt.images, pin=loaded.device.startswith("cuda"))
+        return EncodedPrompt(input_ids=ids, pixel_values=None, pixels=pixels, pixel_digest=digest)
     pixel_values = processor.image_processor(prompt.images, return_tensors="pt")["pixel_values"]
-    return EncodedPrompt(input_ids=ids, pixel_values=pixel_values, pixel_digest=pixel_digest(prompt.images))
+    return EncodedPrompt(input_ids=ids, pixel_values=pixel_values, pixel_digest=digest)
 
 
 def generation_key(generation: Generation) -> tuple[Any, ...]:
@@ -302,10 +327,10 @@ def generate_one_call(loaded: LoadedModel, prompts: list[Prompt], *, watch: Gene
         return_tensors="pt",
     )
     inputs: dict[str, Any] = {name: padded[name].to(loaded.model.device) for name in ("input_ids", "attention_mask")}
-    pixels = [item.pixel_values for item in encoded if item.pixel_values is not None]
+    pixels = [device_pixels(loaded, item) for item in encoded if item.pixel_values is not None or item.pixels is not None]
     if pixels:
         # Rows in prompt order: the model fills the image tokens in that order.
-        inputs["pixel_values"] = torch.cat(pixels).to(loaded.model.device, loaded.model.dtype)
+        inputs["pixel_values"] = torch.cat(pixels)
     generation = prompts[0].generation
     kwargs: dict[str, Any] = {
         "max_new_tokens": max(prompt.generation.max_new_tokens for prompt in prompts),
@@ -321,13 +346,27 @@ def generate_one_call(loaded: LoadedModel, prompts: list[Prompt], *, watch: Gene
 
         watch.bind(prompt_length, prompt_tokens)
         kwargs["stopping_criteria"] = StoppingCriteriaList([watch])
+    real_rows = len(prompts)
+    if loaded.compiled is not None:
+        real_rows = loaded.compiled.apply(inputs, kwargs, [len(prompt.images) for prompt in prompts])
     with torch.inference_mode():
         output = loaded.model.generate(**inputs, **kwargs)
-    rows = output[:, prompt_length:].tolist()
+    rows = output[:real_rows, prompt_length:].tolist()
     return [
         completion_from_tokens(loaded, rows[row], prompt.generation.max_new_tokens, prompt_tokens[row])
         for row, prompt in enumerate(prompts)
     ]
+
+
+def device_pixels(loaded: LoadedModel, encoded: EncodedPrompt) -> Any:
+    """The prompt's images as the model's pixel values, on its device and in its dtype: uint8
+    frames normalised there, or the processor's values moved; None without images."""
+    device, dtype = loaded.model.device, loaded.model.dtype
+    if encoded.pixels is not None and loaded.normalisation is not None:
+        return to_model_input(encoded.pixels, loaded.normalisation, device, dtype)
+    if encoded.pixel_values is None:
+        return None
+    return encoded.pixel_values.to(device, dtype)
 
 
 def warm_up(loaded: LoadedModel) -> list[Completion]:

@@ -4,7 +4,9 @@ answer's text as it is generated (worker.gpu.token_stream), write each result on
 job's answer is complete.
 
 Everything done for one job alone (its frames, its prompt, the processor's work on it) happens
-before the batch forms, so a job that fails there ends alone with its own error.
+before the batch forms, so a job that fails there ends alone with its own error. That work
+(``load_job``) writes nothing, so it can also be done ahead, while another batch generates
+(worker.gpu.prefetch): what it met (an error included) is applied when the job starts.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from concurrent.futures import Executor
 from dataclasses import dataclass, replace
+from typing import Any
 
 import redis
 
@@ -26,7 +30,8 @@ from common.schemas import StoredRequest
 from common.storage import ObjectStore
 from worker.gpu.batch import CPU_BATCH_SIZE, BatchItem, Outcome, describe, run_batch
 from worker.gpu.inflight import run_inflight
-from worker.gpu.model import Completion, LoadedModel, Prompt, encode_prompt, render_prompt
+from worker.gpu.kv_rows import model_forward
+from worker.gpu.model import Completion, LoadedModel, Prompt, encode_prompt, generate_one_call, render_prompt
 from worker.gpu.prefix_cache import PrefixCache
 from worker.gpu.token_stream import TokenStream
 from worker.media.png import decode_png
@@ -45,10 +50,32 @@ class AnswerContext:
     # Generation of a batch stops (jobs fail with ``timeout``) this many seconds after it starts.
     time_limit_s: float | None = None
     max_attempts: int = 3
+    # Fetches and decodes frames (VIDEOQA_FETCH_THREADS); None: a pool of _LOAD_THREADS per job.
+    fetch_pool: Executor | None = None
+    # Seconds spent inside the model (generate calls, or the in-flight loop's forward passes) since
+    # the worker started (host overhead is the rest of its busy time; bench/host_overhead.py reads
+    # it from the log).
+    model_seconds: float = 0.0
     # In-flight batching (else one generate call per batch), its most rows, the prefix cache.
     inflight: bool = True
     max_rows: int = CPU_BATCH_SIZE
     prefixes: PrefixCache | None = None
+
+
+@dataclass
+class LoadedJob:
+    """A job's record and prompt, read ahead of its start; nothing written yet."""
+
+    job_id: str
+    job: Job | None = None
+    prompt: Prompt | None = None
+    handoff: Handoff | None = None
+    load_seconds: float = 0.0
+    error: Exception | None = None  # met while loading; raised when the job starts
+
+    @property
+    def runnable(self) -> bool:
+        return self.job is not None and self.job.status in (JobStatus.QUEUED_GPU, JobStatus.GENERATING)
 
 
 @dataclass
@@ -62,11 +89,18 @@ class _Prepared:
 def _load_prompt(job: Job, handoff: Handoff, ctx: AnswerContext) -> Prompt:
     request = StoredRequest.model_validate(job.request)
     # Every stored image of the job, fetched and decoded on threads: storage round trips overlap,
-    # and Pillow inflates PNG without holding the GIL.
+    # and Pillow inflates PNG without holding the GIL. The worker's pool when it has one.
     keys = [frame.key for video in handoff.videos for frame in video.frames]
     keys += [image.key for image in handoff.images]
-    with concurrent.futures.ThreadPoolExecutor(min(_LOAD_THREADS, max(1, len(keys))), "load-frame") as pool:
-        loaded = dict(zip(keys, pool.map(lambda key: decode_png(ctx.store.get_bytes(key)), keys), strict=True))
+
+    def fetch(key: str) -> Any:
+        return decode_png(ctx.store.get_bytes(key))
+
+    if ctx.fetch_pool is not None:
+        loaded = dict(zip(keys, ctx.fetch_pool.map(fetch, keys), strict=True))
+    else:
+        with concurrent.futures.ThreadPoolExecutor(min(_LOAD_THREADS, max(1, len(keys))), "load-frame") as pool:
+            loaded = dict(zip(keys, pool.map(fetch, keys), strict=True))
     video_frames = [[loaded[frame.key] for frame in video.frames] for video in handoff.videos]
     images = [loaded[image.key] for image in handoff.images]
     prompt = render_prompt(ctx.model.processor, request, video_frames, images)
@@ -87,9 +121,27 @@ def _timings(job: Job, handoff: Handoff, now: float, extra: dict[str, float]) ->
     return timings
 
 
-def _prepare(job_id: str, ctx: AnswerContext) -> _Prepared | None:
-    """Move the job to ``generating`` and load its prompt; None when there is nothing to generate
-    (unknown, cancelled, ended, or failed here). Transient storage errors propagate."""
+def load_job(job_id: str, ctx: AnswerContext) -> LoadedJob:
+    """Read the job and load its prompt, writing nothing: an error is kept for its start."""
+    job = ctx.jobs.get(job_id)
+    loaded = LoadedJob(job_id, job)
+    if not loaded.runnable:
+        return loaded
+    assert job is not None
+    started = time.perf_counter()
+    try:
+        loaded.handoff = Handoff.of(job)
+        loaded.prompt = _load_prompt(job, loaded.handoff, ctx)
+    except Exception as exc:  # noqa: BLE001 - applied when the job starts, as if met then
+        loaded.error = exc
+    loaded.load_seconds = time.perf_counter() - started
+    return loaded
+
+
+def _prepare(job_id: str, ctx: AnswerContext, ahead: LoadedJob | None = None) -> _Prepared | None:
+    """Move the job to ``generating`` and load its prompt (or take what ``ahead`` loaded); None
+    when there is nothing to generate (unknown, cancelled, ended, or failed here). Transient
+    storage errors propagate."""
     jobs = ctx.jobs
     job = jobs.get(job_id)
     if job is None:
@@ -105,8 +157,15 @@ def _prepare(job_id: str, ctx: AnswerContext) -> _Prepared | None:
         jobs.mark(job_id, "queue_gpu", "end")
     started = time.perf_counter()
     try:
-        handoff = Handoff.of(job)
-        prompt = _load_prompt(job, handoff, ctx)
+        if ahead is not None and ahead.handoff is not None and (ahead.prompt is not None or ahead.error is not None):
+            if ahead.error is not None:
+                raise ahead.error
+            assert ahead.prompt is not None
+            prompt, handoff = ahead.prompt, ahead.handoff
+            started -= ahead.load_seconds
+        else:
+            handoff = Handoff.of(job)
+            prompt = _load_prompt(job, handoff, ctx)
     except TransientError:
         jobs.note_retry(job_id)
         raise
@@ -168,14 +227,19 @@ class _CancelPoll:
 
 
 def answer_jobs(
-    job_ids: list[str], ctx: AnswerContext, *, admit: Callable[[int], list[str]] | None = None
+    job_ids: list[str],
+    ctx: AnswerContext,
+    ahead: Mapping[str, LoadedJob] | None = None,
+    *,
+    admit: Callable[[int], list[str]] | None = None,
 ) -> dict[str, TransientError]:
     """Run the GPU stage of several jobs as one batch.
 
     Each job reaches one terminal state, written once, as soon as its own answer is complete; a
     job cancelled meanwhile stops generating within about 100 ms plus one step. Returns the jobs
     that met a transient error (storage unreachable) and should be tried again later; they stay
-    ``generating``, which a retry accepts.
+    ``generating``, which a retry accepts. ``ahead`` holds jobs already loaded (``load_job``);
+    it is read as each job starts, so jobs handed over by ``admit`` may be added to it meanwhile.
 
     ``admit(free_rows)`` (in-flight batching only) is asked between decode steps for the ids of
     up to that many more jobs whose messages the caller holds; it must not block (it hands over
@@ -189,7 +253,7 @@ def answer_jobs(
     for job_id in dict.fromkeys(job_ids):
         try:
             with job_context(job_id):  # lines about a batch's other jobs carry their own id
-                ready = _prepare(job_id, ctx)
+                ready = _prepare(job_id, ctx, (ahead or {}).get(job_id))
         except TransientError as exc:
             retry[job_id] = exc
             continue
@@ -219,7 +283,7 @@ def answer_jobs(
                 continue
             try:
                 with job_context(job_id):
-                    ready = _prepare(job_id, ctx)
+                    ready = _prepare(job_id, ctx, (ahead or {}).get(job_id))
             except TransientError as exc:
                 retry[job_id] = exc
                 continue
@@ -240,12 +304,32 @@ def answer_jobs(
             outcomes = run_inflight(
                 ctx.model, items, admit=joining if admit is not None else None, max_rows=ctx.max_rows,
                 on_outcome=settle, cancelled=_CancelPoll(jobs), deadline=deadline, tokens=tokens, prefixes=ctx.prefixes,
+                forward=_timed(model_forward(ctx.model), ctx),
             )  # fmt: skip
         else:
             outcomes = run_batch(
-                ctx.model, items, on_outcome=settle, cancelled=_CancelPoll(jobs), deadline=deadline, tokens=tokens
-            )
+                ctx.model, items, on_outcome=settle, cancelled=_CancelPoll(jobs), deadline=deadline, tokens=tokens,
+                generate_fn=_timed(generate_one_call, ctx),
+            )  # fmt: skip
     finally:
         tokens.close()
-    log.info("generated %d jobs in %.2f s: %s", len(outcomes), time.time() - started, describe(outcomes.values()))
+    log.info(
+        "generated %d jobs in %.2f s: %s (model_total_s=%.3f)",
+        len(outcomes), time.time() - started, describe(outcomes.values()), ctx.model_seconds,
+    )  # fmt: skip
     return retry
+
+
+def _timed(call: Callable[..., Any], ctx: AnswerContext) -> Callable[..., Any]:
+    """``call``, adding the seconds it runs to ``ctx.model_seconds``. On CUDA a forward returns
+    before its kernels finish; the next one (or the token read after it) waits, so the sum over a
+    run still counts the device's time."""
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        begun = time.perf_counter()
+        try:
+            return call(*args, **kwargs)
+        finally:
+            ctx.model_seconds += time.perf_counter() - begun
+
+    return timed
