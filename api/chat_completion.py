@@ -74,7 +74,11 @@ def finish_reason(job: Job, result: dict[str, Any]) -> str:
 
 def usage(result: dict[str, Any]) -> dict[str, Any]:
     prompt, completion = int(result["usage"]["prompt_tokens"]), int(result["usage"]["completion_tokens"])
-    counted: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    counted: dict[str, Any] = {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
     if "cached_tokens" in result["usage"]:  # OpenAI's place for prompt tokens served from a cache
         counted["prompt_tokens_details"] = {"cached_tokens": int(result["usage"]["cached_tokens"])}
     return counted
@@ -121,7 +125,12 @@ def _data(body: dict[str, Any]) -> str:
 
 class _Chunks:
     def __init__(self, job: Job, model: str, include_usage: bool) -> None:
-        self.base = {"id": completion_id(job), "object": "chat.completion.chunk", "created": int(job.created_at), "model": model}
+        self.base = {
+            "id": completion_id(job),
+            "object": "chat.completion.chunk",
+            "created": int(job.created_at),
+            "model": model,
+        }
         self.include_usage = include_usage
 
     def choice(self, delta: dict[str, Any], finish: str | None = None) -> str:
@@ -134,7 +143,9 @@ class _Chunks:
         return _data({**self.base, "choices": [], "usage": usage(result)})
 
 
-def completion_chunks(jobs: JobStore, events: JobEvents, job: Job, model: str, include_usage: bool) -> Generator[str, None, None]:
+def completion_chunks(
+    jobs: JobStore, events: JobEvents, job: Job, model: str, include_usage: bool
+) -> Generator[str, None, None]:
     """The job's answer as chunks as it is generated, then its end; the job is cancelled when the
     client leaves before that end (a failed write closes this generator: ``GeneratorExit``)."""
     chunks = _Chunks(job, model, include_usage)

@@ -22,7 +22,15 @@ from common.settings import Settings
 STORED_VIDEO_URL = "videoqa://videos/"
 _DATA_URL = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<base64>;base64)?,", re.I)
 # Fields that change nothing here; anything else not listed below is refused rather than ignored.
-IGNORED_FIELDS = ("user", "metadata", "store", "service_tier", "parallel_tool_calls", "safety_identifier", "prompt_cache_key")
+IGNORED_FIELDS = (
+    "user",
+    "metadata",
+    "store",
+    "service_tier",
+    "parallel_tool_calls",
+    "safety_identifier",
+    "prompt_cache_key",
+)
 # Fields accepted only at the value that asks for nothing this service cannot do.
 NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
     "frequency_penalty": (None, 0, 0.0),
@@ -206,7 +214,9 @@ def _medium(part: dict[str, Any], kind: str, at: str) -> Medium:
         if media_kind != "video" or not video_id or "/" in video_id:
             raise bad(f"{STORED_VIDEO_URL}<id> names a stored video, in a video_url part", f"{at}.{kind}.url")
         if "video_id" not in MediaInput.model_fields:
-            raise bad(f"{STORED_VIDEO_URL} URLs name stored videos, which this service does not keep", f"{at}.{kind}.url")
+            raise bad(
+                f"{STORED_VIDEO_URL} URLs name stored videos, which this service does not keep", f"{at}.{kind}.url"
+            )
         return Medium(media_kind, video_id=video_id)
     if lowered.startswith("data:"):
         mime, data = _decode_data_url(url, f"{at}.{kind}.url")

@@ -120,7 +120,9 @@ def _in_order(media: list[Medium], urls: list[Any], settings: Settings) -> list[
             raise PayloadTooLarge(f"a data: URL holds more than {settings.max_upload_bytes} bytes")
         extension = mimetypes.guess_extension(medium.mime or "") or ""
         ordered.append(
-            FileStorage(io.BytesIO(medium.data), filename=f"{medium.kind}-{position}{extension}", content_type=medium.mime)
+            FileStorage(
+                io.BytesIO(medium.data), filename=f"{medium.kind}-{position}{extension}", content_type=medium.mime
+            )
         )
     return ordered
 
@@ -130,7 +132,9 @@ def _chat_params(problems: list[dict[str, str]]) -> list[dict[str, str]]:
     for problem in problems:
         field = problem.get("field", "")
         head = field.split(".", 1)[0]
-        param = _PARAMS.get(field) or ("messages" if head in ("question", "prompt", "history", "videos", "images", "size") else field)
+        param = _PARAMS.get(field) or (
+            "messages" if head in ("question", "prompt", "history", "videos", "images", "size") else field
+        )
         renamed.append({**problem, "field": param})
     return renamed
 
@@ -156,5 +160,7 @@ def list_models() -> Response:
 def get_model(model_id: str) -> Response:
     settings: Settings = current_services().settings
     if model_id not in served_model_ids(settings):
-        raise NotFound(f"the model {model_id!r} does not exist; this service serves {settings.model!r}", code="model_not_found")
+        raise NotFound(
+            f"the model {model_id!r} does not exist; this service serves {settings.model!r}", code="model_not_found"
+        )
     return jsonify(_model(model_id, settings))

@@ -66,7 +66,8 @@ class Usage(_View):
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = Field(
-        default=0, description="prompt tokens whose keys and values were reused from an earlier job over the same frames"
+        default=0,
+        description="prompt tokens whose keys and values were reused from an earlier job over the same frames",
     )
 
 
@@ -174,7 +175,7 @@ LAST_EVENT_ID = {
 }
 EVENT_STREAM = (
     "Server-Sent Events, each with an `id:`. `status`: the job record, at once and on each change of "
-    "status; `token`: `{\"text\": ...}`, the answer's new text as it is generated (all of them "
+    'status; `token`: `{"text": ...}`, the answer\'s new text as it is generated (all of them '
     "concatenate to the answer); `done`: the final record, after which the stream ends. Comment "
     "lines keep an idle stream open."
 )
@@ -254,7 +255,11 @@ def _operations() -> dict[str, dict[str, Any]]:
                 "summary": "Recent jobs, newest first",
                 "security": BEARER,
                 "parameters": [
-                    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}},
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20},
+                    },
                     {
                         "name": "before",
                         "in": "query",
@@ -343,7 +348,10 @@ def _operations() -> dict[str, dict[str, Any]]:
                     },
                 ],
                 "responses": {
-                    "200": {"description": "the frame", "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}},
+                    "200": {
+                        "description": "the frame",
+                        "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+                    },
                     "400": _error("n is not a whole number"),
                     "404": _error("unknown job, not ingested yet, no such frame, or past retention"),
                     **common_errors,
@@ -389,14 +397,24 @@ def _operations() -> dict[str, dict[str, Any]]:
             "get": {
                 "operationId": "metrics",
                 "summary": "Prometheus metrics, the same from every API process",
-                "responses": {"200": {"description": "text exposition format", "content": {"text/plain": {"schema": {"type": "string"}}}}},
+                "responses": {
+                    "200": {
+                        "description": "text exposition format",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    }
+                },
             }
         },
         "/openapi.json": {
             "get": {
                 "operationId": "openapi",
                 "summary": "This document",
-                "responses": {"200": {"description": "OpenAPI 3.1", "content": {"application/json": {"schema": {"type": "object"}}}}},
+                "responses": {
+                    "200": {
+                        "description": "OpenAPI 3.1",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    }
+                },
             }
         },
         "/docs": {

@@ -99,7 +99,7 @@ CHAT_REQUEST: dict[str, Any] = {
         "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
         "media_io_kwargs": {
             "type": "object",
-            "description": "as vLLM: `{\"video\": {\"num_frames\": N, \"fps\": F}}`, the job's sampling",
+            "description": 'as vLLM: `{"video": {"num_frames": N, "fps": F}}`, the job\'s sampling',
         },
         "mm_processor_kwargs": {"type": "object", "description": "as vLLM: `num_frames`, `fps`"},
     },

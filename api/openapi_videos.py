@@ -31,7 +31,7 @@ class VideoSource(_View):
 
 
 class VideoView(_View):
-    id: str = Field(description="use as `{\"video_id\": id}` in a job's `videos`")
+    id: str = Field(description='use as `{"video_id": id}` in a job\'s `videos`')
     status: VideoStatus
     created_at: float = Field(description="seconds since the epoch")
     updated_at: float
@@ -104,7 +104,11 @@ def video_operations(common_errors: dict[str, Any]) -> dict[str, dict[str, Any]]
                 "summary": "This API key's stored videos, newest first",
                 "security": BEARER,
                 "parameters": [
-                    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}},
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20},
+                    },
                     {
                         "name": "before",
                         "in": "query",
@@ -163,7 +167,6 @@ def video_operations(common_errors: dict[str, Any]) -> dict[str, dict[str, Any]]
             }
         },
     }
-
 
 
 VIDEO_MODELS: list[tuple[type[BaseModel], Literal["validation", "serialization"]]] = [

@@ -39,9 +39,9 @@ _BY_TYPE: dict[str, Callable[[Mapping[str, Any]], str]] = {
     "dict_type": lambda e: "must be an object",
     "list_type": lambda e: "must be a list",
     "string_type": lambda e: "must be text",
-    "string_too_short": lambda e: "must not be empty"
-    if e["ctx"]["min_length"] == 1
-    else f"must be at least {e['ctx']['min_length']} characters",
+    "string_too_short": lambda e: (
+        "must not be empty" if e["ctx"]["min_length"] == 1 else f"must be at least {e['ctx']['min_length']} characters"
+    ),
     "string_too_long": lambda e: f"must be at most {e['ctx']['max_length']} characters",
     "int_type": lambda e: "must be a whole number",
     "int_parsing": lambda e: "must be a whole number",
@@ -77,7 +77,7 @@ def plain_message(error: Mapping[str, Any]) -> str:
 
 
 def unknown_field_message(name: str, allowed: Iterable[str], *, flat: bool = False) -> str:
-    """"unknown field", with the field probably meant: a close spelling, or where it belongs."""
+    """ "unknown field", with the field probably meant: a close spelling, or where it belongs."""
     allowed = list(allowed)
     if not flat and name in SAMPLING_FIELDS and "sampling" in allowed:
         return f"unknown field; `{name}` belongs under `sampling`"

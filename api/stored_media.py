@@ -49,7 +49,12 @@ class StoredMedia:
         if images or not videos or any(source.kind != "video" for source in videos):
             return None
         return [
-            {"kind": "video", "position": position, "frames": self.frames_by_video[source.location], "video_id": source.location}
+            {
+                "kind": "video",
+                "position": position,
+                "frames": self.frames_by_video[source.location],
+                "video_id": source.location,
+            }
             for position, source in enumerate(videos)
         ]
 
@@ -66,7 +71,10 @@ def _not_ready_problem(field_name: str, video_id: str, status: str, video: Video
 
 def _check_claims(claims: dict[int, tuple[str, Claimed]], videos: VideoStore, tenant: str) -> None:
     missing = [
-        {"field": f"videos.{position}.video_id", "message": f"no video {video_id!r} (unknown, deleted, or past retention)"}
+        {
+            "field": f"videos.{position}.video_id",
+            "message": f"no video {video_id!r} (unknown, deleted, or past retention)",
+        }
         for position, (video_id, claimed) in claims.items()
         if claimed.status == "missing"
     ]

@@ -63,7 +63,10 @@ def parse_multipart_body(req: Request, settings: Settings) -> tuple[JobRequest, 
     if unknown:
         allowed = (*text_fields, *FILE_FIELDS)
         raise invalid(
-            [{"field": name, "message": unknown_field_message(name, allowed, flat=True)} for name in sorted(set(unknown))]
+            [
+                {"field": name, "message": unknown_field_message(name, allowed, flat=True)}
+                for name in sorted(set(unknown))
+            ]
         )
     body: dict[str, Any] = {
         "sampling": {name: req.form[name] for name in SAMPLING_FIELDS if req.form.get(name, "") != ""},
@@ -103,7 +106,9 @@ MediaEntry = FileStorage | MediaInput
 
 def _sources(store: ObjectStore, job_id: str, kind: str, media: list[MediaEntry]) -> list[MediaSource]:
     return [
-        _store_upload(store, job_id, kind, position, item) if isinstance(item, FileStorage) else MediaSource.from_input(item)
+        _store_upload(store, job_id, kind, position, item)
+        if isinstance(item, FileStorage)
+        else MediaSource.from_input(item)
         for position, item in enumerate(media)
     ]
 
@@ -159,7 +164,9 @@ def _foreign_s3_keys(request: JobRequest, tenant: Tenant) -> list[dict[str, str]
     for kind, items in (("videos", request.videos), ("images", request.images)):
         for position, item in enumerate(items):
             if item.url is not None and item.url.lower().startswith("s3://") and not tenant.may_read_s3(item.url):
-                problems.append({"field": f"{kind}.{position}.url", "message": "outside the s3 prefixes of this API key"})
+                problems.append(
+                    {"field": f"{kind}.{position}.url", "message": "outside the s3 prefixes of this API key"}
+                )
     return problems
 
 

@@ -49,7 +49,10 @@ def _parse_multipart(req: Request) -> tuple[Sampling, FileStorage]:
     if unknown:
         allowed = (*SAMPLING_FIELDS, VIDEO_FILE_FIELD)
         raise invalid(
-            [{"field": name, "message": unknown_field_message(name, allowed, flat=True)} for name in sorted(set(unknown))]
+            [
+                {"field": name, "message": unknown_field_message(name, allowed, flat=True)}
+                for name in sorted(set(unknown))
+            ]
         )
     files = req.files.getlist(VIDEO_FILE_FIELD)
     if len(files) != 1:

@@ -130,8 +130,7 @@ def _in_processes(
         bounds = [i * len(indices) // processes for i in range(processes + 1)]
         threads = max(1, (os.cpu_count() or 1) // processes)
         parts = [
-            (decode, path, indices[a:b], threads, block.name, a * frame_bytes)
-            for a, b in itertools.pairwise(bounds)
+            (decode, path, indices[a:b], threads, block.name, a * frame_bytes) for a, b in itertools.pairwise(bounds)
         ]
         with multiprocessing.get_context("fork").Pool(processes) as pool:
             peaks = pool.starmap(_part, parts)

@@ -203,7 +203,9 @@ def seed_way(loaded: LoadedModel, jobs: list[Prompt]) -> Timing:
             )  # fmt: skip
         _sync(loaded)
         ended = time.perf_counter()
-        assert first.at is not None and output.shape[1] - inputs["input_ids"].shape[1] == prompt.generation.max_new_tokens
+        assert (
+            first.at is not None and output.shape[1] - inputs["input_ids"].shape[1] == prompt.generation.max_new_tokens
+        )
         prefill += first.at - job_started
         decode += ended - first.at
         tokens.append(output[0, inputs["input_ids"].shape[1] :].tolist())
@@ -335,7 +337,9 @@ def largest_batch(loaded: LoadedModel) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="the realistic mix only, small (under 5 minutes on one H200)")
+    parser.add_argument(
+        "--quick", action="store_true", help="the realistic mix only, small (under 5 minutes on one H200)"
+    )
     parser.add_argument("--mix", action="store_true", help="also the realistic mix (bench.gpu_mix), full size")
     args = parser.parse_args()
     import os
@@ -347,7 +351,9 @@ def main() -> int:
     device = "cuda" if cuda else "cpu"
     if not cuda:
         torch.set_num_threads(1)
-        print("no CUDA device: running the tiny random-weight model on the CPU (1 thread); roofline shares are for an H100")
+        print(
+            "no CUDA device: running the tiny random-weight model on the CPU (1 thread); roofline shares are for an H100"
+        )
     from transformers.utils import is_flash_attn_2_available
 
     attns = ["sdpa"]

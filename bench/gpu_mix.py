@@ -91,7 +91,9 @@ def prepare(loaded: LoadedModel, store: ObjectStore, job: MixJob, pool: ThreadPo
     keys = [f"mix/{job.video}/{index:04d}.png" for index in range(job.frames)]
     images = list(pool.map(lambda key: decode_png(store.get_bytes(key)), keys))
     content = [{"type": "image"}] * len(images) + [{"type": "text", "text": job.question}]
-    text = loaded.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+    text = loaded.processor.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+    )
     prompt = Prompt(text=text, images=images, generation=Generation(max_new_tokens=job.new_tokens))
     prompt.encoded = encode_prompt(loaded, prompt)
     return prompt
@@ -134,7 +136,9 @@ def run_mix(loaded: LoadedModel, store: ObjectStore, jobs: list[MixJob], batch: 
 
         begun = time.perf_counter()
         wait += begun - idle_since
-        outcomes = run_batch(loaded, [BatchItem(str(n), p) for n, p in zip(group, prompts, strict=True)], generate_fn=generate)
+        outcomes = run_batch(
+            loaded, [BatchItem(str(n), p) for n, p in zip(group, prompts, strict=True)], generate_fn=generate
+        )
         _sync(loaded)
         idle_since = time.perf_counter()
         for number in group:
@@ -178,7 +182,9 @@ class _FirstTokens(TokenStream):
         pass
 
 
-def run_inflight_mix(loaded: LoadedModel, store: ObjectStore, jobs: list[MixJob], rows: int) -> tuple[MixRun, PrefixReuse]:
+def run_inflight_mix(
+    loaded: LoadedModel, store: ObjectStore, jobs: list[MixJob], rows: int
+) -> tuple[MixRun, PrefixReuse]:
     """The jobs in order through the in-flight loop with a prefix cache, as the worker runs them:
     prepared on a thread and admitted between decode steps as rows free up. When nothing is
     running and the next job is still being prepared, the device waits (host wait)."""
@@ -244,7 +250,9 @@ def print_mix(loaded: LoadedModel, workdir: Path, *, count: int, batch: int, vid
     jobs = make_mix(count, videos=videos)
     print(f"mix: {describe_mix(jobs)}; batches of {batch}")
     # First calls pay for kernel selection and allocator growth (and compilation, when asked).
-    run_mix(loaded, store, make_mix(2, videos=videos, new_tokens=(2, 2), seed=1), 2, prefetch=False, first_token=first_token)
+    run_mix(
+        loaded, store, make_mix(2, videos=videos, new_tokens=(2, 2), seed=1), 2, prefetch=False, first_token=first_token
+    )
     print(f"{'prefetch':<9} {'jobs/s':>7} {'tokens/s':>9} {'host wait s':>11} {'of wall':>7} "
           f"{'TTFT p50 s':>10} {'TTFT p95 s':>10} {'prefix reuse':>12} = solo")  # fmt: skip
     runs = {}

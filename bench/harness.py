@@ -71,9 +71,7 @@ class Running:
         job = self.client.submit_fields([video], **fields)
         return job.id, sent
 
-    def wait(
-        self, job_ids: Sequence[str], timeout_s: float = 600.0, poll_s: float = 0.25
-    ) -> dict[str, dict]:
+    def wait(self, job_ids: Sequence[str], timeout_s: float = 600.0, poll_s: float = 0.25) -> dict[str, dict]:
         """The finished jobs' records (a failed job raises)."""
         return self.wait_for(job_ids, lambda job: Job.from_json(job).done, timeout_s, poll_s)
 
@@ -123,4 +121,3 @@ def running(plan: ServicePlan, env: dict[str, str]) -> Iterator[Running]:
         yield Running(stack.start_service(plan, wait_s=300), env, logs)
     finally:
         stack.stop()
-

@@ -54,11 +54,15 @@ def _sync(loaded: LoadedModel) -> None:
         torch.cuda.synchronize()
 
 
-def job(loaded: LoadedModel, key: str, frames: int, seed: int, new_tokens: int, question: str = "What happens?") -> BatchItem:
+def job(
+    loaded: LoadedModel, key: str, frames: int, seed: int, new_tokens: int, question: str = "What happens?"
+) -> BatchItem:
     rng = np.random.default_rng(seed)
     images = [Image.fromarray(rng.integers(0, 256, (384, 384, 3), dtype=np.uint8)) for _ in range(frames)]
     content = [{"type": "image"}] * frames + [{"type": "text", "text": question}]
-    text = loaded.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+    text = loaded.processor.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+    )
     prompt = Prompt(text=text, images=images, generation=Generation(max_new_tokens=new_tokens))
     return BatchItem(key, replace(prompt, encoded=encode_prompt(loaded, prompt)))
 
@@ -169,7 +173,9 @@ def _median(runs: list[tuple[Any, ...]], index: int) -> float:
     return statistics.median(run[index] for run in runs)
 
 
-def _repeat(measure: Callable[[LoadedModel], tuple[Any, ...]], loaded: LoadedModel, times: int) -> list[tuple[Any, ...]]:
+def _repeat(
+    measure: Callable[[LoadedModel], tuple[Any, ...]], loaded: LoadedModel, times: int
+) -> list[tuple[Any, ...]]:
     return [measure(loaded) for _ in range(times)]
 
 

@@ -98,7 +98,13 @@ def service_overhead(count: int, workdir: Path, video_url: str) -> dict[str, lis
     flush()
     env = service_env(workdir / "overhead", VIDEOQA_BATCH_SIZE="1", VIDEOQA_FETCH_ALLOWLIST="127.0.0.1")
     plan = ServicePlan(port=free_port(), api_workers=2, cpu_concurrency=1)
-    parts: dict[str, list[float]] = {"overhead": [], "post": [], "queue_wait": [], "ingest_bookkeeping": [], "handoff": []}
+    parts: dict[str, list[float]] = {
+        "overhead": [],
+        "post": [],
+        "queue_wait": [],
+        "ingest_bookkeeping": [],
+        "handoff": [],
+    }
     with running(plan, env) as service:
         for i in range(count + 5):
             sent = time.time()
@@ -206,7 +212,9 @@ def main() -> None:
 
     print(f"1. POST to GPU task start, minus ingest work ({args.jobs} jobs, one at a time), ms")
     print(f"{'':34}{'p50':>8}{'p90':>8}{'p99':>8}")
-    print(f"{'bare Celery cpu->gpu chain (floor)':34}{_ms(percentile(floor, 50))} {_ms(percentile(floor, 90))} {_ms(percentile(floor, 99))}")
+    print(
+        f"{'bare Celery cpu->gpu chain (floor)':34}{_ms(percentile(floor, 50))} {_ms(percentile(floor, 90))} {_ms(percentile(floor, 99))}"
+    )
     for name, values in ours.items():
         label = "videoqa overhead" if name == "overhead" else f"  of which {name}"
         print(f"{label:34}{_ms(percentile(values, 50))} {_ms(percentile(values, 90))} {_ms(percentile(values, 99))}")
@@ -215,8 +223,12 @@ def main() -> None:
     print(f"2. Burst: wrk, {CONNECTIONS} connections, {args.burst_seconds:g} s, gunicorn with 2 processes")
     print(f"{'':34}{'req/s':>9}{'accepted/s':>11}{'p50 ms':>8}{'p99 ms':>8}{'refused':>8}")
     for label, row in (("bare Flask + Redis + Celery (floor)", bare), ("videoqa POST /v1/jobs", api)):
-        print(f"{label:34}{row['requests_per_s']:>9.0f}{row['accepted_per_s']:>11.0f}{row['p50_ms']:>8.1f}{row['p99_ms']:>8.1f}{row['refused']:>8.0f}")
-    print(f"accepted jobs/s = {api['accepted_per_s'] / bare['accepted_per_s']:.2f}x the floor; target >= 700/s with p99 < 50 ms")
+        print(
+            f"{label:34}{row['requests_per_s']:>9.0f}{row['accepted_per_s']:>11.0f}{row['p50_ms']:>8.1f}{row['p99_ms']:>8.1f}{row['refused']:>8.0f}"
+        )
+    print(
+        f"accepted jobs/s = {api['accepted_per_s'] / bare['accepted_per_s']:.2f}x the floor; target >= 700/s with p99 < 50 ms"
+    )
 
 
 if __name__ == "__main__":

@@ -243,5 +243,6 @@ def _ratio_line(ratio: float, bare_ratio: float) -> str:
         f"{ratio / bare_ratio:.0%} of the machine's {bare_ratio:.2f}x"
     )
 
+
 if __name__ == "__main__":
     main()

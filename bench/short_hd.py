@@ -75,7 +75,10 @@ def probe_split(clip: Path) -> tuple[float, float, int]:
     warm_up(MEDIA_SANDBOX)
     started = time.perf_counter()
     sample = decode_frames_in_sandbox(
-        clip, Sampling(num_frames=FRAMES), DecodeLimits.from_settings(load_settings({})), geometry=FrameGeometry(384, 384, 3)
+        clip,
+        Sampling(num_frames=FRAMES),
+        DecodeLimits.from_settings(load_settings({})),
+        geometry=FrameGeometry(384, 384, 3),
     )
     return sample.plan_seconds, time.perf_counter() - started, sample.processes
 
@@ -90,7 +93,10 @@ def png_levels(clip: Path) -> None:
     from worker.media.png import decode_png
 
     sample = decode_frames_in_sandbox(
-        clip, Sampling(num_frames=FRAMES), DecodeLimits.from_settings(load_settings({})), geometry=FrameGeometry(384, 384, 3)
+        clip,
+        Sampling(num_frames=FRAMES),
+        DecodeLimits.from_settings(load_settings({})),
+        geometry=FrameGeometry(384, 384, 3),
     )
     images = [Image.fromarray(frame.array) for frame in sample.frames]
     print(f"\nstored frame PNG levels ({len(images)} frames at 384x384; fastest of 3 passes, per frame)")
@@ -166,7 +172,9 @@ def main() -> None:
     print(f"\nmedians over {len(rows)} rounds")
     print(f"  notebook sampler (OpenCV, every frame): {summary['notebook']:.2f} s")
     print(f"  extra latency of the clip's job over the tiny clip's: {summary['extra']:.2f} s ({by_extra:.1f}x)")
-    print(f"  the clip job's media stages (download + decode + store_frames + load_frames): {work:.2f} s ({by_work:.1f}x)")
+    print(
+        f"  the clip job's media stages (download + decode + store_frames + load_frames): {work:.2f} s ({by_work:.1f}x)"
+    )
     print(f"  target: the notebook's time >= {TARGET:g}x ours: {verdict}")
     print(
         f"  our time (the clip job's stages): download {summary['download']:.3f} s, decode {summary['decode']:.3f} s, "

@@ -88,7 +88,12 @@ class Listener(threading.Thread):
 
 
 def stack_round(
-    settings: Settings, base_url: str, media: list[list[dict[str, object]]], new_tokens: int, listen: bool, pids: dict[str, int]
+    settings: Settings,
+    base_url: str,
+    media: list[list[dict[str, object]]],
+    new_tokens: int,
+    listen: bool,
+    pids: dict[str, int],
 ) -> dict[str, float]:
     client = redis_client(settings)
     cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
@@ -129,12 +134,20 @@ def stack_round(
     }
 
 
-def through_the_stack(env: dict[str, str], settings: Settings, args: argparse.Namespace, media: list, logs: Path) -> None:
+def through_the_stack(
+    env: dict[str, str], settings: Settings, args: argparse.Namespace, media: list, logs: Path
+) -> None:
     port = free_port()
     stack = Stack(env=env)
     with open(logs / "api.log", "ab") as api_log, open(logs / "gpu.log", "ab") as gpu_log:
         api = stack.start("api", api_command(port=port), stdout=api_log, stderr=api_log)
-        gpu = stack.start("gpu", gpu_worker_command(), extra_env={"VIDEOQA_BATCH_SIZE": str(args.batch)}, stdout=gpu_log, stderr=gpu_log)
+        gpu = stack.start(
+            "gpu",
+            gpu_worker_command(),
+            extra_env={"VIDEOQA_BATCH_SIZE": str(args.batch)},
+            stdout=gpu_log,
+            stderr=gpu_log,
+        )
     pids = {"api": api.pid, "gpu": gpu.pid}
     try:
         base_url = f"http://127.0.0.1:{port}"
@@ -182,8 +195,12 @@ def in_process(settings: Settings, args: argparse.Namespace) -> None:
     for row in range(args.batch):
         images = [Image.fromarray(rng.integers(0, 256, (384, 384, 3), dtype=np.uint8)) for _ in range(args.frames)]
         content = [{"type": "image"}] * args.frames + [{"type": "text", "text": f"What happens in clip {row}?"}]
-        text = loaded.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
-        items.append(BatchItem("", Prompt(text=text, images=images, generation=Generation(max_new_tokens=args.new_tokens))))
+        text = loaded.processor.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+        )
+        items.append(
+            BatchItem("", Prompt(text=text, images=images, generation=Generation(max_new_tokens=args.new_tokens)))
+        )
     client = redis_client(settings)
     jobs, events = JobStore(client, ttl_s=3600), JobEvents(client)
     publish_s: list[float] = []
@@ -201,7 +218,9 @@ def in_process(settings: Settings, args: argparse.Namespace) -> None:
             step_s.append(time.perf_counter() - started)
 
     def one_batch(stream: bool) -> tuple[float, int]:
-        ids = create_gpu_jobs(jobs, [[{"kind": "video", "position": 0, "frames": []}]] * args.batch, args.new_tokens, JobStatus.GENERATING)
+        ids = create_gpu_jobs(
+            jobs, [[{"kind": "video", "position": 0, "frames": []}]] * args.batch, args.new_tokens, JobStatus.GENERATING
+        )
         batch = [BatchItem(job_id, item.prompt) for job_id, item in zip(ids, items, strict=True)]
         tokens_stream = TimedStream(loaded.processor.tokenizer, loaded.eos_token_ids, timed_publish) if stream else None
         started = time.perf_counter()

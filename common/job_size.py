@@ -47,7 +47,13 @@ class JobSize:
 
 
 def job_size(
-    question: str, prompt: str | None, images: int, max_new_tokens: int, settings: Settings, *, history: Sequence[str] = ()
+    question: str,
+    prompt: str | None,
+    images: int,
+    max_new_tokens: int,
+    settings: Settings,
+    *,
+    history: Sequence[str] = (),
 ) -> JobSize:
     """``history``: the text of each earlier turn, every one with its own turn markup."""
     text = text_token_bound(question) + text_token_bound(prompt or "") + TURN_TOKENS
@@ -67,7 +73,13 @@ def size_problem(size: JobSize, settings: Settings) -> str | None:
 
 
 def check_sampled_size(
-    question: str, prompt: str | None, images: int, max_new_tokens: int, settings: Settings, *, history: Sequence[str] = ()
+    question: str,
+    prompt: str | None,
+    images: int,
+    max_new_tokens: int,
+    settings: Settings,
+    *,
+    history: Sequence[str] = (),
 ) -> None:
     """Raise ``InvalidRequest`` when the frames and images a job really has do not fit."""
     problem = size_problem(job_size(question, prompt, images, max_new_tokens, settings, history=history), settings)

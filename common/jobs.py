@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 # or late task can never overwrite a terminal state or move a job backwards. A terminal transition
 # also updates the metrics hash (KEYS[2]) in the same script, so each job is counted exactly once,
 # and a change of status appends its event to the job's stream (KEYS[3]).
-_TRANSITION = """
+_TRANSITION = (
+    """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return -1 end
 local allowed = cjson.decode(ARGV[1])
@@ -51,12 +52,16 @@ for _, s in ipairs(allowed) do
       local tenant = redis.call('HGET', KEYS[1], 'tenant') or ''
       redis.call('SREM', ARGV[4] .. tenant, redis.call('HGET', KEYS[1], 'id'))
     end
-""" + TERMINAL_HOOK_LUA + STATUS_EVENT_LUA + """
+"""
+    + TERMINAL_HOOK_LUA
+    + STATUS_EVENT_LUA
+    + """
     return 1
   end
 end
 return 0
 """
+)
 
 
 # A field written to a record only while it exists: a write arriving after the record expired (or
@@ -158,9 +163,7 @@ decode_job = _decode
 class JobStore:
     """All reads and writes of job records go through here."""
 
-    def __init__(
-        self, client: redis.Redis, *, ttl_s: int, on_terminal: Callable[[str], None] | None = None
-    ) -> None:
+    def __init__(self, client: redis.Redis, *, ttl_s: int, on_terminal: Callable[[str], None] | None = None) -> None:
         """``on_terminal`` is called with the id of each job this store moves to a terminal state."""
         self._redis = client
         self._ttl_s = ttl_s
@@ -221,7 +224,9 @@ class JobStore:
                         if pipe.scard(active) >= max_active:
                             raise TooManyActiveJobs(max_active)
                         pipe.multi()
-                    pipe.hset(self.key(job_id), mapping=cast("dict[Any, Any]", fields))  # redis-py: keys of any encodable type
+                    pipe.hset(
+                        self.key(job_id), mapping=cast("dict[Any, Any]", fields)
+                    )  # redis-py: keys of any encodable type
                     pipe.expire(self.key(job_id), self._ttl_s)
                     pipe.zadd(INDEX_KEY, {job_id: now})
                     pipe.hincrby(METRICS_KEY, SUBMITTED_FIELD, 1)
@@ -254,9 +259,7 @@ class JobStore:
     ) -> bool:
         """Set ``status`` to ``to`` (or keep it, when None) and write ``fields``, only if the job is
         currently in ``allowed_from``. Values that are not strings are stored as JSON."""
-        encoded = {
-            name: value if isinstance(value, str) else json.dumps(value) for name, value in fields.items()
-        }
+        encoded = {name: value if isinstance(value, str) else json.dumps(value) for name, value in fields.items()}
         encoded["updated_at"] = repr(time.time())
         if to is not None:
             encoded["status"] = str(to)
@@ -314,9 +317,7 @@ class JobStore:
         self._update(job_id, "HINCRBY", "retries", 1)
 
     def succeed(self, job_id: str, result: dict[str, Any]) -> bool:
-        return self.transition(
-            job_id, JobStatus.SUCCEEDED, allowed_from={JobStatus.GENERATING}, result=result
-        )
+        return self.transition(job_id, JobStatus.SUCCEEDED, allowed_from={JobStatus.GENERATING}, result=result)
 
     def fail(self, job_id: str, code: str, message: str) -> bool:
         return self.transition(job_id, JobStatus.FAILED, error={"code": code, "message": message})

@@ -98,6 +98,7 @@ end
 """
 )
 
+
 def queue_keys(queue: str) -> list[str]:
     return [queue] + [f"{queue}{_PRIORITY_SEPARATOR}{step}" for step in _PRIORITY_STEPS]
 

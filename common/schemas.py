@@ -57,9 +57,7 @@ class Sampling(_Strict):
     fps: float | None = Field(default=None, gt=0, description="one frame per 1/fps seconds instead")
     start: float | None = Field(default=None, ge=0, description="window start, seconds")
     end: float | None = Field(default=None, gt=0, description="window end, seconds")
-    fast: bool = Field(
-        default=False, description="take the keyframe nearest each target instead of the exact frame"
-    )
+    fast: bool = Field(default=False, description="take the keyframe nearest each target instead of the exact frame")
 
     @model_validator(mode="after")
     def _window(self) -> Sampling:
@@ -97,9 +95,7 @@ def placeholder_counts(text: str) -> tuple[int, int]:
 def places_media(prompt: str | None, history: Sequence[Turn]) -> bool:
     """Whether placeholders say where the job's media go: with a ``prompt``, or when a user turn of
     the history holds one. Otherwise every video and image goes into the job's own turn, first."""
-    return prompt is not None or any(
-        turn.role == "user" and any(placeholder_counts(turn.content)) for turn in history
-    )
+    return prompt is not None or any(turn.role == "user" and any(placeholder_counts(turn.content)) for turn in history)
 
 
 WebhookEvent = Literal["succeeded", "failed", "cancelled"]
@@ -291,13 +287,9 @@ def check_limits(
     if n_images > settings.max_images:
         problems.append({"field": "images", "message": f"at most {settings.max_images} images per job"})
     if request.sampling.num_frames > settings.max_frames:
-        problems.append(
-            {"field": "sampling.num_frames", "message": f"at most {settings.max_frames} frames per video"}
-        )
+        problems.append({"field": "sampling.num_frames", "message": f"at most {settings.max_frames} frames per video"})
     if request.generation.max_new_tokens > settings.max_new_tokens:
-        problems.append(
-            {"field": "generation.max_new_tokens", "message": f"at most {settings.max_new_tokens}"}
-        )
+        problems.append({"field": "generation.max_new_tokens", "message": f"at most {settings.max_new_tokens}"})
     if not settings.is_s3:
         problems += [
             {"field": f"{kind}.{position}.url", "message": "s3:// URLs need S3 storage, and this service has none"}
@@ -331,7 +323,9 @@ def _placeholder_problems(request: JobRequest, n_videos: int, n_images: int) -> 
         found_images += request.prompt.count(IMAGE_PLACEHOLDER)
     if (found_videos, found_images) == (n_videos, n_images):
         return []
-    counts = f"{found_videos} <video> and {found_images} <image> placeholders for {n_videos} videos and {n_images} images"
+    counts = (
+        f"{found_videos} <video> and {found_images} <image> placeholders for {n_videos} videos and {n_images} images"
+    )
     if not any(videos or images for videos, images in in_history):
         return [{"field": "prompt", "message": f"has {counts}"}]
     holders = "the history's user turns" + (" and the prompt" if request.prompt is not None else "")

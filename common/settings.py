@@ -112,11 +112,15 @@ class Settings(BaseSettings):
     max_video_frames: int = Field(default=500_000, ge=1, description="most frames in a video stream")
     max_streams: int = Field(default=16, ge=1, description="most streams (video, audio, subtitles) in a file")
     max_image_pixels: int = Field(
-        default=8192 * 8192, ge=1, description="largest width x height of an image (default 8192 x 8192), checked before it is decoded"
+        default=8192 * 8192,
+        ge=1,
+        description="largest width x height of an image (default 8192 x 8192), checked before it is decoded",
     )
 
     # Decoding: each video is probed and decoded in child processes with these limits
-    decode_memory_mb: int = Field(default=2048, ge=64, description="memory limit (heap, buffers, stacks) of a decode process")
+    decode_memory_mb: int = Field(
+        default=2048, ge=64, description="memory limit (heap, buffers, stacks) of a decode process"
+    )
     decode_timeout_s: float = Field(default=300.0, gt=0, description="deadline for sampling one video")
     decode_processes: int = Field(
         default=0,
@@ -131,7 +135,9 @@ class Settings(BaseSettings):
         default="",
         description="comma-separated `tenant:sha256-of-key[:s3-prefix|s3-prefix...]`; empty turns authentication off",
     )
-    rate_limit: str = Field(default="120/minute", description="job submissions per API key (per client address without keys)")
+    rate_limit: str = Field(
+        default="120/minute", description="job submissions per API key (per client address without keys)"
+    )
     max_active_jobs_per_tenant: int = Field(default=500, ge=1, description="jobs queued or running per tenant")
     events_heartbeat_s: float = Field(
         default=15.0, gt=0, description="a comment line on an idle event stream this often, so proxies keep it open"
@@ -157,8 +163,7 @@ class Settings(BaseSettings):
     # Webhooks and idempotent submission (see docs/webhooks.md)
     webhook_secret: SecretStr | None = Field(
         default=None,
-        description="`whsec_` + base64 key signing webhook deliveries; unset, webhooks are refused "
-        "(docs/webhooks.md)",
+        description="`whsec_` + base64 key signing webhook deliveries; unset, webhooks are refused (docs/webhooks.md)",
     )
     webhook_retry_s: float = Field(
         default=24 * 3600, gt=0, description="a failed delivery is retried until this long after the job ended"
@@ -190,7 +195,9 @@ class Settings(BaseSettings):
         default=3, ge=1, description="deliveries that end their worker before a job fails as `poison`"
     )
     retry_backoff_s: int = Field(
-        default=2, ge=1, description="the first retry comes within this many seconds, doubling each time (at most a minute)"
+        default=2,
+        ge=1,
+        description="the first retry comes within this many seconds, doubling each time (at most a minute)",
     )
     reconcile_interval_s: float = Field(
         default=30.0, gt=0, description="how often CPU workers look for jobs with no queue message"
@@ -204,7 +211,9 @@ class Settings(BaseSettings):
 
     # GPU workers
     batch_size: int = Field(
-        default=0, ge=0, description="jobs a GPU worker generates together; `0` sizes it from free GPU memory (8 on CPU)"
+        default=0,
+        ge=0,
+        description="jobs a GPU worker generates together; `0` sizes it from free GPU memory (8 on CPU)",
     )
     batch_wait_ms: int = Field(default=50, ge=0, description="how long a batch waits for more queued jobs")
     prefetch: Literal["auto", "on", "off"] = Field(
@@ -230,7 +239,9 @@ class Settings(BaseSettings):
     )
 
     # Clients: `videoqa ask` and `Client.from_settings()`
-    server: str = Field(default="http://127.0.0.1:8000", description="the API `videoqa ask` and `Client.from_settings()` talk to")
+    server: str = Field(
+        default="http://127.0.0.1:8000", description="the API `videoqa ask` and `Client.from_settings()` talk to"
+    )
     api_key: str | None = Field(
         default=None,
         repr=False,
@@ -251,9 +262,7 @@ class Settings(BaseSettings):
         for entry in filter(None, (e.strip() for e in value.split(","))):
             parts = entry.split(":", 2)
             if len(parts) < 2 or not parts[0] or len(parts[1]) != 64:
-                raise ValueError(
-                    f"entry {parts[0] or '?'!r} must be tenant:sha256-hex-of-key (see `videoqa api-key`)"
-                )
+                raise ValueError(f"entry {parts[0] or '?'!r} must be tenant:sha256-hex-of-key (see `videoqa api-key`)")
         return value
 
     @field_validator("webhook_secret")
@@ -352,11 +361,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     try:
         if environ is None:
             return Settings()
-        values = {
-            key[len("VIDEOQA_") :].lower(): value
-            for key, value in environ.items()
-            if key.startswith("VIDEOQA_")
-        }
+        values = {key[len("VIDEOQA_") :].lower(): value for key, value in environ.items() if key.startswith("VIDEOQA_")}
         return Settings.model_validate(values)
     except ValidationError as exc:
         lines = []

@@ -66,7 +66,7 @@ def default_text(name: str, field: FieldInfo) -> str:
     if isinstance(value, str):
         # The local storage default lives under the home directory of whoever renders the table.
         home = str(Path.home())
-        return f"`~{value[len(home):]}`" if value.startswith(home + "/") else f"`{value}`"
+        return f"`~{value[len(home) :]}`" if value.startswith(home + "/") else f"`{value}`"
     if isinstance(value, (int, float)):
         text = f"`{_plain_number(value)}`"
         if name.endswith("_bytes") and value >= 1024**3 and value % 1024**3 == 0:

@@ -197,7 +197,12 @@ class VideoStore:
         return VIDEO_KEY_PREFIX + video_id
 
     def create(
-        self, source: dict[str, Any], sampling: dict[str, Any], *, tenant: str = DEFAULT_TENANT, video_id: str | None = None
+        self,
+        source: dict[str, Any],
+        sampling: dict[str, Any],
+        *,
+        tenant: str = DEFAULT_TENANT,
+        video_id: str | None = None,
     ) -> Video:
         video_id = video_id or uuid.uuid4().hex
         now = time.time()
@@ -213,7 +218,9 @@ class VideoStore:
             "attempts": "0",
         }
         with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self.key(video_id), mapping=cast("dict[Any, Any]", fields))  # redis-py: keys of any encodable type
+            pipe.hset(
+                self.key(video_id), mapping=cast("dict[Any, Any]", fields)
+            )  # redis-py: keys of any encodable type
             pipe.expire(self.key(video_id), self._ttl_s)
             pipe.zadd(VIDEO_INDEX_PREFIX + tenant, {video_id: now})
             pipe.sadd(PROCESSING_KEY, video_id)
@@ -246,9 +253,7 @@ class VideoStore:
         encoded["updated_at"] = repr(time.time())
         return bool(self._finish(keys=[self.key(video_id), PROCESSING_KEY], args=[json.dumps(encoded)]) == 1)
 
-    def mark_ready(
-        self, video_id: str, frames: list[dict[str, Any]], *, frame_count: int, duration: float
-    ) -> bool:
+    def mark_ready(self, video_id: str, frames: list[dict[str, Any]], *, frame_count: int, duration: float) -> bool:
         """False when the video is no longer processing (deleted meanwhile, or already ended)."""
         return self._finish_with(
             video_id,
@@ -279,7 +284,9 @@ class VideoStore:
         return stale
 
     def fail(self, video_id: str, code: str, message: str) -> bool:
-        return self._finish_with(video_id, {"status": str(VideoStatus.FAILED), "error": {"code": code, "message": message}})
+        return self._finish_with(
+            video_id, {"status": str(VideoStatus.FAILED), "error": {"code": code, "message": message}}
+        )
 
     def add_attempt(self, video_id: str) -> int:
         if not self._redis.exists(self.key(video_id)):
@@ -318,7 +325,9 @@ class VideoStore:
         index = VIDEO_INDEX_PREFIX + tenant
         self._redis.zremrangebyscore(index, "-inf", time.time() - self._ttl_s)
         upper = f"({before}" if before is not None else "+inf"
-        ids = cast("list[str]", self._redis.zrevrangebyscore(index, upper, "-inf", start=0, num=limit))  # decoded replies
+        ids = cast(
+            "list[str]", self._redis.zrevrangebyscore(index, upper, "-inf", start=0, num=limit)
+        )  # decoded replies
         with self._redis.pipeline(transaction=False) as pipe:
             for video_id in ids:
                 pipe.hgetall(self.key(video_id))

@@ -101,7 +101,9 @@ class Browser:
         return str(self.js("const e = document.querySelector(arguments[0]); return e ? e.textContent : null", css))
 
     def visible(self, css: str) -> bool:
-        return bool(self.js("const e = document.querySelector(arguments[0]); return !!e && e.offsetParent !== null", css))
+        return bool(
+            self.js("const e = document.querySelector(arguments[0]); return !!e && e.offsetParent !== null", css)
+        )
 
     def type(self, css: str, text: str) -> None:
         field = self.find(css)
@@ -124,7 +126,11 @@ class Browser:
         )
         shot = self.driver.execute_cdp_cmd(
             "Page.captureScreenshot",
-            {"format": "png", "captureBeyondViewport": True, "clip": {"x": 0, "y": 0, "width": width, "height": height, "scale": 1}},
+            {
+                "format": "png",
+                "captureBeyondViewport": True,
+                "clip": {"x": 0, "y": 0, "width": width, "height": height, "scale": 1},
+            },
         )
         path.write_bytes(base64.b64decode(shot["data"]))
         return path

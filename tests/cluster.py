@@ -53,7 +53,12 @@ class Cluster:
         with open(video, "rb") as handle:
             response = self.client.post(
                 "/v1/jobs",
-                data={"question": "q", "num_frames": str(frames), "max_new_tokens": str(new_tokens), "videos": [(handle, video.name)]},
+                data={
+                    "question": "q",
+                    "num_frames": str(frames),
+                    "max_new_tokens": str(new_tokens),
+                    "videos": [(handle, video.name)],
+                },
                 content_type="multipart/form-data",
             )
         return str(response.get_json()["id"])
@@ -96,7 +101,9 @@ def _job_of(message: dict) -> str:
 
 
 def broker_state(client: redis.Redis) -> str:
-    queued = {queue: [_job_of(json.loads(raw)) for raw in client.lrange(queue, 0, -1)] for queue in (CPU_QUEUE, GPU_QUEUE)}
+    queued = {
+        queue: [_job_of(json.loads(raw)) for raw in client.lrange(queue, 0, -1)] for queue in (CPU_QUEUE, GPU_QUEUE)
+    }
     now = time.time()
     unacked = {
         tag.decode(): (_job_of(json.loads(raw)[0]), round(now - (client.zscore("unacked_index", tag) or now), 1))

@@ -153,7 +153,9 @@ def direct_model(tiny_model_dir: Path) -> tuple[Any, Any]:
     from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
     processor = LlavaProcessor.from_pretrained(tiny_model_dir)
-    model = LlavaForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    model = LlavaForConditionalGeneration.from_pretrained(
+        tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa"
+    )
     return model.eval(), processor
 
 

@@ -60,19 +60,28 @@ def test_tenants_cannot_see_cancel_or_list_each_others_jobs(client: FlaskClient)
 
 
 def test_s3_keys_are_limited_to_the_tenants_prefixes(client: FlaskClient) -> None:
-    own = client.post("/v1/jobs", json={"question": "q", "videos": [{"url": "s3://media/acme/a.mp4"}]}, headers=_auth(KEY_A))
+    own = client.post(
+        "/v1/jobs", json={"question": "q", "videos": [{"url": "s3://media/acme/a.mp4"}]}, headers=_auth(KEY_A)
+    )
     assert own.status_code == 202
-    foreign = client.post("/v1/jobs", json={"question": "q", "videos": [{"url": "s3://media/beta/b.mp4"}]}, headers=_auth(KEY_A))
+    foreign = client.post(
+        "/v1/jobs", json={"question": "q", "videos": [{"url": "s3://media/beta/b.mp4"}]}, headers=_auth(KEY_A)
+    )
     assert foreign.status_code == 400
     assert foreign.get_json()["error"]["details"] == [
         {"field": "videos.0.url", "message": "outside the s3 prefixes of this API key"}
     ]
-    none = client.post("/v1/jobs", json={"question": "q", "videos": [{"url": "s3://media/acme/a.mp4"}]}, headers=_auth(KEY_B))
+    none = client.post(
+        "/v1/jobs", json={"question": "q", "videos": [{"url": "s3://media/acme/a.mp4"}]}, headers=_auth(KEY_B)
+    )
     assert none.status_code == 400
 
 
 def test_a_tenant_has_a_cap_on_jobs_in_flight(client: FlaskClient) -> None:
-    ids = [client.post("/v1/jobs", json={"question": "q", "videos": [VIDEO]}, headers=_auth(KEY_A)).get_json()["id"] for _ in range(2)]
+    ids = [
+        client.post("/v1/jobs", json={"question": "q", "videos": [VIDEO]}, headers=_auth(KEY_A)).get_json()["id"]
+        for _ in range(2)
+    ]
     refused = client.post("/v1/jobs", json={"question": "q", "videos": [VIDEO]}, headers=_auth(KEY_A))
     assert refused.status_code == 429
     assert refused.get_json()["error"]["code"] == "too_many_active_jobs"
@@ -106,13 +115,23 @@ def test_rate_limit_per_key_across_api_processes(limited_api: tuple[str, Path]) 
     statuses = []
     for _ in range(8):
         # A fresh connection each time, so requests spread over both gunicorn workers.
-        response = requests.post(f"{base}/v1/jobs", json={"question": "q", "videos": [VIDEO]}, headers={**_auth(KEY_A), "Connection": "close"}, timeout=10)
+        response = requests.post(
+            f"{base}/v1/jobs",
+            json={"question": "q", "videos": [VIDEO]},
+            headers={**_auth(KEY_A), "Connection": "close"},
+            timeout=10,
+        )
         statuses.append(response.status_code)
     assert statuses == [202] * 6 + [429] * 2
     assert int(response.headers["Retry-After"]) > 0
     assert response.json()["error"]["code"] == "too_many_requests"
     # Another key has its own budget; polling is not counted.
-    assert requests.post(f"{base}/v1/jobs", json={"question": "q", "videos": [VIDEO]}, headers=_auth(KEY_B), timeout=10).status_code == 202
+    assert (
+        requests.post(
+            f"{base}/v1/jobs", json={"question": "q", "videos": [VIDEO]}, headers=_auth(KEY_B), timeout=10
+        ).status_code
+        == 202
+    )
     assert requests.get(f"{base}/v1/jobs", headers=_auth(KEY_A), timeout=10).status_code == 200
     requests.get(f"{base}/v1/jobs", headers=_auth("vqa_wrong_key_value"), timeout=10)
     served = subprocess.run(["grep", "-c", "POST /v1/jobs", str(log)], capture_output=True, text=True).stdout.strip()

@@ -75,17 +75,42 @@ def test_multipart_uploads_are_stored_and_referenced(client: FlaskClient, local_
         ({"videos": [{"url": "https://93.184.215.14/a.mp4"}]}, "question"),
         ({"question": "  ", "videos": [{"url": "https://93.184.215.14/a.mp4"}]}, "question"),
         ({"question": QUESTION, "videos": [{"url": "ftp://example.com/a.mp4"}]}, "videos.0.url"),
-        ({"question": QUESTION, "videos": [{"url": "https://93.184.215.14/a.mp4"}], "sampling": {"num_frames": 0}}, "sampling.num_frames"),
-        ({"question": QUESTION, "videos": [{"url": "https://93.184.215.14/a.mp4"}], "sampling": {"num_frames": 10000}}, "sampling.num_frames"),
-        ({"question": QUESTION, "videos": [{"url": "https://93.184.215.14/a.mp4"}], "sampling": {"num_frames": "six"}}, "sampling.num_frames"),
+        (
+            {"question": QUESTION, "videos": [{"url": "https://93.184.215.14/a.mp4"}], "sampling": {"num_frames": 0}},
+            "sampling.num_frames",
+        ),
+        (
+            {
+                "question": QUESTION,
+                "videos": [{"url": "https://93.184.215.14/a.mp4"}],
+                "sampling": {"num_frames": 10000},
+            },
+            "sampling.num_frames",
+        ),
+        (
+            {
+                "question": QUESTION,
+                "videos": [{"url": "https://93.184.215.14/a.mp4"}],
+                "sampling": {"num_frames": "six"},
+            },
+            "sampling.num_frames",
+        ),
         ({"question": QUESTION, "videos": [{"url": "https://93.184.215.14/a.mp4"}], "colour": "red"}, "colour"),
         ({"question": QUESTION, "videos": [{"url": "https://93.184.215.14/a.mp4"}] * 9}, "videos"),
         ({"question": QUESTION}, "videos"),
-        ({"question": QUESTION, "videos": [{"url": "https://93.184.215.14/a.mp4"}], "prompt": "no placeholder"}, "prompt"),
-        ({"question": QUESTION, "videos": [{"url": "https://93.184.215.14/a.mp4"}], "generation": {"top_p": 2}}, "generation.top_p"),
+        (
+            {"question": QUESTION, "videos": [{"url": "https://93.184.215.14/a.mp4"}], "prompt": "no placeholder"},
+            "prompt",
+        ),
+        (
+            {"question": QUESTION, "videos": [{"url": "https://93.184.215.14/a.mp4"}], "generation": {"top_p": 2}},
+            "generation.top_p",
+        ),
     ],
 )
-def test_bad_requests_get_400_naming_the_field(client: FlaskClient, local_settings: Settings, body: dict, field: str) -> None:
+def test_bad_requests_get_400_naming_the_field(
+    client: FlaskClient, local_settings: Settings, body: dict, field: str
+) -> None:
     response = client.post("/v1/jobs", json=body)
     assert response.status_code == 400
     error = response.get_json()["error"]
@@ -112,9 +137,13 @@ def test_unknown_multipart_fields_and_empty_files(client: FlaskClient) -> None:
         content_type="multipart/form-data",
     )  # fmt: skip
     assert response.status_code == 400
-    assert response.get_json()["error"]["details"] == [{"field": "frames", "message": "unknown field; did you mean `num_frames`?"}]
+    assert response.get_json()["error"]["details"] == [
+        {"field": "frames", "message": "unknown field; did you mean `num_frames`?"}
+    ]
     response = client.post(
-        "/v1/jobs", data={"question": QUESTION, "videos": [(io.BytesIO(b""), "a.mp4")]}, content_type="multipart/form-data"
+        "/v1/jobs",
+        data={"question": QUESTION, "videos": [(io.BytesIO(b""), "a.mp4")]},
+        content_type="multipart/form-data",
     )
     assert response.status_code == 400
     assert "empty" in response.get_json()["error"]["message"]
@@ -142,7 +171,9 @@ def test_unknown_job_is_404_with_a_json_error(client: FlaskClient) -> None:
 
 
 def test_cancel_a_queued_job_then_cancel_again_is_409(client: FlaskClient) -> None:
-    job = client.post("/v1/jobs", json={"question": QUESTION, "videos": [{"url": "https://93.184.215.14/a.mp4"}]}).get_json()
+    job = client.post(
+        "/v1/jobs", json={"question": QUESTION, "videos": [{"url": "https://93.184.215.14/a.mp4"}]}
+    ).get_json()
     response = client.delete(f"/v1/jobs/{job['id']}")
     assert response.status_code == 200
     assert response.get_json()["status"] == "cancelled"
@@ -153,7 +184,9 @@ def test_cancel_a_queued_job_then_cancel_again_is_409(client: FlaskClient) -> No
 
 def test_list_jobs_newest_first_with_a_cursor(client: FlaskClient) -> None:
     ids = [
-        client.post("/v1/jobs", json={"question": f"{QUESTION} {n}", "videos": [{"url": "https://93.184.215.14/a.mp4"}]}).get_json()["id"]
+        client.post(
+            "/v1/jobs", json={"question": f"{QUESTION} {n}", "videos": [{"url": "https://93.184.215.14/a.mp4"}]}
+        ).get_json()["id"]
         for n in range(3)
     ]
     page = client.get("/v1/jobs?limit=2").get_json()

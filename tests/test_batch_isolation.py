@@ -36,7 +36,9 @@ def loaded(tiny_model_dir: Path) -> LoadedModel:
     return load_model(load_settings({"VIDEOQA_MODEL": str(tiny_model_dir), "VIDEOQA_DEVICE": "cpu"}))
 
 
-def _assert_unbatched(loaded: LoadedModel, job: Job, images: list, question: str, max_new_tokens: int, log: str) -> None:
+def _assert_unbatched(
+    loaded: LoadedModel, job: Job, images: list, question: str, max_new_tokens: int, log: str
+) -> None:
     assert job.status is JobStatus.SUCCEEDED, (job.error, log[-3000:])
     assert job.result is not None
     expected = unbatched(loaded, images, question, max_new_tokens)

@@ -38,7 +38,9 @@ def _item(loaded: LoadedModel, key: str, frames: int, seed: int, max_new_tokens:
     rng = np.random.default_rng(seed)
     images = [Image.fromarray(rng.integers(0, 256, (384, 384, 3), dtype=np.uint8)) for _ in range(frames)]
     content = [{"type": "image"}] * frames + [{"type": "text", "text": f"question {seed}?"}]
-    text = loaded.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+    text = loaded.processor.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+    )
     return BatchItem(key, Prompt(text=text, images=images, generation=Generation(max_new_tokens=max_new_tokens)))
 
 
@@ -53,7 +55,10 @@ def _alone(loaded: LoadedModel, item: BatchItem) -> list[int]:
 @pytest.fixture(scope="module")
 def mixed(loaded: LoadedModel) -> list[BatchItem]:
     """1, 3, 6 and 12 frames with 7, 20, 3 and 15 new tokens, as the batch would be queued."""
-    return [_item(loaded, f"f{frames}", frames, seed, max_new) for seed, (frames, max_new) in enumerate([(12, 15), (1, 7), (6, 3), (3, 20)])]
+    return [
+        _item(loaded, f"f{frames}", frames, seed, max_new)
+        for seed, (frames, max_new) in enumerate([(12, 15), (1, 7), (6, 3), (3, 20)])
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +160,10 @@ def test_an_error_other_than_out_of_memory_is_not_split(loaded: LoadedModel, mix
 
 def test_a_batch_past_its_deadline_ends_its_jobs_with_timeout(loaded: LoadedModel, mixed: list[BatchItem]) -> None:
     outcomes = run_batch(loaded, mixed[:2], deadline=0.0)
-    assert {key: outcome.error.code for key, outcome in outcomes.items() if outcome.error} == {"f12": "timeout", "f1": "timeout"}
+    assert {key: outcome.error.code for key, outcome in outcomes.items() if outcome.error} == {
+        "f12": "timeout",
+        "f1": "timeout",
+    }
 
 
 def test_the_default_batch_is_sized_from_the_kv_cache_of_a_12_frame_job(loaded: LoadedModel) -> None:

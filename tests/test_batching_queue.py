@@ -30,7 +30,9 @@ def _setup(settings: Settings, job_ids: list[str]) -> tuple[GpuQueue, redis.Redi
     app = make_celery(settings)
     for job_id in job_ids:
         app.send_task(GENERATE_TASK, args=[job_id])
-    return GpuQueue(app, hostname="gpu0@test", max_retries=2), redis.Redis.from_url(settings.redis_url, decode_responses=True)
+    return GpuQueue(app, hostname="gpu0@test", max_retries=2), redis.Redis.from_url(
+        settings.redis_url, decode_responses=True
+    )
 
 
 def test_claims_stay_unacknowledged_until_done(local_settings: Settings) -> None:
@@ -83,7 +85,7 @@ def test_a_transient_error_sends_the_job_again_until_its_retries_are_spent(local
     given_up: list[str] = []
     for attempt in range(3):
         with queue.claim(1, wait_s=0.0) as claims:
-            claim, = claims
+            (claim,) = claims
             assert claim.retries == attempt
             # The retry carries an ETA (backoff); claim it anyway, as a worker would once it is due.
             queue.retry(claim, StorageUnavailable("down"), on_give_up=lambda c, e: given_up.append(c.job_id))
@@ -95,7 +97,6 @@ def test_a_transient_error_sends_the_job_again_until_its_retries_are_spent(local
     assert client.llen(GPU_QUEUE) == 0 and client.hlen("unacked") == 0
 
 
-
 def publish_malformed(redis_url: str, marker: Path) -> list[str]:
     """Generate messages no worker can run, as a hostile or broken client would push them; the
     task ids of those that carry one."""
@@ -104,20 +105,26 @@ def publish_malformed(redis_url: str, marker: Path) -> list[str]:
     embed = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
     with Connection(redis_url) as connection:
         producer = connection.Producer(serializer="pickle")
-        producer.publish(((_TouchOnUnpickle(marker),), {}, embed), routing_key=GPU_QUEUE, headers={**headers, "id": ids[0]})
+        producer.publish(
+            ((_TouchOnUnpickle(marker),), {}, embed), routing_key=GPU_QUEUE, headers={**headers, "id": ids[0]}
+        )
         producer.publish(
             b"{not json", routing_key=GPU_QUEUE, content_type="application/json", content_encoding="utf-8",
             headers={**headers, "id": ids[1]},
         )  # fmt: skip
         producer = connection.Producer(serializer="json")
         producer.publish(([], {}, embed), routing_key=GPU_QUEUE, headers={**headers, "id": ids[2]})
-        producer.publish(([{"job": 1}, "x"], {"more": 1}, embed), routing_key=GPU_QUEUE, headers={**headers, "id": ids[3]})
+        producer.publish(
+            ([{"job": 1}, "x"], {"more": 1}, embed), routing_key=GPU_QUEUE, headers={**headers, "id": ids[3]}
+        )
     # And bytes that are not even a message envelope.
     redis.Redis.from_url(redis_url).lpush(GPU_QUEUE, b"\x80garbage")
     return ids
 
 
-def test_malformed_messages_are_removed_once_and_never_unpickled(local_settings: Settings, tmp_path: Path, caplog) -> None:
+def test_malformed_messages_are_removed_once_and_never_unpickled(
+    local_settings: Settings, tmp_path: Path, caplog
+) -> None:
     marker = tmp_path / "unpickled"
     queue, client = _setup(local_settings, ["a"])
     publish_malformed(local_settings.redis_url, marker)

@@ -36,7 +36,9 @@ def test_redis_killed_and_restarted_under_load(
     data = tmp_path / "redis"
     data.mkdir()
     server = RedisServer(data, "--appendonly", "yes", "--appendfsync", "everysec").start()
-    env = service_env(server.url, aws_env, tiny_model_dir, VIDEOQA_RECONCILE_INTERVAL_S="2", VIDEOQA_RECONCILE_AFTER_S="10")
+    env = service_env(
+        server.url, aws_env, tiny_model_dir, VIDEOQA_RECONCILE_INTERVAL_S="2", VIDEOQA_RECONCILE_AFTER_S="10"
+    )
     service = start_service(env, tmp_path)
     stack = service.stack
     try:

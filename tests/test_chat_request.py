@@ -56,7 +56,14 @@ def test_earlier_messages_are_history_with_their_media_as_placeholders() -> None
     ]
     # Earlier turns place media, so the last one places its own.
     assert chat.body["prompt"] == "<image>" and chat.body["question"] == "And this?"
-    request = JobRequest.parse({**chat.body, "videos": [{"url": "https://example.com/a.mp4"}], "images": [{"url": "https://example.com/a.png"}]}, SETTINGS)
+    request = JobRequest.parse(
+        {
+            **chat.body,
+            "videos": [{"url": "https://example.com/a.mp4"}],
+            "images": [{"url": "https://example.com/a.png"}],
+        },
+        SETTINGS,
+    )
     assert len(request.history) == 3
 
 
@@ -91,7 +98,9 @@ def test_a_data_url_is_decoded_and_a_stored_video_needs_video_ids() -> None:
     assert (chat.images[0].data, chat.images[0].mime) == (png, "image/png")
     stored = {"type": "video_url", "video_url": {"url": "videoqa://videos/abc123"}}
     if "video_id" in MediaInput.model_fields:
-        assert chat_job(_chat([{"role": "user", "content": [stored, _text("Q?")]}]), SETTINGS).videos[0].as_input() == {"video_id": "abc123"}
+        assert chat_job(_chat([{"role": "user", "content": [stored, _text("Q?")]}]), SETTINGS).videos[0].as_input() == {
+            "video_id": "abc123"
+        }
     else:
         with pytest.raises(InvalidRequest, match="stored videos"):
             chat_job(_chat([{"role": "user", "content": [stored, _text("Q?")]}]), SETTINGS)
@@ -100,24 +109,56 @@ def test_a_data_url_is_decoded_and_a_stored_video_needs_video_ids() -> None:
 @pytest.mark.parametrize(
     ("body", "param"),
     [
-        (_chat([{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]), "messages[0].content[0].type"),
+        (
+            _chat([{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]),
+            "messages[0].content[0].type",
+        ),
         (_chat([{"role": "user", "content": [VIDEO, _text("Q?")]}], n=2), "n"),
         (_chat([{"role": "user", "content": [VIDEO, _text("Q?")]}], stop=["x"]), "stop"),
         (_chat([{"role": "user", "content": [VIDEO, _text("Q?")]}], best_of=2), "best_of"),
         (_chat([{"role": "user", "content": [VIDEO]}]), "messages[0].content"),
-        (_chat([{"role": "user", "content": [VIDEO, _text("Q?")]}, {"role": "assistant", "content": "A"}]), "messages[1]"),
-        (_chat([{"role": "tool", "content": "x", "tool_call_id": "1"}, {"role": "user", "content": "Q?"}]), "messages[0].role"),
-        (_chat([{"role": "assistant", "content": [IMAGE]}, {"role": "user", "content": "Q?"}]), "messages[0].content[0].type"),
-        (_chat([{"role": "user", "content": "a <video> tag?"}, {"role": "user", "content": [VIDEO, _text("Q?")]}]), "messages[0].content"),
         (
-            _chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}, _text("Q")]}]),
+            _chat([{"role": "user", "content": [VIDEO, _text("Q?")]}, {"role": "assistant", "content": "A"}]),
+            "messages[1]",
+        ),
+        (
+            _chat([{"role": "tool", "content": "x", "tool_call_id": "1"}, {"role": "user", "content": "Q?"}]),
+            "messages[0].role",
+        ),
+        (
+            _chat([{"role": "assistant", "content": [IMAGE]}, {"role": "user", "content": "Q?"}]),
+            "messages[0].content[0].type",
+        ),
+        (
+            _chat([{"role": "user", "content": "a <video> tag?"}, {"role": "user", "content": [VIDEO, _text("Q?")]}]),
+            "messages[0].content",
+        ),
+        (
+            _chat(
+                [
+                    {
+                        "role": "user",
+                        "content": [{"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}, _text("Q")],
+                    }
+                ]
+            ),
             "messages[0].content[0].image_url.url",
         ),
         (
-            _chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png,abc"}}, _text("Q")]}]),
+            _chat(
+                [
+                    {
+                        "role": "user",
+                        "content": [{"type": "image_url", "image_url": {"url": "data:image/png,abc"}}, _text("Q")],
+                    }
+                ]
+            ),
             "messages[0].content[0].image_url.url",
         ),
-        (_chat([{"role": "user", "content": [VIDEO, _text("Q?")]}], media_io_kwargs={"video": {"start": 1}}), "media_io_kwargs.video.start"),
+        (
+            _chat([{"role": "user", "content": [VIDEO, _text("Q?")]}], media_io_kwargs={"video": {"start": 1}}),
+            "media_io_kwargs.video.start",
+        ),
         (_chat([{"role": "user", "content": [VIDEO, _text("Q?")]}], temperature=3), "temperature"),
         (_chat([]), "messages"),
         ({"messages": [{"role": "user", "content": "Q?"}]}, "model"),

@@ -44,7 +44,9 @@ def test_tokens_become_chunks_then_the_reason_usage_and_done(store: tuple[JobSto
     events.publish_tokens({job.id: "A cat"})
     # The last text is in the record only (token events are sent at most every 50 ms).
     assert jobs.succeed(job.id, RESULT)
-    sent = [_parsed(e) for e in completion_chunks(jobs, events, job, "tiny", include_usage=True) if not e.startswith(":")]
+    sent = [
+        _parsed(e) for e in completion_chunks(jobs, events, job, "tiny", include_usage=True) if not e.startswith(":")
+    ]
     assert [c["choices"][0]["delta"] if isinstance(c, dict) and c["choices"] else c for c in sent] == [
         {"role": "assistant", "content": ""},
         {"content": "A cat"},
@@ -74,7 +76,9 @@ def test_a_failed_job_ends_the_stream_with_its_error(store: tuple[JobStore, JobE
     jobs, events = store
     job = _generating(jobs)
     assert jobs.fail(job.id, "invalid_media", "not a video")
-    sent = [_parsed(e) for e in completion_chunks(jobs, events, job, "tiny", include_usage=False) if not e.startswith(":")]
+    sent = [
+        _parsed(e) for e in completion_chunks(jobs, events, job, "tiny", include_usage=False) if not e.startswith(":")
+    ]
     assert sent[-2] == {
         "error": {"message": "not a video", "type": "invalid_request_error", "param": None, "code": "invalid_media"}
     }
@@ -85,7 +89,9 @@ def test_a_failed_job_ends_the_stream_with_its_error(store: tuple[JobStore, JobE
 def test_a_completion_body_or_the_jobs_error(store: tuple[JobStore, JobEvents]) -> None:
     jobs, _ = store
     job = _generating(jobs)
-    assert jobs.succeed(job.id, {**RESULT, "finish_reason": None, "usage": {"prompt_tokens": 3, "completion_tokens": 4}})
+    assert jobs.succeed(
+        job.id, {**RESULT, "finish_reason": None, "usage": {"prompt_tokens": 3, "completion_tokens": 4}}
+    )
     body = completion_body(jobs.get(job.id), "tiny")
     # Without a finish_reason in the record (written before it existed): max_new_tokens reached.
     assert body["choices"][0]["finish_reason"] == "length"

@@ -60,7 +60,9 @@ class StandIn(BaseHTTPRequestHandler):
                 self.wfile.write(b'{"text": "a"}\n\n')
             else:
                 done = json.dumps(DONE)
-                self.wfile.write(f'id: 3\nevent: token\ndata: {{"text": "b"}}\n\nid: 4\nevent: done\ndata: {done}\n\n'.encode())
+                self.wfile.write(
+                    f'id: 3\nevent: token\ndata: {{"text": "b"}}\n\nid: 4\nevent: done\ndata: {done}\n\n'.encode()
+                )
         elif self.path.startswith("/v1/jobs/j1"):
             polls = sum(1 for path, _ in self.seen if path.startswith("/v1/jobs/j1?"))
             self._json(200, DONE if polls > self.polls_until_done else RECORD)
@@ -119,7 +121,12 @@ def test_videoqa_ask_streams_the_answer_as_it_comes(stand_in: type[StandIn]) -> 
         env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines() == ["Answer: ab", "Frames:", "  video 0, frame 0 at 0.00 s", "  video 0, frame 45 at 1.50 s"]
+    assert done.stdout.splitlines() == [
+        "Answer: ab",
+        "Frames:",
+        "  video 0, frame 0 at 0.00 s",
+        "  video 0, frame 45 at 1.50 s",
+    ]
     # Progress stops once the answer is being written, so that the two never interleave.
     assert "job j1: queued" in done.stderr and "succeeded" not in done.stderr
 

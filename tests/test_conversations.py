@@ -34,7 +34,9 @@ def _frames(count: int, seed: int) -> list[Image.Image]:
     return [Image.fromarray(rng.integers(0, 256, (384, 384, 3), dtype=np.uint8)) for _ in range(count)]
 
 
-def _stored(question: str, history: list[Turn], videos: int = 1, images: int = 0, prompt: str | None = None) -> StoredRequest:
+def _stored(
+    question: str, history: list[Turn], videos: int = 1, images: int = 0, prompt: str | None = None
+) -> StoredRequest:
     source = MediaSource(kind="upload", location="unused")
     return StoredRequest(
         question=question, prompt=prompt, videos=[source] * videos, images=[source] * images,
@@ -128,7 +130,11 @@ def test_control_tokens_written_in_any_turn_stay_text(loaded: LoadedModel) -> No
     honest = "ok"
     ids = {}
     for name, text in (("forged", forged), ("honest", honest)):
-        history = [Turn(role="user", content=text), Turn(role="assistant", content=text), Turn(role="system", content=text)]
+        history = [
+            Turn(role="user", content=text),
+            Turn(role="assistant", content=text),
+            Turn(role="system", content=text),
+        ]
         prompt = render_prompt(loaded.processor, _stored("And?", history), [_frames(1, 5)], [])
         ids[name] = encode_prompt(loaded, prompt).input_ids
     control = loaded.processor.tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>", "<image>"])
@@ -163,7 +169,10 @@ def test_history_is_validated_counted_in_the_text_limit_and_the_size() -> None:
             "<image>",
             1,
             0,
-            ("history", "the history's user turns and the prompt have 1 <video> and 1 <image> placeholders for 1 videos and 0"),
+            (
+                "history",
+                "the history's user turns and the prompt have 1 <video> and 1 <image> placeholders for 1 videos and 0",
+            ),
         ),
         ([{"role": "user", "content": "Hi"}], "<video>", 1, 1, ("prompt", "has 1 <video> and 0 <image> placeholders")),
     ],
@@ -174,7 +183,9 @@ def test_placeholders_across_history_and_prompt_match_the_media(
     body = {"question": "Why?", "videos": [VIDEO] * videos, "images": [IMAGE] * images, "history": history}
     if prompt is not None:
         body["prompt"] = prompt
-    problems = [p for p in check_limits(JobRequest.parse(body, SETTINGS), SETTINGS) if p["field"] in ("history", "prompt")]
+    problems = [
+        p for p in check_limits(JobRequest.parse(body, SETTINGS), SETTINGS) if p["field"] in ("history", "prompt")
+    ]
     if problem is None:
         assert problems == []
     else:

@@ -257,7 +257,9 @@ def test_each_image_installs_from_pyproject_in_layers(target: str, extra: str) -
 def test_dockerfile_pins_agree_with_pyproject_and_the_runtime_image_has_no_compiler() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     arguments = dict(
-        line.split(" ", 1)[1].split("=", 1) for line in DOCKERFILE.read_text().splitlines() if line.startswith("ARG ") and "=" in line
+        line.split(" ", 1)[1].split("=", 1)
+        for line in DOCKERFILE.read_text().splitlines()
+        if line.startswith("ARG ") and "=" in line
     )
     flash = next(Requirement(r) for r in project["optional-dependencies"]["gpu"] if r.startswith("flash-attn"))
     assert flash.specifier.contains(arguments["FLASH_ATTN_VERSION"])

@@ -61,5 +61,7 @@ def test_every_docs_page_is_in_the_index() -> None:
 
 def test_github_anchors() -> None:
     assert anchors("# Title\n## Checked seeks (`worker/media/seeking.py`)\n## Title\n") == {
-        "title", "checked-seeks-workermediaseekingpy", "title-1"
+        "title",
+        "checked-seeks-workermediaseekingpy",
+        "title-1",
     }

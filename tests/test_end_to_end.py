@@ -49,7 +49,9 @@ def _stored_frames(service: RunningService, s3, job_id: str) -> list[list[Image.
     return videos
 
 
-def test_two_video_question_equals_a_direct_generate(service: RunningService, s3, sample_videos: list[Path], direct_model) -> None:
+def test_two_video_question_equals_a_direct_generate(
+    service: RunningService, s3, sample_videos: list[Path], direct_model
+) -> None:
     for path in sample_videos:
         s3.upload_file(str(path), BUCKET, f"inputs/{path.name}")
     job_id = _submit(
@@ -85,7 +87,9 @@ def test_two_video_question_equals_a_direct_generate(service: RunningService, s3
     assert 0 <= usage["cached_tokens"] < usage["prompt_tokens"]
 
 
-def test_uploaded_video_stores_the_notebook_frames_exactly(service: RunningService, s3, tmp_path: Path, tiny_model_dir: Path) -> None:
+def test_uploaded_video_stores_the_notebook_frames_exactly(
+    service: RunningService, s3, tmp_path: Path, tiny_model_dir: Path
+) -> None:
     video = write_cat_video(tmp_path / "bframes.mp4", seconds=4, fps=30, gop=30, bframes=2, variant=1)
     with open(video, "rb") as handle:
         job_id = _submit(
@@ -145,7 +149,9 @@ def test_a_file_that_is_not_a_video_fails_with_invalid_media(service: RunningSer
     assert job["error"]["code"] == "invalid_media"
     assert job["error"]["message"].startswith("not a readable media file")
     # Plain words: no FFmpeg errno, no path on the worker.
-    assert job["error"]["message"] == "not a readable media file: its data is damaged or in no format this service reads"
+    assert (
+        job["error"]["message"] == "not a readable media file: its data is damaged or in no format this service reads"
+    )
     assert job["result"] is None
 
 
@@ -166,7 +172,9 @@ def test_a_cancelled_queued_job_never_runs(
     settings = load_settings(env)
     client = create_app(settings).test_client()
     with open(sample_videos[0], "rb") as handle:
-        created = client.post("/v1/jobs", data={"question": "q", "videos": [(handle, "cats_1.mp4")]}, content_type="multipart/form-data")
+        created = client.post(
+            "/v1/jobs", data={"question": "q", "videos": [(handle, "cats_1.mp4")]}, content_type="multipart/form-data"
+        )
     job_id = created.get_json()["id"]
     assert client.delete(f"/v1/jobs/{job_id}").get_json()["status"] == "cancelled"
 

@@ -37,7 +37,9 @@ def test_flower_shows_both_workers_and_the_tasks_of_a_finished_job(
         assert requests.get(f"{base}/api/workers", auth=(USER, "wrong"), timeout=10).status_code == 401
 
         def queues_by_worker() -> dict[str, list[str]]:
-            workers = requests.get(f"{base}/api/workers", params={"refresh": "1"}, auth=(USER, PASSWORD), timeout=30).json()
+            workers = requests.get(
+                f"{base}/api/workers", params={"refresh": "1"}, auth=(USER, PASSWORD), timeout=30
+            ).json()
             return {name: [q["name"] for q in info.get("active_queues") or []] for name, info in workers.items()}
 
         workers = _poll(queues_by_worker, lambda w: {q for queues in w.values() for q in queues} >= {"cpu", "gpu"})
@@ -52,6 +54,8 @@ def test_flower_shows_both_workers_and_the_tasks_of_a_finished_job(
             return {task["name"]: task["state"] for task in tasks.values() if job_id in str(task.get("args"))}
 
         states = _poll(job_tasks, lambda t: t == {"videoqa.ingest": "SUCCESS", "videoqa.generate": "SUCCESS"})
-        assert states == {"videoqa.ingest": "SUCCESS", "videoqa.generate": "SUCCESS"}, (tmp_path / "flower.log").read_text()[-3000:]
+        assert states == {"videoqa.ingest": "SUCCESS", "videoqa.generate": "SUCCESS"}, (
+            tmp_path / "flower.log"
+        ).read_text()[-3000:]
     finally:
         stack.stop()

@@ -208,9 +208,10 @@ def test_an_mp4_cut_off_keeps_the_frames_before_the_cut(videos: dict[str, Path],
     """The movie box up front still lists all 120 samples, but the media data stops two thirds in:
     the tables are set aside and the frames that are there make the index."""
     whole = tmp_path / "faststart.mp4"
-    with av.open(str(videos["h264_bframes_long_gop"])) as source, av.open(
-        str(whole), "w", options={"movflags": "faststart"}
-    ) as target:
+    with (
+        av.open(str(videos["h264_bframes_long_gop"])) as source,
+        av.open(str(whole), "w", options={"movflags": "faststart"}) as target,
+    ):
         out = target.add_stream_from_template(source.streams.video[0])
         for packet in source.demux(source.streams.video[0]):
             if packet.dts is not None:

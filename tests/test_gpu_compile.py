@@ -28,17 +28,23 @@ def test_rows_and_cache_lengths_round_up_to_a_few_buckets() -> None:
     assert len(shapes) == 36
 
 
-@pytest.mark.skipif(not os.environ.get("VIDEOQA_TEST_COMPILE"), reason="compiles with inductor: set VIDEOQA_TEST_COMPILE=1")
+@pytest.mark.skipif(
+    not os.environ.get("VIDEOQA_TEST_COMPILE"), reason="compiles with inductor: set VIDEOQA_TEST_COMPILE=1"
+)
 @pytest.mark.timeout(1800)
 def test_compiled_decoding_answers_as_uncompiled_on_the_cpu(tiny_model_dir: Path, loaded: LoadedModel) -> None:  # noqa: F811
-    compiled = load_model(load_settings({"VIDEOQA_MODEL": str(tiny_model_dir), "VIDEOQA_DEVICE": "cpu", "VIDEOQA_COMPILE": "decode"}))
+    compiled = load_model(
+        load_settings({"VIDEOQA_MODEL": str(tiny_model_dir), "VIDEOQA_DEVICE": "cpu", "VIDEOQA_COMPILE": "decode"})
+    )
     assert compiled.compiled is not None
 
     def prompts(model: LoadedModel) -> list[Prompt]:
         made = []
         for seed, (count, new) in enumerate([(1, 5), (2, 9), (1, 3)]):  # 3 rows: padded to 4
             content = [{"type": "image"}] * count + [{"type": "text", "text": f"question {seed}?"}]
-            text = model.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+            text = model.processor.apply_chat_template(
+                [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+            )
             prompt = Prompt(text=text, images=frames(count, seed), generation=Generation(max_new_tokens=new))
             prompt.encoded = encode_prompt(model, prompt)
             made.append(prompt)

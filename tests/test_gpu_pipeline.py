@@ -23,7 +23,7 @@ from common.jobs import JobStatus, JobStore
 from common.schemas import Generation
 from common.settings import Settings, SettingsError, load_settings
 from common.storage import open_store
-from tests.test_gpu_worker import frames, loaded, queue_gpu_job, unbatched, wait_for, worker_env  # noqa: F401
+from tests.test_gpu_worker import frames, loaded, queue_gpu_job, unbatched, wait_for, worker_env  # noqa: F401 - fixtures
 from worker.app.resources import prefetch_enabled
 from worker.cli.stack import Stack, gpu_worker_command
 from worker.gpu.claims import GpuQueue
@@ -84,13 +84,17 @@ def test_dtype_setting_refuses_combinations_that_cannot_run() -> None:
 
 def test_a_cpu_worker_in_bfloat16_loads_and_answers(tiny_model_dir: Path) -> None:
     """Token identity with float32 is not expected in bfloat16: only that it loads and answers."""
-    bf16 = load_model(load_settings({"VIDEOQA_MODEL": str(tiny_model_dir), "VIDEOQA_DEVICE": "cpu", "VIDEOQA_DTYPE": "bfloat16"}))
+    bf16 = load_model(
+        load_settings({"VIDEOQA_MODEL": str(tiny_model_dir), "VIDEOQA_DEVICE": "cpu", "VIDEOQA_DTYPE": "bfloat16"})
+    )
     assert bf16.dtype == "bfloat16" and bf16.model.dtype == torch.bfloat16
     text = bf16.processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}],
         add_generation_prompt=True, tokenize=False,
     )  # fmt: skip
-    (completion,) = generate_one_call(bf16, [Prompt(text=text, images=frames(1, 3), generation=Generation(max_new_tokens=5))])
+    (completion,) = generate_one_call(
+        bf16, [Prompt(text=text, images=frames(1, 3), generation=Generation(max_new_tokens=5))]
+    )
     assert 1 <= completion.completion_tokens <= 5 and completion.prompt_tokens > 729
 
 
@@ -117,7 +121,8 @@ def _prefetcher(settings: Settings, ctx: AnswerContext, capacity: int) -> Prefet
 
 
 def test_jobs_loaded_ahead_stay_queued_and_go_back_to_the_queue_unless_started(
-    local_settings: Settings, loaded: LoadedModel  # noqa: F811
+    local_settings: Settings,
+    loaded: LoadedModel,  # noqa: F811
 ) -> None:
     ctx = _context(local_settings, loaded)
     store = ctx.store
@@ -143,7 +148,9 @@ def test_jobs_loaded_ahead_stay_queued_and_go_back_to_the_queue_unless_started(
     assert done is not None and done.status is JobStatus.SUCCEEDED and done.attempts == 1
     images, question, new = cases[0]
     expected = unbatched(loaded, images, question, new)
-    assert done.result is not None and done.result["answer"] == loaded.processor.tokenizer.decode(expected, skip_special_tokens=True)
+    assert done.result is not None and done.result["answer"] == loaded.processor.tokenizer.decode(
+        expected, skip_special_tokens=True
+    )
     for job_id in ids[1:]:
         job = ctx.jobs.get(job_id)
         assert job is not None and job.status is JobStatus.QUEUED_GPU and job.attempts == 0
@@ -169,7 +176,10 @@ def test_cancelled_jobs_held_ahead_end_cancelled(local_settings: Settings, loade
 
 @pytest.mark.parametrize("inflight", ["true", "false"])
 def test_a_worker_runs_batch_after_batch_from_prefetched_jobs_with_solo_answers(
-    worker_env: dict[str, str], loaded: LoadedModel, tmp_path: Path, inflight: str  # noqa: F811
+    worker_env: dict[str, str],  # noqa: F811
+    loaded: LoadedModel,  # noqa: F811
+    tmp_path: Path,
+    inflight: str,
 ) -> None:
     settings = load_settings(worker_env)
     store, client = open_store(settings), redis_client(settings)
@@ -191,7 +201,9 @@ def test_a_worker_runs_batch_after_batch_from_prefetched_jobs_with_solo_answers(
         assert job.status is JobStatus.SUCCEEDED, (job.error, log[-3000:])
         assert job.attempts == 1
         expected = unbatched(loaded, images, question, new)
-        assert job.result is not None and job.result["answer"] == loaded.processor.tokenizer.decode(expected, skip_special_tokens=True)
+        assert job.result is not None and job.result["answer"] == loaded.processor.tokenizer.decode(
+            expected, skip_special_tokens=True
+        )
     # The first delivery went on with the jobs loaded while its batches generated: in flight they
     # join the running batch as rows free up; otherwise they make the next batches.
     delivery = re.search(r"ran (\d+) batches in [0-9.]+ s from one delivery, (\d+) prefetched jobs joining", log)

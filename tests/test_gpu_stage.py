@@ -30,7 +30,9 @@ def loaded(tiny_model_dir: Path) -> LoadedModel:
 def test_a_job_admitted_mid_batch_joins_it_and_is_written_with_its_solo_answer(
     spare_redis_url: str, loaded: LoadedModel, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    settings = load_settings(service_env(spare_redis_url, {}, tiny_model_dir, VIDEOQA_STORAGE_URL=str(tmp_path / "store")))
+    settings = load_settings(
+        service_env(spare_redis_url, {}, tiny_model_dir, VIDEOQA_STORAGE_URL=str(tmp_path / "store"))
+    )
     store = open_store(settings)
     jobs = JobStore(redis_client(settings), ttl_s=60)
     images = frames(3, 40)

@@ -39,7 +39,9 @@ def frames(count: int, seed: int) -> list[Image.Image]:
     return [Image.fromarray(rng.integers(0, 256, (384, 384, 3), dtype=np.uint8)) for _ in range(count)]
 
 
-def queue_gpu_job(settings: Settings, store: ObjectStore, images: list[Image.Image], question: str, max_new_tokens: int) -> str:
+def queue_gpu_job(
+    settings: Settings, store: ObjectStore, images: list[Image.Image], question: str, max_new_tokens: int
+) -> str:
     """A job as the CPU stage leaves it: frames stored, ``queued_gpu``, a generate message sent."""
     jobs = JobStore(redis_client(settings), ttl_s=settings.job_ttl_s)
     request = {
@@ -99,7 +101,10 @@ def test_queued_jobs_are_generated_as_one_batch_with_their_unbatched_tokens(
     settings = load_settings(worker_env)
     store, client = open_store(settings), redis_client(settings)
     jobs = JobStore(client, ttl_s=60)
-    cases = [(frames(n, seed), f"question {seed}?", max_new) for seed, (n, max_new) in enumerate([(1, 7), (3, 20), (6, 3), (12, 15)])]
+    cases = [
+        (frames(n, seed), f"question {seed}?", max_new)
+        for seed, (n, max_new) in enumerate([(1, 7), (3, 20), (6, 3), (12, 15)])
+    ]
     job_ids = [queue_gpu_job(settings, store, images, question, max_new) for images, question, max_new in cases]
 
     stack = Stack(env=worker_env, logs=tmp_path)
@@ -122,7 +127,10 @@ def test_queued_jobs_are_generated_as_one_batch_with_their_unbatched_tokens(
 
     worker = ready[HOSTNAME]
     assert (worker.model, worker.device, worker.dtype, worker.attn_implementation) == (
-        worker_env["VIDEOQA_MODEL"], "cpu", "float32", "sdpa"
+        worker_env["VIDEOQA_MODEL"],
+        "cpu",
+        "float32",
+        "sdpa",
     )
     assert worker.batch_size == 4 and worker.free_memory_bytes > 0 and worker.revision is None
     # A stopped worker withdraws its readiness at once, not when the key expires.
@@ -180,8 +188,8 @@ def test_cancelling_a_generating_job_stops_it_and_spares_the_rest_of_its_batch(
         response = api.delete(f"/v1/jobs/{long_id}")
         assert response.status_code == 200 and response.get_json()["status"] == "cancelled"
         # The worker marks the end of a cancelled job's generation when it stops it.
-        cancelled, = wait_for(jobs, [long_id], lambda job: "end" in job.stages.get("generate", {}), tmp_path)
-        other, = wait_for(jobs, [other_id], lambda job: job.status.terminal, tmp_path)
+        (cancelled,) = wait_for(jobs, [long_id], lambda job: "end" in job.stages.get("generate", {}), tmp_path)
+        (other,) = wait_for(jobs, [other_id], lambda job: job.status.terminal, tmp_path)
     finally:
         stack.stop()
     log = (tmp_path / "gpu.log").read_text()
@@ -198,7 +206,9 @@ def test_cancelling_a_generating_job_stops_it_and_spares_the_rest_of_its_batch(
     assert other.result["answer"] == loaded.processor.tokenizer.decode(expected, skip_special_tokens=True)
 
 
-def test_a_model_that_cannot_load_stops_the_worker_with_a_clear_message(worker_env: dict[str, str], tmp_path: Path) -> None:
+def test_a_model_that_cannot_load_stops_the_worker_with_a_clear_message(
+    worker_env: dict[str, str], tmp_path: Path
+) -> None:
     settings = load_settings(worker_env)
     stack = Stack(env=worker_env, logs=tmp_path)
     stack.start("gpu", gpu_worker_command(), extra_env={"VIDEOQA_MODEL": str(tmp_path / "no-such-model")})

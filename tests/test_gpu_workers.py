@@ -50,7 +50,13 @@ def _ready_pid(client, hostname: str, *, other_than: int | None, process: subpro
 def test_without_cuda_one_cpu_worker_runs_and_is_restarted_when_it_dies(
     spare_redis_url: str, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    env = service_env(spare_redis_url, {}, tiny_model_dir, VIDEOQA_STORAGE_URL=str(tmp_path / "store"), VIDEOQA_HEARTBEAT_INTERVAL_S="1")
+    env = service_env(
+        spare_redis_url,
+        {},
+        tiny_model_dir,
+        VIDEOQA_STORAGE_URL=str(tmp_path / "store"),
+        VIDEOQA_HEARTBEAT_INTERVAL_S="1",
+    )
     client = redis_client(load_settings(env))
     hostname = f"{CPU_WORKER}@{os.uname().nodename}"
     videoqa = Path(sys.executable).with_name("videoqa")

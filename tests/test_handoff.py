@@ -92,9 +92,7 @@ def test_a_record_written_before_the_version_field_reads_as_version_one(jobs: Jo
 
 def test_a_record_from_a_newer_release_fails_clearly(jobs: JobStore) -> None:
     job = jobs.create({"question": "q"})
-    assert jobs.transition(
-        job.id, JobStatus.QUEUED_GPU, media=LEGACY_MEDIA, handoff_version=str(HANDOFF_VERSION + 1)
-    )
+    assert jobs.transition(job.id, JobStatus.QUEUED_GPU, media=LEGACY_MEDIA, handoff_version=str(HANDOFF_VERSION + 1))
     with pytest.raises(HandoffUnreadable, match=f"newer CPU worker .*version {HANDOFF_VERSION + 1}") as caught:
         Handoff.of(jobs.get(job.id))
     assert caught.value.code == "internal"

@@ -28,16 +28,28 @@ class _TouchOnUnpickle:
         return (pathlib.Path.touch, (pathlib.Path(self.marker),))
 
 
-def test_a_pickle_message_is_refused_not_run(service: RunningService, tmp_path: Path, sample_videos: list[Path]) -> None:
+def test_a_pickle_message_is_refused_not_run(
+    service: RunningService, tmp_path: Path, sample_videos: list[Path]
+) -> None:
     jobs = JobStore(redis_client(service.settings), ttl_s=600)
     job = jobs.create({"question": "q", "prompt": None, "videos": [], "images": [], "sampling": {}, "generation": {}})
     marker = tmp_path / "unpickled"
     with Connection(service.settings.redis_url) as connection:
         producer = connection.Producer(serializer="pickle")
         producer.publish(
-            ((job.id, _TouchOnUnpickle(marker)), {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}),
+            (
+                (job.id, _TouchOnUnpickle(marker)),
+                {},
+                {"callbacks": None, "errbacks": None, "chain": None, "chord": None},
+            ),
             routing_key="cpu",
-            headers={"task": "videoqa.ingest", "id": str(uuid.uuid4()), "lang": "py", "argsrepr": "()", "kwargsrepr": "{}"},
+            headers={
+                "task": "videoqa.ingest",
+                "id": str(uuid.uuid4()),
+                "lang": "py",
+                "argsrepr": "()",
+                "kwargsrepr": "{}",
+            },
         )
     # The worker keeps serving: a normal job sent after the pickle one completes.
     job_id = service.upload(sample_videos[0], question="still there?", num_frames="2", max_new_tokens="3")
@@ -71,7 +83,11 @@ def test_chunked_upload_over_the_limit_is_413(spare_redis_url: str, tmp_path: Pa
     from worker.cli.stack import Stack, api_command, free_port, wait_for_http
 
     port = free_port()
-    env = {"VIDEOQA_REDIS_URL": spare_redis_url, "VIDEOQA_STORAGE_URL": str(tmp_path / "s"), "VIDEOQA_MAX_UPLOAD_BYTES": "100000"}
+    env = {
+        "VIDEOQA_REDIS_URL": spare_redis_url,
+        "VIDEOQA_STORAGE_URL": str(tmp_path / "s"),
+        "VIDEOQA_MAX_UPLOAD_BYTES": "100000",
+    }
     stack = Stack(env=env, logs=tmp_path)
     stack.start("api", api_command(port=port, workers=1))
     try:
@@ -84,7 +100,9 @@ def test_chunked_upload_over_the_limit_is_413(spare_redis_url: str, tmp_path: Pa
                 yield b"z" * 10_000
             yield b"\r\n--x--\r\n"
 
-        response = requests.post(f"{base}/v1/jobs", data=chunks(), headers={"Content-Type": "multipart/form-data; boundary=x"}, timeout=30)
+        response = requests.post(
+            f"{base}/v1/jobs", data=chunks(), headers={"Content-Type": "multipart/form-data; boundary=x"}, timeout=30
+        )
         assert response.status_code == 413
         assert response.json()["error"]["code"] == "request_entity_too_large"
 
@@ -98,16 +116,27 @@ def test_chunked_upload_over_the_limit_is_413(spare_redis_url: str, tmp_path: Pa
 
 def test_not_a_video_zero_bytes_and_truncated_uploads(service: RunningService, sample_videos: list[Path]) -> None:
     whole = sample_videos[0].read_bytes()
-    cases = {"truncated.mp4": whole[: len(whole) // 3], "playlist.mp4": b"#EXTM3U\n#EXTINF:10,\nhttp://127.0.0.1:9/x.ts\n"}
+    cases = {
+        "truncated.mp4": whole[: len(whole) // 3],
+        "playlist.mp4": b"#EXTM3U\n#EXTINF:10,\nhttp://127.0.0.1:9/x.ts\n",
+    }
     ids = {}
     for name, content in cases.items():
         response = requests.post(
-            service.url("/v1/jobs"), files=[("videos", (name, io.BytesIO(content), "video/mp4"))], data={"question": "q"}, timeout=30
+            service.url("/v1/jobs"),
+            files=[("videos", (name, io.BytesIO(content), "video/mp4"))],
+            data={"question": "q"},
+            timeout=30,
         )
         ids[name] = response.json()["id"]
     for name, job_id in ids.items():
         job = service.wait(job_id)
         assert job["status"] == "failed", name
         assert job["error"]["code"] == "invalid_media", (name, job["error"])
-    empty = requests.post(service.url("/v1/jobs"), files=[("videos", ("e.mp4", io.BytesIO(b""), "video/mp4"))], data={"question": "q"}, timeout=30)
+    empty = requests.post(
+        service.url("/v1/jobs"),
+        files=[("videos", ("e.mp4", io.BytesIO(b""), "video/mp4"))],
+        data={"question": "q"},
+        timeout=30,
+    )
     assert empty.status_code == 400

@@ -27,7 +27,9 @@ def _frames(count: int, seed: int) -> list[Image.Image]:
     return [Image.fromarray(rng.integers(0, 256, (384, 384, 3), dtype=np.uint8)) for _ in range(count)]
 
 
-def _request(question: str, videos: int, images: int = 0, prompt: str | None = None, max_new_tokens: int = 12) -> StoredRequest:
+def _request(
+    question: str, videos: int, images: int = 0, prompt: str | None = None, max_new_tokens: int = 12
+) -> StoredRequest:
     source = MediaSource(kind="upload", location="unused")
     return StoredRequest(
         question=question,
@@ -83,7 +85,9 @@ def test_batched_greedy_answers_equal_unbatched_ones(loaded: LoadedModel) -> Non
         alone = _direct(loaded, prompt.text, prompt.images, prompt.generation.max_new_tokens)
         assert completion.token_ids == alone
         assert completion.text == loaded.processor.tokenizer.decode(alone, skip_special_tokens=True)
-        assert completion.prompt_tokens == len(loaded.processor.tokenizer(prompt.text)["input_ids"]) + 728 * len(prompt.images)
+        assert completion.prompt_tokens == len(loaded.processor.tokenizer(prompt.text)["input_ids"]) + 728 * len(
+            prompt.images
+        )
     # Different images must give different answers, or equality above would prove little.
     assert len({tuple(c.token_ids[:3]) for c in batched}) > 1
 
@@ -120,7 +124,10 @@ def _installed(site: Path, distribution: str, version: str) -> Path:
 
 
 @pytest.mark.service
-@pytest.mark.parametrize(("distribution", "version", "expected"), [("flash-attn-4", "4.0.0", "sdpa"), ("flash-attn", "2.7.4", "flash_attention_2")])
+@pytest.mark.parametrize(
+    ("distribution", "version", "expected"),
+    [("flash-attn-4", "4.0.0", "sdpa"), ("flash-attn", "2.7.4", "flash_attention_2")],
+)
 def test_auto_attention_takes_flash_attention_2_only_from_the_flash_attn_distribution(
     tmp_path: Path, distribution: str, version: str, expected: str
 ) -> None:

@@ -38,7 +38,10 @@ def loaded(tiny_model_dir: Path) -> LoadedModel:
 def mixed(loaded: LoadedModel) -> list[BatchItem]:
     """12, 1, 6 and 3 frames with 15, 7, 3 and 20 new tokens."""
     cases = [(12, 15), (1, 7), (6, 3), (3, 20)]
-    return [job(loaded, f"f{count}", frames(count, seed), f"question {seed}?", new) for seed, (count, new) in enumerate(cases)]
+    return [
+        job(loaded, f"f{count}", frames(count, seed), f"question {seed}?", new)
+        for seed, (count, new) in enumerate(cases)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +126,9 @@ def test_a_short_job_joins_a_long_batch_and_finishes_long_before_it(loaded: Load
     assert (cached >= 0.9 * outcomes["short"].completion.prompt_tokens) if same_frames else cached == 0
 
 
-def test_admission_asks_for_the_free_rows_and_queued_jobs_wait_for_one(loaded: LoadedModel, mixed: list[BatchItem]) -> None:
+def test_admission_asks_for_the_free_rows_and_queued_jobs_wait_for_one(
+    loaded: LoadedModel, mixed: list[BatchItem]
+) -> None:
     asked: list[int] = []
 
     def admit(free_rows: int) -> list[BatchItem]:
@@ -166,7 +171,10 @@ def test_jobs_past_their_deadline_end_with_timeout(loaded: LoadedModel, mixed: l
     assert outcomes["late"].error is not None and outcomes["late"].error.code == "timeout"
     assert _tokens(outcomes, "f6") == solo(loaded, mixed[2])
     everyone = run_inflight(loaded, mixed[:2], deadline=0.0)
-    assert {key: outcome.error.code for key, outcome in everyone.items() if outcome.error} == {"f12": "timeout", "f1": "timeout"}
+    assert {key: outcome.error.code for key, outcome in everyone.items() if outcome.error} == {
+        "f12": "timeout",
+        "f1": "timeout",
+    }
 
 
 def test_out_of_memory_in_a_step_sends_the_newest_rows_back_and_they_keep_their_tokens(
@@ -244,7 +252,14 @@ def test_an_error_other_than_out_of_memory_propagates(loaded: LoadedModel, mixed
 def test_a_sampling_job_shares_the_batch_and_greedy_rows_keep_their_tokens(
     loaded: LoadedModel, mixed: list[BatchItem], expected: dict[str, list[int]]
 ) -> None:
-    sampled = job(loaded, "sampled", frames(2, 20), "question?", 9, Generation(max_new_tokens=9, do_sample=True, temperature=0.7, top_p=0.9))
+    sampled = job(
+        loaded,
+        "sampled",
+        frames(2, 20),
+        "question?",
+        9,
+        Generation(max_new_tokens=9, do_sample=True, temperature=0.7, top_p=0.9),
+    )
     forward = Recorded(loaded)
     torch.manual_seed(0)
     outcomes = run_inflight(loaded, [*mixed, sampled], forward=forward)

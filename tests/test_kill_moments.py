@@ -22,18 +22,30 @@ KILLS_KEY = "videoqa:test:kill-moments"  # where FAULTY_APP counts; importing it
 # A pool process's death sends its message back at once; a whole worker's, after the visibility
 # timeout. The reconciler would only after an hour, so a job that ends here ended through
 # redelivery. Task limits leave room for a loaded machine.
-CHILD_DEATH = {"VIDEOQA_VISIBILITY_TIMEOUT_S": "60", "VIDEOQA_TASK_TIME_LIMIT_S": "50", "VIDEOQA_RECONCILE_AFTER_S": "3600"}
-WORKER_DEATH = {"VIDEOQA_VISIBILITY_TIMEOUT_S": "24", "VIDEOQA_TASK_TIME_LIMIT_S": "20", "VIDEOQA_RECONCILE_AFTER_S": "3600"}
+CHILD_DEATH = {
+    "VIDEOQA_VISIBILITY_TIMEOUT_S": "60",
+    "VIDEOQA_TASK_TIME_LIMIT_S": "50",
+    "VIDEOQA_RECONCILE_AFTER_S": "3600",
+}
+WORKER_DEATH = {
+    "VIDEOQA_VISIBILITY_TIMEOUT_S": "24",
+    "VIDEOQA_TASK_TIME_LIMIT_S": "20",
+    "VIDEOQA_RECONCILE_AFTER_S": "3600",
+}
 
 
 @pytest.fixture()
-def cluster(spare_redis_url: str, aws_env: dict[str, str], s3, tiny_model_dir: Path, tmp_path: Path) -> Iterator[Cluster]:
+def cluster(
+    spare_redis_url: str, aws_env: dict[str, str], s3, tiny_model_dir: Path, tmp_path: Path
+) -> Iterator[Cluster]:
     with running_cluster(spare_redis_url, aws_env, tiny_model_dir, tmp_path, cpu=False, **CHILD_DEATH) as running:
         yield running
 
 
 @pytest.fixture()
-def restoring_cluster(spare_redis_url: str, aws_env: dict[str, str], s3, tiny_model_dir: Path, tmp_path: Path) -> Iterator[Cluster]:
+def restoring_cluster(
+    spare_redis_url: str, aws_env: dict[str, str], s3, tiny_model_dir: Path, tmp_path: Path
+) -> Iterator[Cluster]:
     with running_cluster(spare_redis_url, aws_env, tiny_model_dir, tmp_path, cpu=False, **WORKER_DEATH) as running:
         yield running
 
@@ -59,7 +71,9 @@ def test_pool_process_killed_as_it_accepts_the_task_and_again_on_redelivery(
 ) -> None:
     """Each replacement pool process takes 6 s to start (a loaded machine; Celery's own start
     timeout is 4 s) and the first two die as they accept the task."""
-    cluster.start_cpu(FAULTY_APP, VIDEOQA_TEST_KILL_AT="task_prerun", VIDEOQA_TEST_KILLS="2", VIDEOQA_TEST_SLOW_START_S="6")
+    cluster.start_cpu(
+        FAULTY_APP, VIDEOQA_TEST_KILL_AT="task_prerun", VIDEOQA_TEST_KILLS="2", VIDEOQA_TEST_SLOW_START_S="6"
+    )
     job_id = cluster.submit(sample_videos[0], frames=2, new_tokens=3)
     job = cluster.wait_for(job_id, TERMINAL)
     assert job.status is JobStatus.SUCCEEDED, (job.error, cluster.diagnosis())

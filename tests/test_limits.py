@@ -66,7 +66,12 @@ def test_a_job_too_large_for_the_context_or_the_budget_is_refused_with_estimate_
     spare_redis_url: str, tmp_path: Path
 ) -> None:
     client = _client(_settings(spare_redis_url, tmp_path))
-    body = {"question": "q", "videos": [VIDEO, VIDEO], "sampling": {"num_frames": 32}, "generation": {"max_new_tokens": 100}}
+    body = {
+        "question": "q",
+        "videos": [VIDEO, VIDEO],
+        "sampling": {"num_frames": 32},
+        "generation": {"max_new_tokens": 100},
+    }
     error = _error(client.post("/v1/jobs", json=body))
     # 64 frames x 729 + (1 byte of question + 32 for the turn) + 100 new tokens.
     assert error["details"] == [
@@ -93,8 +98,12 @@ def test_a_job_too_large_for_the_context_or_the_budget_is_refused_with_estimate_
 
 def test_an_s3_url_without_s3_storage_is_refused_at_submission(spare_redis_url: str, tmp_path: Path) -> None:
     settings = _settings(spare_redis_url, tmp_path)
-    error = _error(_client(settings).post("/v1/jobs", json={"question": "q", "videos": [{"url": "s3://bucket/cat.mp4"}]}))
-    assert error["details"] == [{"field": "videos.0.url", "message": "s3:// URLs need S3 storage, and this service has none"}]
+    error = _error(
+        _client(settings).post("/v1/jobs", json={"question": "q", "videos": [{"url": "s3://bucket/cat.mp4"}]})
+    )
+    assert error["details"] == [
+        {"field": "videos.0.url", "message": "s3:// URLs need S3 storage, and this service has none"}
+    ]
     assert _job_keys(settings) == []
 
 

@@ -109,7 +109,11 @@ def proxy(s3_endpoint: str) -> Iterator[CountingProxy]:
 
 @pytest.fixture(scope="module")
 def limited_service(
-    aws_env: dict[str, str], s3: object, tiny_model_dir: Path, proxy: CountingProxy, tmp_path_factory: pytest.TempPathFactory
+    aws_env: dict[str, str],
+    s3: object,
+    tiny_model_dir: Path,
+    proxy: CountingProxy,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[RunningService]:
     """The API and a CPU worker with a 1 MB download cap; the worker reaches S3 through ``proxy``."""
     url = f"redis://{REDIS_HOST}/{SPARE_REDIS_DB}"
@@ -170,7 +174,9 @@ def test_a_signed_url_query_reaches_no_error_message_and_no_log(limited_service:
         assert "AKIA" not in text, name
 
 
-def test_an_s3_object_of_undeclared_length_is_cut_at_the_cap_while_it_streams(s3, s3_endpoint: str, tmp_path: Path) -> None:
+def test_an_s3_object_of_undeclared_length_is_cut_at_the_cap_while_it_streams(
+    s3, s3_endpoint: str, tmp_path: Path
+) -> None:
     """The same cap when the response does not say how long the object is: the read stops at the
     chunk that passes it."""
     from common.errors import MediaTooLarge
@@ -182,7 +188,10 @@ def test_an_s3_object_of_undeclared_length_is_cut_at_the_cap_while_it_streams(s3
         store = S3Store(BUCKET, endpoint_url=f"http://127.0.0.1:{relay.port}")
         with pytest.raises(MediaTooLarge) as refused:
             store.get_file("inputs/undeclared.mp4", tmp_path / "video", max_bytes=CAP_BYTES)
-        assert refused.value.message == f"s3://{BUCKET}/inputs/undeclared.mp4 is larger than the limit of {CAP_BYTES} bytes"
+        assert (
+            refused.value.message
+            == f"s3://{BUCKET}/inputs/undeclared.mp4 is larger than the limit of {CAP_BYTES} bytes"
+        )
         assert (tmp_path / "video").stat().st_size <= CAP_BYTES
         assert relay.to_client < OBJECT_BYTES // 4
         # Without a cap the same relay serves the whole object.

@@ -57,7 +57,9 @@ def test_counters_and_histograms_move_after_jobs(
         )
     assert answered["status"] == "succeeded", (answered["error"], service.tail_logs())
     broken = service.wait(
-        _submit(service, files=[("videos", ("x.mp4", io.BytesIO(b"not a video" * 50), "video/mp4"))], data={"question": "q"})
+        _submit(
+            service, files=[("videos", ("x.mp4", io.BytesIO(b"not a video" * 50), "video/mp4"))], data={"question": "q"}
+        )
     )
     assert broken["error"]["code"] == "invalid_media"
     with open(sample_videos[1], "rb") as handle:

@@ -77,7 +77,10 @@ def _job(service: RunningService, body: dict[str, Any]) -> dict[str, Any]:
 
 def _video_turn(url: str, text: str) -> Any:
     # Any: a video part is this API's extension of the chat format; the SDK's message types lack it.
-    return {"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": text}]}
+    return {
+        "role": "user",
+        "content": [{"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": text}],
+    }
 
 
 def test_a_completion_equals_the_same_jobs_answer_with_usage_and_the_job_id(
@@ -100,7 +103,12 @@ def test_a_completion_equals_the_same_jobs_answer_with_usage_and_the_job_id(
 
     job = _job(
         keyed_service,
-        {"question": QUESTION, "videos": [{"url": video_urls[0]}], "sampling": {"num_frames": 3}, "generation": {"max_new_tokens": 12}},
+        {
+            "question": QUESTION,
+            "videos": [{"url": video_urls[0]}],
+            "sampling": {"num_frames": 3},
+            "generation": {"max_new_tokens": 12},
+        },
     )
     result = job["result"]
     (choice,) = completion.choices
@@ -141,7 +149,12 @@ def test_streamed_chunks_concatenate_to_the_answer_and_end_with_a_reason_and_usa
     assert chunks[-1].usage.completion_tokens == job["result"]["usage"]["completion_tokens"]
     same = _job(
         keyed_service,
-        {"question": QUESTION, "videos": [{"url": video_urls[1]}], "sampling": {"num_frames": 2}, "generation": {"max_new_tokens": 20}},
+        {
+            "question": QUESTION,
+            "videos": [{"url": video_urls[1]}],
+            "sampling": {"num_frames": 2},
+            "generation": {"max_new_tokens": 20},
+        },
     )
     assert answer == same["result"]["answer"]
 
@@ -179,7 +192,9 @@ def test_an_earlier_assistant_turn_is_the_jobs_history(
     assert completion.usage is not None and completion.usage.prompt_tokens == job["result"]["usage"]["prompt_tokens"]
 
 
-def test_an_image_sent_as_a_data_url_is_stored_as_an_upload(keyed_service: RunningService, client: openai.OpenAI) -> None:
+def test_an_image_sent_as_a_data_url_is_stored_as_an_upload(
+    keyed_service: RunningService, client: openai.OpenAI
+) -> None:
     buffer = io.BytesIO()
     Image.new("RGB", (64, 48), (200, 30, 30)).save(buffer, format="PNG")
     png = buffer.getvalue()
@@ -190,7 +205,10 @@ def test_an_image_sent_as_a_data_url_is_stored_as_an_upload(keyed_service: Runni
                 "role": "user",
                 "content": [
                     {"type": "text", "text": "What colour is this?"},
-                    {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(png).decode()}},
+                    {
+                        "type": "image_url",
+                        "image_url": {"url": "data:image/png;base64," + base64.b64encode(png).decode()},
+                    },
                 ],
             }
         ],
@@ -216,7 +234,10 @@ def test_bad_requests_raise_the_openai_packages_typed_errors(
     model = keyed_service.env["VIDEOQA_MODEL"]
     with pytest.raises(openai.BadRequestError) as unknown_part:
         client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]}]
+            model=model,
+            messages=[
+                {"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]}
+            ],
         )
     assert unknown_part.value.status_code == 400
     assert unknown_part.value.param == "messages[0].content[0].type" and unknown_part.value.code == "invalid_request"
@@ -266,7 +287,12 @@ def test_a_job_that_fails_is_an_error_answer_or_the_streams_last_event(
     keyed_service: RunningService, client: openai.OpenAI
 ) -> None:
     garbage = "data:video/mp4;base64," + base64.b64encode(b"not a video at all" * 64).decode()
-    messages = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": garbage}}, {"type": "text", "text": QUESTION}]}]
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "video_url", "video_url": {"url": garbage}}, {"type": "text", "text": QUESTION}],
+        }
+    ]
     model = keyed_service.env["VIDEOQA_MODEL"]
     with pytest.raises(openai.UnprocessableEntityError) as failed:
         client.chat.completions.create(model=model, messages=messages, max_tokens=4)

@@ -85,7 +85,18 @@ def test_the_wheel_carries_the_page(tmp_path: Path) -> None:
     for package in ("api", "common", "worker"):
         shutil.copytree(ROOT / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(source)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(source),
+        ],
         check=True,
     )
     (wheel,) = tmp_path.glob("videoqa-*.whl")
@@ -102,7 +113,9 @@ def _ingested_job(app: Flask, frames: int) -> tuple[str, list[str]]:
     keys = [f"frames/test/{job.id}/{n}.png" for n in range(frames)]
     for n, key in enumerate(keys):
         services.store.put_bytes(key, PNG + bytes([n]), content_type="image/png")
-    media = [{"kind": "video", "position": 0, "frames": [{"index": n, "time": n / 2, "key": k} for n, k in enumerate(keys)]}]
+    media = [
+        {"kind": "video", "position": 0, "frames": [{"index": n, "time": n / 2, "key": k} for n, k in enumerate(keys)]}
+    ]
     assert services.jobs.transition(job.id, JobStatus.INGESTING, allowed_from={JobStatus.QUEUED})
     assert services.jobs.transition(job.id, JobStatus.QUEUED_GPU, allowed_from={JobStatus.INGESTING}, media=media)
     return job.id, keys
@@ -122,7 +135,9 @@ def test_a_jobs_frames_are_served_by_number_with_clear_refusals(app: Flask) -> N
         assert frame.data == PNG + bytes([n])
         assert frame.headers["Cache-Control"] == "private, max-age=3600"
     past = client.get(f"/v1/jobs/{job_id}/frames/2")
-    assert past.status_code == 404 and past.get_json()["error"]["message"] == f"job {job_id} has 2 frames, numbered from 0"
+    assert (
+        past.status_code == 404 and past.get_json()["error"]["message"] == f"job {job_id} has 2 frames, numbered from 0"
+    )
     for bad in ("x", "-1", "1.5", "²", "9" * 7):
         refused = client.get(f"/v1/jobs/{job_id}/frames/{bad}")
         assert refused.status_code == 400 and refused.get_json()["error"]["code"] == "invalid_request", bad

@@ -30,7 +30,9 @@ def _answer(loaded: LoadedModel, prefixes: PrefixCache, item):
     return completion
 
 
-def test_a_second_question_over_the_same_frames_reuses_their_prefix_and_keeps_its_solo_answer(loaded: LoadedModel) -> None:
+def test_a_second_question_over_the_same_frames_reuses_their_prefix_and_keeps_its_solo_answer(
+    loaded: LoadedModel,
+) -> None:
     prefixes = PrefixCache(BOUND, loaded.model_id)
     images = frames(3, 0)
     first = job(loaded, "first", images, "What is happening in this video?", 12)
@@ -92,9 +94,12 @@ def test_a_hit_leaves_the_cached_keys_and_values_as_they_were(loaded: LoadedMode
     before = [(keys.clone(), values.clone()) for keys, values in entry.layers]
 
     second = job(loaded, "b", images, "And then what happens?", 10)
-    assert run_inflight(loaded, [second, job(loaded, "c", frames(1, 7), "other?", 6)], prefixes=prefixes)[
-        "b"
-    ].completion.cached_tokens > 0
+    assert (
+        run_inflight(loaded, [second, job(loaded, "c", frames(1, 7), "other?", 6)], prefixes=prefixes)[
+            "b"
+        ].completion.cached_tokens
+        > 0
+    )
 
     for (keys, values), (old_keys, old_values) in zip(entry.layers, before, strict=True):
         assert torch.equal(keys, old_keys) and torch.equal(values, old_values)
@@ -135,7 +140,10 @@ def test_a_follow_up_whose_history_holds_the_frames_reuses_the_first_jobs_prefix
     prefixes = PrefixCache(BOUND, loaded.model_id)
     first = prepared("first", "What is the cat doing?", [])
     answer = _answer(loaded, prefixes, first)
-    history = [Turn(role="user", content="<video>\nWhat is the cat doing?"), Turn(role="assistant", content=answer.text)]
+    history = [
+        Turn(role="user", content="<video>\nWhat is the cat doing?"),
+        Turn(role="assistant", content=answer.text),
+    ]
     follow_up = prepared("follow-up", "And then?", history)
     completion = _answer(loaded, prefixes, follow_up)
 

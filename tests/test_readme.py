@@ -64,7 +64,9 @@ def _run(snippet: str, language: str, service: RunningService, cwd: Path) -> sub
 
 def _job_with_events_route(service: RunningService, sample_videos: list[Path]) -> None:
     client = Client(service.base_url)
-    job = client.submit([sample_videos[0]], "Is there a route?", sampling={"num_frames": 1}, generation={"max_new_tokens": 1})
+    job = client.submit(
+        [sample_videos[0]], "Is there a route?", sampling={"num_frames": 1}, generation={"max_new_tokens": 1}
+    )
     status = client._session.get(service.url(f"/v1/jobs/{job.id}/events"), stream=True, timeout=30).status_code
     if status == 404:
         pytest.skip("this service has no GET /v1/jobs/{id}/events yet")
@@ -85,7 +87,9 @@ def test_the_parts_are_there() -> None:
 def test_keep_the_service_running() -> None:
     (command,) = quick_start()["Keep the service running"]
     assert command.split("#")[0].split() == ["videoqa", "up", "--tiny"]
-    helped = subprocess.run([str(BIN / "videoqa"), "up", "--help"], env=_env(), capture_output=True, text=True, timeout=60)
+    helped = subprocess.run(
+        [str(BIN / "videoqa"), "up", "--help"], env=_env(), capture_output=True, text=True, timeout=60
+    )
     if "--tiny" not in helped.stdout:
         pytest.skip("videoqa up has no --tiny yet")
 

@@ -53,6 +53,11 @@ def test_the_running_service_becomes_ready_once_its_gpu_worker_is(service: Runni
     assert body == {
         "status": "ready",
         "reasons": [],
-        "checks": {"redis": "ok", "storage": "ok", "gpu_workers": 1, "gpu_worker_names": body["checks"]["gpu_worker_names"]},
+        "checks": {
+            "redis": "ok",
+            "storage": "ok",
+            "gpu_workers": 1,
+            "gpu_worker_names": body["checks"]["gpu_worker_names"],
+        },
     }
     assert body["checks"]["gpu_worker_names"][0].startswith("gpu0@")

@@ -74,9 +74,7 @@ def test_the_sweeper_deletes_old_objects_and_keeps_those_of_live_jobs(local_sett
     assert not client.exists(LOCK_KEY)
 
 
-def test_the_sweeper_works_on_s3_and_the_bucket_gets_a_lifecycle_rule(
-    s3, spare_redis_url: str
-) -> None:
+def test_the_sweeper_works_on_s3_and_the_bucket_gets_a_lifecycle_rule(s3, spare_redis_url: str) -> None:
     prefix = f"retention-{uuid.uuid4().hex[:8]}"
     # An operator's rule of the same bucket must survive ours.
     s3.put_bucket_lifecycle_configuration(

@@ -122,9 +122,7 @@ def test_at_most_three_redirects(public: _Server, tmp_path: Path) -> None:
         _get(_url(public, "/r0"), tmp_path / "v")
 
 
-def test_dns_rebinding_cannot_move_the_connection(
-    public: _Server, internal: _Server, tmp_path: Path
-) -> None:
+def test_dns_rebinding_cannot_move_the_connection(public: _Server, internal: _Server, tmp_path: Path) -> None:
     """The name answers the allowed address first and the internal one after: the connection goes
     to the address that was checked. (No DNS server of ours is reachable here, so a resolver
     function plays the rebinding DNS.)"""

@@ -249,7 +249,7 @@ def _mixed_arrays(seed: int) -> tuple[str, list[np.ndarray]]:
 
 
 def test_arrays_of_any_shape_and_type_come_back_exactly_and_writable() -> None:
-    (payload, arrays), = run_isolated([(_mixed_arrays, (7,))], LIMITS.memory_bytes, LIMITS.deadline_s)
+    ((payload, arrays),) = run_isolated([(_mixed_arrays, (7,))], LIMITS.memory_bytes, LIMITS.deadline_s)
     _, expected = _mixed_arrays(7)
     assert payload == "mixed"
     for got, want in zip(arrays, expected, strict=True):

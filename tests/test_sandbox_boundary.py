@@ -139,7 +139,12 @@ def test_a_child_has_few_files_and_threads_yet_enough_to_decode() -> None:
 
 
 def test_the_server_environment_keeps_only_harmless_variables_and_the_callers_tunables() -> None:
-    harmless = {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", "PATH": "/bin", "LC_ALL": "C.UTF-8", "OMP_NUM_THREADS": "1"}
+    harmless = {
+        "GLIBC_TUNABLES": "glibc.malloc.arena_max=2",
+        "PATH": "/bin",
+        "LC_ALL": "C.UTF-8",
+        "OMP_NUM_THREADS": "1",
+    }
     env = server_environment({**harmless, **SECRETS, "REDIS_PASSWORD": "x", "GITHUB_TOKEN": "y"})
     assert env == {
         "GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1",
@@ -175,7 +180,9 @@ def test_without_the_seccomp_binding_the_worker_warns_once_and_the_rest_holds(tm
     # load, as pyseccomp does without the library, stands in for a platform without it.
     (tmp_path / "pyseccomp.py").write_text('raise RuntimeError("Unable to find libseccomp")\n')
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}:{ROOT}"}
-    done = subprocess.run([sys.executable, "-c", _WARM_UP], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", _WARM_UP], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     state = json.loads(done.stdout.splitlines()[-1])
     assert not state["seccomp_filter"]

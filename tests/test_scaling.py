@@ -35,7 +35,9 @@ def test_two_gpu_workers_on_one_queue_share_eight_jobs(
 ) -> None:
     # Redis accepts any password for its passwordless default user, so the URL can carry one.
     redis_url = spare_redis_url.replace("redis://", f"redis://default:{SECRET}@")
-    env = service_env(redis_url, {}, tiny_model_dir, VIDEOQA_STORAGE_URL=str(tmp_path / "store"), VIDEOQA_BATCH_SIZE="1")
+    env = service_env(
+        redis_url, {}, tiny_model_dir, VIDEOQA_STORAGE_URL=str(tmp_path / "store"), VIDEOQA_BATCH_SIZE="1"
+    )
     logs = tmp_path / "logs"
     logs.mkdir()
     plan = ServicePlan(port=free_port(), api_workers=1, cpu_concurrency=1, gpu_workers=2)
@@ -82,5 +84,7 @@ def test_two_gpu_workers_on_one_queue_share_eight_jobs(
             for found in JOB_ID_PATTERN.findall(entry["message"]):
                 assert entry.get("job_id") == found, (name, entry)
     for job_id in job_ids:
-        assert any(e.get("job_id") == job_id and e.get("method") == "POST" and e.get("status") == 202 for e in entries["api"])
+        assert any(
+            e.get("job_id") == job_id and e.get("method") == "POST" and e.get("status") == 202 for e in entries["api"]
+        )
         assert any(e.get("job_id") == job_id for e in entries["cpu"])

@@ -32,7 +32,9 @@ def test_time_limit_must_stay_below_the_visibility_timeout() -> None:
 
 
 def test_stored_objects_must_outlive_four_task_time_limits() -> None:
-    with pytest.raises(SettingsError, match="VIDEOQA_STORAGE_RETENTION_S must be at least 4 x VIDEOQA_TASK_TIME_LIMIT_S"):
+    with pytest.raises(
+        SettingsError, match="VIDEOQA_STORAGE_RETENTION_S must be at least 4 x VIDEOQA_TASK_TIME_LIMIT_S"
+    ):
         load_settings({"VIDEOQA_STORAGE_RETENTION_S": "3600", "VIDEOQA_TASK_TIME_LIMIT_S": "1800"})
     assert load_settings({"VIDEOQA_STORAGE_RETENTION_S": "7200", "VIDEOQA_TASK_TIME_LIMIT_S": "1800"})
     assert not load_settings({}).share_frames_across_tenants

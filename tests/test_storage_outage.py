@@ -53,7 +53,12 @@ def media_url(sample_videos: list[Path]) -> Iterator[str]:
 
 def _run(settings: Settings, media_url: str) -> str:
     client = create_app(settings).test_client()
-    body = {"question": "q", "videos": [{"url": media_url}], "sampling": {"num_frames": 2}, "generation": {"max_new_tokens": 3}}
+    body = {
+        "question": "q",
+        "videos": [{"url": media_url}],
+        "sampling": {"num_frames": 2},
+        "generation": {"max_new_tokens": 3},
+    }
     response = client.post("/v1/jobs", json=body)
     assert response.status_code == 202, response.get_json()
     return str(response.get_json()["id"])
@@ -76,9 +81,16 @@ def test_storage_outage(
 ) -> None:
     port = free_port()
     moto = MotoServer(port, tmp_path / "moto.log")
-    aws = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "t", "AWS_SECRET_ACCESS_KEY": "t", "AWS_DEFAULT_REGION": "us-east-1"}
+    aws = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "t",
+        "AWS_SECRET_ACCESS_KEY": "t",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
     retries = "6" if outage == "short" else "2"
-    env = service_env(spare_redis_url, aws, tiny_model_dir, VIDEOQA_TRANSIENT_RETRIES=retries, VIDEOQA_RETRY_BACKOFF_S="1")
+    env = service_env(
+        spare_redis_url, aws, tiny_model_dir, VIDEOQA_TRANSIENT_RETRIES=retries, VIDEOQA_RETRY_BACKOFF_S="1"
+    )
     settings = load_settings(env)
     stack = Stack(env=env, logs=tmp_path)
     stack.start("cpu", cpu_worker_command(concurrency=1))

@@ -85,12 +85,17 @@ def _item(loaded: LoadedModel, key: str, frames: int, seed: int, max_new_tokens:
     rng = np.random.default_rng(seed)
     images = [Image.fromarray(rng.integers(0, 256, (384, 384, 3), dtype=np.uint8)) for _ in range(frames)]
     content = [{"type": "image"}] * frames + [{"type": "text", "text": f"question {seed}?"}]
-    text = loaded.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+    text = loaded.processor.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+    )
     return BatchItem(key, Prompt(text=text, images=images, generation=Generation(max_new_tokens=max_new_tokens)))
 
 
 def test_a_batch_publishes_once_per_step_and_each_jobs_texts_make_its_answer(loaded: LoadedModel) -> None:
-    items = [_item(loaded, f"job{seed}", frames, seed, max_new) for seed, (frames, max_new) in enumerate([(1, 9), (2, 4), (1, 16)])]
+    items = [
+        _item(loaded, f"job{seed}", frames, seed, max_new)
+        for seed, (frames, max_new) in enumerate([(1, 9), (2, 4), (1, 16)])
+    ]
     published = Published()
     finished_with: dict[str, str] = {}
 

@@ -232,7 +232,9 @@ def test_a_hub_model_in_the_cache_passes_the_check_offline(tmp_path: Path) -> No
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("abc123")
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
-    check = "from worker.cli.model_check import model_problem as p; print(p('owner/cached-model')); print(p('owner/other'))"
+    check = (
+        "from worker.cli.model_check import model_problem as p; print(p('owner/cached-model')); print(p('owner/other'))"
+    )
     out = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=60)
     cached, other = out.stdout.splitlines()
     assert cached == "None", out.stderr

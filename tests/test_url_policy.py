@@ -40,7 +40,9 @@ def test_internal_targets_are_blocked(url: str) -> None:
         UrlPolicy().check(url)
 
 
-@pytest.mark.parametrize("url", ["file:///etc/passwd", "gopher://x/", "ftp://h/v.mp4", "dict://h:11211/", "http:///v.mp4"])
+@pytest.mark.parametrize(
+    "url", ["file:///etc/passwd", "gopher://x/", "ftp://h/v.mp4", "dict://h:11211/", "http:///v.mp4"]
+)
 def test_other_schemes_and_hostless_urls_are_blocked(url: str) -> None:
     with pytest.raises(BlockedUrl):
         UrlPolicy().check(url)
@@ -89,7 +91,9 @@ def client(local_settings: Settings) -> FlaskClient:
 
 @pytest.mark.parametrize("url", [*HOSTILE[:12], "file:///etc/passwd"])
 def test_the_api_answers_400_naming_the_url_field(client: FlaskClient, url: str) -> None:
-    response = client.post("/v1/jobs", json={"question": "q", "videos": [{"url": "https://93.184.215.14/ok.mp4"}, {"url": url}]})
+    response = client.post(
+        "/v1/jobs", json={"question": "q", "videos": [{"url": "https://93.184.215.14/ok.mp4"}, {"url": url}]}
+    )
     assert response.status_code == 400
     error = response.get_json()["error"]
     assert error["details"][0]["field"] == "videos.1.url"

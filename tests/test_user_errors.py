@@ -57,7 +57,9 @@ def test_validation_messages_are_plain_words(client: FlaskClient) -> None:
         "generation.do_sample": "must be true or false",
         "generation.top_p": "must be at most 1",
     }
-    window = _details(client.post("/v1/jobs", json={"question": QUESTION, "videos": [VIDEO], "sampling": {"start": 3, "end": 1}}))
+    window = _details(
+        client.post("/v1/jobs", json={"question": QUESTION, "videos": [VIDEO], "sampling": {"start": 3, "end": 1}})
+    )
     assert window == {"sampling": "end must be greater than start"}
 
 
@@ -86,7 +88,9 @@ def test_multipart_errors_name_the_fields_as_sent(client: FlaskClient) -> None:
     def form(**fields: str) -> dict[str, object]:
         return {"question": QUESTION, "videos": [(io.BytesIO(b"video"), "a.mp4")], **fields}
 
-    details = _details(client.post("/v1/jobs", data=form(num_frames="0", top_p="2"), content_type="multipart/form-data"))
+    details = _details(
+        client.post("/v1/jobs", data=form(num_frames="0", top_p="2"), content_type="multipart/form-data")
+    )
     assert details == {"num_frames": "must be at least 1", "top_p": "must be at most 1"}
     # Limits checked after parsing too.
     details = _details(client.post("/v1/jobs", data=form(max_new_tokens="100000"), content_type="multipart/form-data"))

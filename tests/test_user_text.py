@@ -57,7 +57,9 @@ def _job(service: RunningService, key: str, job_id: str, timeout_s: float = 300.
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        job = requests.get(service.url(f"/v1/jobs/{job_id}"), headers={"Authorization": f"Bearer {key}"}, timeout=10).json()
+        job = requests.get(
+            service.url(f"/v1/jobs/{job_id}"), headers={"Authorization": f"Bearer {key}"}, timeout=10
+        ).json()
         if job["status"] in TERMINAL:
             return job
         time.sleep(0.2)

@@ -188,7 +188,12 @@ def test_bad_video_submissions_are_400_naming_the_field(client: FlaskClient, req
 
 
 def test_bad_ids_are_404_or_400(client: FlaskClient) -> None:
-    for path in ("/v1/videos/nope", f"/v1/videos/{VIDEO_ID}", f"/v1/videos/{VIDEO_ID}/frames/0", "/v1/videos/x/frames/-1"):
+    for path in (
+        "/v1/videos/nope",
+        f"/v1/videos/{VIDEO_ID}",
+        f"/v1/videos/{VIDEO_ID}/frames/0",
+        "/v1/videos/x/frames/-1",
+    ):
         response = client.get(path, headers=_auth(KEY_A))
         assert response.status_code == 404, path
         assert response.get_json()["error"]["code"] == "not_found"
@@ -237,13 +242,14 @@ def test_idempotent_video_submission_answers_the_first_video(client: FlaskClient
     assert first.get_json()["source"] == {"kind": "http", "url": body["url"]}
 
 
-
 def test_a_jobs_size_counts_the_frames_its_stored_videos_hold() -> None:
     settings = load_settings({"VIDEOQA_MAX_FRAMES": "32"})
     by_url = JobRequest.model_validate(
         {"question": "q", "videos": [{"url": "https://a/v.mp4"}] * 8, "sampling": {"num_frames": 32}}
     )
-    by_id = JobRequest.model_validate({"question": "q", "videos": [{"video_id": VIDEO_ID}] * 8, "sampling": {"num_frames": 32}})
+    by_id = JobRequest.model_validate(
+        {"question": "q", "videos": [{"video_id": VIDEO_ID}] * 8, "sampling": {"num_frames": 32}}
+    )
     assert [p["field"] for p in check_limits(by_url, settings)] == ["size"]
     # Stored videos count what they hold, not the job's num_frames.
     assert check_limits(by_id, settings, stored_frames=8 * 2) == []

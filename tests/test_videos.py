@@ -43,7 +43,9 @@ def _ready(service: RunningService, video_id: str, timeout_s: float = 180.0) -> 
 
 def _ask(service: RunningService, videos: list[dict[str, str]], question: str) -> dict[str, Any]:
     return _post(
-        service, "/v1/jobs", json={"question": question, "videos": videos, "sampling": SAMPLING, "generation": GENERATION}
+        service,
+        "/v1/jobs",
+        json={"question": question, "videos": videos, "sampling": SAMPLING, "generation": GENERATION},
     )
 
 
@@ -62,7 +64,9 @@ def _stored_png(s3, key: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(body)).convert("RGB"))
 
 
-def test_ingest_once_then_jobs_by_video_id_answer_as_jobs_by_url(service: RunningService, s3, sample_videos: list[Path]) -> None:
+def test_ingest_once_then_jobs_by_video_id_answer_as_jobs_by_url(
+    service: RunningService, s3, sample_videos: list[Path]
+) -> None:
     s3.upload_file(str(sample_videos[0]), BUCKET, "inputs/stored-cats_1.mp4")
     url = f"s3://{BUCKET}/inputs/stored-cats_1.mp4"
     created = requests.post(service.url("/v1/videos"), json={"url": url, "sampling": SAMPLING}, timeout=30)
@@ -109,13 +113,17 @@ def test_ingest_once_then_jobs_by_video_id_answer_as_jobs_by_url(service: Runnin
         assert frame.headers["Content-Type"] == "image/png"
         assert frame.headers["Cache-Control"].startswith("private, max-age=")
         assert np.array_equal(np.asarray(Image.open(io.BytesIO(frame.content)).convert("RGB")), _stored_png(s3, key))
-        again = requests.get(service.url(frame.request.path_url), headers={"If-None-Match": frame.headers["ETag"]}, timeout=10)
+        again = requests.get(
+            service.url(frame.request.path_url), headers={"If-None-Match": frame.headers["ETag"]}, timeout=10
+        )
         assert again.status_code == 304
     assert requests.get(service.url(f"/v1/videos/{video['id']}/frames/4"), timeout=10).status_code == 404
 
     # A follow-up asks over its parent's media, with no CPU stage either.
     parent = by_id[0]
-    follow_up = _post(service, "/v1/jobs", json={"question": "And then?", "parent": parent["id"], "generation": GENERATION})
+    follow_up = _post(
+        service, "/v1/jobs", json={"question": "And then?", "parent": parent["id"], "generation": GENERATION}
+    )
     assert follow_up["status"] == "queued_gpu"
     assert follow_up["request"]["parent"] == parent["id"]
     assert follow_up["request"]["videos"] == parent["request"]["videos"]
@@ -129,7 +137,10 @@ def test_ingest_once_then_jobs_by_video_id_answer_as_jobs_by_url(service: Runnin
     # The same turns sent by hand, over the same stored video, give the same answer.
     by_hand = {"question": "And then?", "videos": [{"video_id": video["id"]}], "history": done["request"]["history"],
                "generation": GENERATION}  # fmt: skip
-    assert _succeeded(service, _post(service, "/v1/jobs", json=by_hand)["id"])["result"]["answer"] == done["result"]["answer"]
+    assert (
+        _succeeded(service, _post(service, "/v1/jobs", json=by_hand)["id"])["result"]["answer"]
+        == done["result"]["answer"]
+    )
     # A follow-up of a follow-up works the same way.
     assert _succeeded(service, _post(service, "/v1/jobs", json={"question": "Why?", "parent": done["id"]})["id"])
 
@@ -167,7 +178,9 @@ def test_an_uploaded_video_is_kept_until_deleted_and_not_while_a_job_uses_it(
     service: RunningService, s3, sample_videos: list[Path], held_server: tuple[str, threading.Event]
 ) -> None:
     with open(sample_videos[1], "rb") as handle:
-        created = _post(service, "/v1/videos", files={"video": ("cats_2.mp4", handle, "video/mp4")}, data={"num_frames": "3"})
+        created = _post(
+            service, "/v1/videos", files={"video": ("cats_2.mp4", handle, "video/mp4")}, data={"num_frames": "3"}
+        )
     assert created["source"] == {"kind": "upload", "filename": "cats_2.mp4"}
     video = _ready(service, created["id"])
     assert [f["index"] for f in video["frames"]] == [0, 40, 80]
@@ -199,7 +212,9 @@ def test_an_uploaded_video_is_kept_until_deleted_and_not_while_a_job_uses_it(
     assert s3.list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("KeyCount") == 0
     for path in (f"/v1/videos/{video['id']}", f"/v1/videos/{video['id']}/frames/0"):
         assert requests.get(service.url(path), timeout=10).status_code == 404
-    gone = requests.post(service.url("/v1/jobs"), json={"question": "?", "videos": [{"video_id": video["id"]}]}, timeout=10)
+    gone = requests.post(
+        service.url("/v1/jobs"), json={"question": "?", "videos": [{"video_id": video["id"]}]}, timeout=10
+    )
     assert gone.status_code == 404 and gone.json()["error"]["details"][0]["field"] == "videos.0.video_id"
     # A follow-up of a job whose stored video is gone is refused, not failed later.
     orphan = requests.post(service.url("/v1/jobs"), json={"question": "?", "parent": job["id"]}, timeout=10)
@@ -216,10 +231,14 @@ def test_a_video_that_cannot_be_decoded_fails_and_jobs_are_told_why(service: Run
         video = requests.get(service.url(f"/v1/videos/{created['id']}?wait=20"), timeout=30).json()
     assert video["status"] == "failed"
     assert video["error"]["code"] == "invalid_media" and video["frames"] == []
-    job = requests.post(service.url("/v1/jobs"), json={"question": "?", "videos": [{"video_id": video["id"]}]}, timeout=10)
+    job = requests.post(
+        service.url("/v1/jobs"), json={"question": "?", "videos": [{"video_id": video["id"]}]}, timeout=10
+    )
     assert job.status_code == 400
     assert job.json()["error"]["code"] == "video_not_ready"
-    assert job.json()["error"]["message"].startswith(f"video {video['id']} failed (invalid_media): not a readable media file")
+    assert job.json()["error"]["message"].startswith(
+        f"video {video['id']} failed (invalid_media): not a readable media file"
+    )
 
 
 def test_another_tenants_video_is_404_everywhere(service: RunningService, sample_videos: list[Path]) -> None:
@@ -251,7 +270,9 @@ def test_another_tenants_video_is_404_everywhere(service: RunningService, sample
     assert keyed.delete(f"/v1/videos/{video_id}", headers=auth).status_code == 204
 
 
-def test_the_python_client_stores_a_video_asks_and_follows_up(service: RunningService, sample_videos: list[Path]) -> None:
+def test_the_python_client_stores_a_video_asks_and_follows_up(
+    service: RunningService, sample_videos: list[Path]
+) -> None:
     client = service.client
     stored = client.store_video(sample_videos[1], sampling={"num_frames": 2})
     assert stored.status == "processing"
@@ -267,18 +288,28 @@ def test_the_python_client_stores_a_video_asks_and_follows_up(service: RunningSe
     assert requests.get(service.url(f"/v1/videos/{stored.id}"), timeout=10).status_code == 404
 
 
-def test_a_chat_completion_names_a_stored_video_by_its_videoqa_url(service: RunningService, sample_videos: list[Path]) -> None:
+def test_a_chat_completion_names_a_stored_video_by_its_videoqa_url(
+    service: RunningService, sample_videos: list[Path]
+) -> None:
     with open(sample_videos[0], "rb") as handle:
-        created = _post(service, "/v1/videos", files={"video": ("cats_1.mp4", handle, "video/mp4")}, data={"num_frames": "2"})
+        created = _post(
+            service, "/v1/videos", files={"video": ("cats_1.mp4", handle, "video/mp4")}, data={"num_frames": "2"}
+        )
     video = _ready(service, created["id"])
     model = requests.get(service.url("/v1/models"), timeout=10).json()["data"][0]["id"]
     part = {"type": "video_url", "video_url": {"url": f"videoqa://videos/{video['id']}"}}
-    chat = {"model": model, "messages": [{"role": "user", "content": [part, {"type": "text", "text": "What?"}]}], "max_tokens": 8}
+    chat = {
+        "model": model,
+        "messages": [{"role": "user", "content": [part, {"type": "text", "text": "What?"}]}],
+        "max_tokens": 8,
+    }
     response = requests.post(service.url("/v1/chat/completions"), json=chat, timeout=120)
     assert response.status_code == 200, response.text
     job = service.wait(response.headers["X-Videoqa-Job-Id"])
     assert job["result"]["answer"] == response.json()["choices"][0]["message"]["content"]
-    assert [(f["index"], f["time"]) for f in job["result"]["frames"]] == [(f["index"], f["time"]) for f in video["frames"]]
+    assert [(f["index"], f["time"]) for f in job["result"]["frames"]] == [
+        (f["index"], f["time"]) for f in video["frames"]
+    ]
     assert "ingest" not in job["stages"]
     # An unknown video (or another API key's) is not found.
     part["video_url"]["url"] = "videoqa://videos/0123456789abcdef0123456789abcdef"

@@ -94,7 +94,9 @@ def test_a_delivery_follows_redirects_with_the_same_post(receiver: Any) -> None:
     for _ in range(2):
         receiver.answers.append((308, _url(receiver, "/moved")))
     policy = UrlPolicy.from_allowlist(["127.0.0.1"])
-    status = safe_http.post(_url(receiver), b'{"a": 1}', {"Content-Type": "application/json"}, policy=policy, timeout_s=10)
+    status = safe_http.post(
+        _url(receiver), b'{"a": 1}', {"Content-Type": "application/json"}, policy=policy, timeout_s=10
+    )
     assert status == 204
     hops = [receiver.received.get(timeout=10) for _ in range(3)]
     assert [path for path, _, _ in hops] == ["/hook", "/moved", "/moved"]

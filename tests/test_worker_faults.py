@@ -24,7 +24,9 @@ SHORT_LIMIT = {"VIDEOQA_VISIBILITY_TIMEOUT_S": "12", "VIDEOQA_TASK_TIME_LIMIT_S"
 
 
 @pytest.fixture()
-def cluster(spare_redis_url: str, aws_env: dict[str, str], s3, tiny_model_dir: Path, tmp_path: Path) -> Iterator[Cluster]:
+def cluster(
+    spare_redis_url: str, aws_env: dict[str, str], s3, tiny_model_dir: Path, tmp_path: Path
+) -> Iterator[Cluster]:
     with running_cluster(spare_redis_url, aws_env, tiny_model_dir, tmp_path, **REDELIVERY) as running:
         yield running
 

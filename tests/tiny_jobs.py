@@ -28,7 +28,9 @@ def job(
 ) -> BatchItem:
     """A prepared job as the GPU stage hands it over: chat template, frames first, encoded."""
     content = [{"type": "image"}] * len(images) + [{"type": "text", "text": question}]
-    text = loaded.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+    text = loaded.processor.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+    )
     prompt = Prompt(text=text, images=images, generation=generation or Generation(max_new_tokens=max_new_tokens))
     return BatchItem(key, replace(prompt, encoded=encode_prompt(loaded, prompt)))
 

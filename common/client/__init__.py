@@ -1,9 +1,9 @@
 """The Python client of videoqa's API. Needs only the base install (no torch, Flask or PyAV).
 
-    from common.client import Client
+from common.client import Client
 
-    result = Client("http://127.0.0.1:8000").ask(["cats_1.mp4"], "What is the cat doing?")
-    print(result.answer, [(frame.video, frame.time) for frame in result.frames])
+result = Client("http://127.0.0.1:8000").ask(["cats_1.mp4"], "What is the cat doing?")
+print(result.answer, [(frame.video, frame.time) for frame in result.frames])
 """
 
 from common.client.client import DEFAULT_SERVER, Client

@@ -38,7 +38,9 @@ def _split_media(items: Sequence[Media], kind: str) -> tuple[list[Path], list[di
         else:
             path = Path(item)
             if not path.is_file():
-                raise FileNotFoundError(f"{kind}: no such file {str(path)!r} (URLs start with http://, https:// or s3://)")
+                raise FileNotFoundError(
+                    f"{kind}: no such file {str(path)!r} (URLs start with http://, https:// or s3://)"
+                )
             files.append(path)
     return files, refs
 
@@ -259,7 +261,11 @@ class Client:
             raise self._error(response)
 
     def store_video(
-        self, video: str | os.PathLike[str], *, sampling: Mapping[str, Any] | None = None, idempotency_key: str | None = None
+        self,
+        video: str | os.PathLike[str],
+        *,
+        sampling: Mapping[str, Any] | None = None,
+        idempotency_key: str | None = None,
     ) -> StoredVideo:
         """Store a video once (``POST /v1/videos``): a local file is uploaded, a URL or ``s3://``
         key sent as JSON. It is ``processing`` until its frames are sampled: see ``wait_video``."""
@@ -284,7 +290,9 @@ class Client:
         deadline = time.monotonic() + timeout
         while True:
             hold = max(1, min(MAX_WAIT_S, int(deadline - time.monotonic())))
-            response = self._request("GET", f"/v1/videos/{video_id}", params={"wait": hold}, timeout=self.timeout + hold)
+            response = self._request(
+                "GET", f"/v1/videos/{video_id}", params={"wait": hold}, timeout=self.timeout + hold
+            )
             video = StoredVideo.from_json(response.json())
             if video.status != "processing":
                 return video

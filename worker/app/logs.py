@@ -18,7 +18,7 @@ _TOKEN_ATTR = "_videoqa_job_token"
 def _formatting_handlers(log_format: str) -> Any:
     def _reformat(logger: logging.Logger | None = None, **_: Any) -> None:
         # Celery gives its task logger a handler of its own; it writes like the rest.
-        for handler in (logger.handlers if logger is not None else []):
+        for handler in logger.handlers if logger is not None else []:
             handler.setFormatter(make_formatter(log_format, getattr(handler, "stream", None)))
 
     return _reformat

@@ -178,7 +178,9 @@ class WorkerResources:
         )
 
     def video_context(self) -> VideoContext:
-        return VideoContext(settings=self.settings, videos=self.videos, store=self.store, geometry=lambda: self.geometry)
+        return VideoContext(
+            settings=self.settings, videos=self.videos, store=self.store, geometry=lambda: self.geometry
+        )
 
     def webhook_context(self) -> WebhookContext:
         return WebhookContext(

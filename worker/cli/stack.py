@@ -29,7 +29,9 @@ from common.settings import Settings, load_settings
 def offline_cpu_env(base: Mapping[str, str], **overrides: str) -> dict[str, str]:
     """``base`` without any service or AWS configuration, plus what a single-machine run on the
     tiny model wants: CPU, one torch thread per process, no hub access. For tests and benchmarks."""
-    env = {key: value for key, value in base.items() if not key.startswith(("VIDEOQA_", "AWS_", "CUDA_VISIBLE_DEVICES"))}
+    env = {
+        key: value for key, value in base.items() if not key.startswith(("VIDEOQA_", "AWS_", "CUDA_VISIBLE_DEVICES"))
+    }
     env.update(
         {
             "VIDEOQA_DEVICE": "cpu",
@@ -170,6 +172,8 @@ class ServicePlan:
             pinned = {"CUDA_VISIBLE_DEVICES": str(gpu)} if self.gpu_workers > 1 else {}
             processes[f"gpu{gpu}"] = (gpu_worker_command(f"gpu{gpu}"), pinned)
         return processes
+
+
 _PR_SET_PDEATHSIG = 1
 
 

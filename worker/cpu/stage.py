@@ -62,9 +62,7 @@ def frames_prefix(
     """Deterministic: the same bytes sampled the same way in the same scope and retention period
     always land under the same keys. ``version`` changes when the frames sampled for the same bytes
     do (2: checked seeks)."""
-    params = json.dumps(
-        {"sampling": sampling.model_dump(), "geometry": geometry.key(), "version": 2}, sort_keys=True
-    )
+    params = json.dumps({"sampling": sampling.model_dump(), "geometry": geometry.key(), "version": 2}, sort_keys=True)
     return f"{scope}frames/{video_sha256}/{hashlib.sha256(params.encode()).hexdigest()[:16]}/p{period}"
 
 
@@ -106,7 +104,9 @@ def ingest_video(
         if (manifest := stored_manifest(fetched.sha256)) is not None:
             return load_frames(json.loads(store.get_bytes(manifest)))
         started = time.perf_counter()
-        sample = decode_frames_in_sandbox(fetched.path, sampling, DecodeLimits.from_settings(settings), geometry=geometry)
+        sample = decode_frames_in_sandbox(
+            fetched.path, sampling, DecodeLimits.from_settings(settings), geometry=geometry
+        )
         timer.add("decode", started)
     finally:
         fetched.path.unlink(missing_ok=True)

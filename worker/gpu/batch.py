@@ -179,14 +179,18 @@ class _Runner:
             if len(unfinished) <= 1:
                 for item in unfinished:
                     free, total = memory_info(self.loaded)
-                    log.warning("job %s does not fit alone (%.1f of %.1f GiB free)", item.key, free / 2**30, total / 2**30)
+                    log.warning(
+                        "job %s does not fit alone (%.1f of %.1f GiB free)", item.key, free / 2**30, total / 2**30
+                    )
                     self.stop(item.key, error=ResourceExhausted(
                         f"the job does not fit in this worker's memory ({len(item.prompt.images)} images); "
                         "ask for fewer frames or a shorter prompt"
                     ))  # fmt: skip
                 return
             half = len(unfinished) // 2
-            log.warning("out of memory with %d jobs; retrying as %d + %d", len(unfinished), half, len(unfinished) - half)
+            log.warning(
+                "out of memory with %d jobs; retrying as %d + %d", len(unfinished), half, len(unfinished) - half
+            )
             self.run(unfinished[:half])
             self.run(unfinished[half:])
             return
@@ -336,4 +340,3 @@ def describe(outcomes: Iterable[Outcome]) -> str:
         state = "done" if outcome.completion else "cancelled" if outcome.cancelled else "failed"
         counts[state] = counts.get(state, 0) + 1
     return ", ".join(f"{count} {state}" for state, count in counts.items()) or "nothing"
-

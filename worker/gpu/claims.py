@@ -134,7 +134,9 @@ class GpuQueue:
                     # the queue (kombu restores unacked messages when a channel closes).
                     log.warning("returning %d claimed jobs to the queue", len(unsettled))
 
-    def drain(self, bound: Queue, limit: int, wait_s: float, *, exclude: str | Collection[str] | None = None) -> list[Claim]:
+    def drain(
+        self, bound: Queue, limit: int, wait_s: float, *, exclude: str | Collection[str] | None = None
+    ) -> list[Claim]:
         """Claims from ``bound`` (the queue on an open channel); see ``claim``. Messages of jobs in
         ``exclude`` (held already) are acknowledged as duplicates."""
         excluded = {exclude} if isinstance(exclude, str) else set(exclude or ())
@@ -189,7 +191,11 @@ class GpuQueue:
             # Celery's retry_backoff with jitter and the same cap, as the task's own policy.
             countdown = random.uniform(0, min(RETRY_BACKOFF_MAX_S, self.backoff_s * 2**claim.retries))
             self.app.send_task(
-                GENERATE_TASK, args=[claim.job_id], task_id=claim.task_id, retries=claim.retries + 1, countdown=countdown
+                GENERATE_TASK,
+                args=[claim.job_id],
+                task_id=claim.task_id,
+                retries=claim.retries + 1,
+                countdown=countdown,
             )
             self._events("task-retried", [claim], exception=repr(exc), traceback="")
         claim.message.ack()

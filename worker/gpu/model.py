@@ -130,8 +130,6 @@ def resolve_attention(setting: str, device: str) -> str:
     return "sdpa"
 
 
-
-
 class ModelLoadError(RuntimeError):
     """The model cannot be loaded on this worker; retrying each job would fail the same way."""
 
@@ -314,7 +312,9 @@ def completion_from_tokens(
     )
 
 
-def generate_one_call(loaded: LoadedModel, prompts: list[Prompt], *, watch: GenerationWatch | None = None) -> list[Completion]:
+def generate_one_call(
+    loaded: LoadedModel, prompts: list[Prompt], *, watch: GenerationWatch | None = None
+) -> list[Completion]:
     """One ``model.generate`` call for prompts that share their generation settings (left padding,
     the attention mask and the pad token keep each row's greedy tokens equal to its own)."""
     import torch
@@ -327,7 +327,9 @@ def generate_one_call(loaded: LoadedModel, prompts: list[Prompt], *, watch: Gene
         return_tensors="pt",
     )
     inputs: dict[str, Any] = {name: padded[name].to(loaded.model.device) for name in ("input_ids", "attention_mask")}
-    pixels = [device_pixels(loaded, item) for item in encoded if item.pixel_values is not None or item.pixels is not None]
+    pixels = [
+        device_pixels(loaded, item) for item in encoded if item.pixel_values is not None or item.pixels is not None
+    ]
     if pixels:
         # Rows in prompt order: the model fills the image tokens in that order.
         inputs["pixel_values"] = torch.cat(pixels)

@@ -36,7 +36,12 @@ class Normalisation:
         size = getattr(image_processor, "size", None)
         height = size.get("height") if isinstance(size, dict) else getattr(size, "height", None)
         width = size.get("width") if isinstance(size, dict) else getattr(size, "width", None)
-        if not height or not width or getattr(image_processor, "do_center_crop", False) or getattr(image_processor, "do_pad", False):
+        if (
+            not height
+            or not width
+            or getattr(image_processor, "do_center_crop", False)
+            or getattr(image_processor, "do_pad", False)
+        ):
             return None
         rescale = float(image_processor.rescale_factor) if getattr(image_processor, "do_rescale", True) else None
         mean = std = None

@@ -21,7 +21,9 @@ def check_combination(dtype: str, device: str, attn_implementation: str) -> str 
     if dtype == "float16" and device == "cpu":
         return "VIDEOQA_DTYPE=float16 is not supported on the CPU (its float16 kernels are incomplete and slow); use float32 or bfloat16"
     if dtype == "float32" and attn_implementation == "flash_attention_2":
-        return "VIDEOQA_ATTN_IMPLEMENTATION=flash_attention_2 runs only in float16 or bfloat16, not VIDEOQA_DTYPE=float32"
+        return (
+            "VIDEOQA_ATTN_IMPLEMENTATION=flash_attention_2 runs only in float16 or bfloat16, not VIDEOQA_DTYPE=float32"
+        )
     return None
 
 

@@ -195,7 +195,9 @@ def _publish(prepared: _Prepared, completion: Completion, ctx: AnswerContext, ba
             "cached_tokens": completion.cached_tokens,
         },
         # "stop": the model ended its answer; "length": max_new_tokens did.
-        "finish_reason": "stop" if completion.token_ids[-1:] and completion.token_ids[-1] in ctx.model.eos_token_ids else "length",
+        "finish_reason": "stop"
+        if completion.token_ids[-1:] and completion.token_ids[-1] in ctx.model.eos_token_ids
+        else "length",
         "timings": _timings(job, prepared.handoff, time.time(), {"load_frames": prepared.load_seconds}),
         "batch_size": batch_size,
     }

@@ -43,9 +43,7 @@ from worker.sandbox.runner import Answer, ChildSetup, Session, available_cores
 
 # The media's sandbox: its fork server preloads the decoding stack, and an unexpected exception
 # in a child reads as FFmpeg's or Pillow's plain reason.
-MEDIA_SANDBOX = ChildSetup(
-    preload=("worker.media.decode", "worker.media.still_image"), describe_error=plain_reason
-)
+MEDIA_SANDBOX = ChildSetup(preload=("worker.media.decode", "worker.media.still_image"), describe_error=plain_reason)
 
 # The plan's cost model, from the 1080p H.264 clip of bench/short_hd.py on one core: the seconds
 # one frame between a seek's keyframe and its last target costs, per megapixel (about half of them
@@ -107,7 +105,9 @@ def decode_frames_in_sandbox(
     deadline = started + limits.deadline_s
     cores = available_cores()
     processes = limits.processes or cores
-    with Session(limits.memory_bytes, deadline, limits.deadline_s, answer_types=_ANSWER_TYPES, setup=MEDIA_SANDBOX) as session:
+    with Session(
+        limits.memory_bytes, deadline, limits.deadline_s, answer_types=_ANSWER_TYPES, setup=MEDIA_SANDBOX
+    ) as session:
         split = _Split(processes, limits.child_start_s)
         first = session.start(_probe_and_sample, (path, sampling, limits.media, split, cores, geometry))
         (info, index, plan), _ = session.next_answer(first)

@@ -123,9 +123,7 @@ def _read_track(path: str, track_number: int, indexed: int) -> _Track | None:
     return _Track(timescale, decode_times, offsets, keyframes)
 
 
-def _every_frame_within_the_edit(
-    elst: memoryview, presented: np.ndarray, timescale: int, movie_timescale: int
-) -> bool:
+def _every_frame_within_the_edit(elst: memoryview, presented: np.ndarray, timescale: int, movie_timescale: int) -> bool:
     """Whether the edit list keeps and shows every frame: no edit, or one edit at normal rate
     whose span holds every frame's presentation time. FFmpeg decodes but never shows the frames
     outside an edit, and drops those past its end."""
