@@ -164,7 +164,9 @@ def test_a_decoder_out_of_memory_fails_the_video_and_the_next_one_decodes(tmp_pa
 
 
 def test_a_decode_past_the_deadline_is_stopped(tmp_path: Path) -> None:
-    path = write_cat_video(tmp_path / "hd.mp4", seconds=2, fps=30, width=1280, height=720, gop=60)
+    # Seconds of decoding (one GOP of 180 frames) against a 0.05 s deadline: a worker kept off
+    # the CPU by a busy machine for less than that still sees the deadline pass first.
+    path = write_cat_video(tmp_path / "hd.mp4", seconds=6, fps=30, width=1280, height=720, gop=180)
     with pytest.raises(InvalidMedia, match=r"longer than 0\.05 s \(VIDEOQA_DECODE_TIMEOUT_S"):
         _sample(path, Sampling(num_frames=16), _limits(deadline_s=0.05))
 
