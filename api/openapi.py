@@ -15,7 +15,7 @@ from pydantic.json_schema import models_json_schema
 from api.idempotency import MAX_KEY_CHARS
 from api.openapi_chat import VIEWS as CHAT_VIEWS
 from api.openapi_chat import chat_operations
-from api.routes import LATEST_TIMESTAMP
+from api.pagination import PAGE_PARAMETERS
 from api.submission import GENERATION_FIELDS, SAMPLING_FIELDS
 from api.waiting import MAX_WAIT_S
 from common.jobs import JobStatus
@@ -255,17 +255,7 @@ def _operations() -> dict[str, dict[str, Any]]:
                 "summary": "Recent jobs, newest first",
                 "security": BEARER,
                 "parameters": [
-                    {
-                        "name": "limit",
-                        "in": "query",
-                        "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20},
-                    },
-                    {
-                        "name": "before",
-                        "in": "query",
-                        "schema": {"type": "number", "minimum": 0, "maximum": LATEST_TIMESTAMP},
-                        "description": "`next_before` of the previous page",
-                    },
+                    *PAGE_PARAMETERS,
                     {
                         "name": "status",
                         "in": "query",

@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field
 
 from api.idempotency import MAX_KEY_CHARS
 from api.openapi import BEARER, REF, WAIT_SCHEMA, ErrorInfo, FrameRef, _error, _json, _View
-from api.routes import LATEST_TIMESTAMP
+from api.pagination import PAGE_PARAMETERS
 from api.submission import SAMPLING_FIELDS
 from common.schemas import Sampling, VideoRequest
 from common.videos import VideoStatus
@@ -104,17 +104,7 @@ def video_operations(common_errors: dict[str, Any]) -> dict[str, dict[str, Any]]
                 "summary": "This API key's stored videos, newest first",
                 "security": BEARER,
                 "parameters": [
-                    {
-                        "name": "limit",
-                        "in": "query",
-                        "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20},
-                    },
-                    {
-                        "name": "before",
-                        "in": "query",
-                        "schema": {"type": "number", "minimum": 0, "maximum": LATEST_TIMESTAMP},
-                        "description": "`next_before` of the previous page",
-                    },
+                    *PAGE_PARAMETERS,
                 ],
                 "responses": {
                     "200": {"description": "one page", "content": _json("VideoPage")},

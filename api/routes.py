@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
 import re
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, request, stream_with_context, url_for
 
 from api.auth import current_tenant
+from api.pagination import page_args
 from api.services import current_services
 from api.streaming import event_stream, resume_after
 from api.submission import submit_job
@@ -20,8 +20,6 @@ from common.jobs import Job, JobStatus, JobStore
 
 bp = Blueprint("v1", __name__)
 _FRAME_NUMBER = re.compile(r"[0-9]{1,6}")
-# The end of year 9999: a cursor past it is not a creation time of this service.
-LATEST_TIMESTAMP = 253402300799
 
 
 def _job_body(job: Job) -> dict[str, Any]:
@@ -127,16 +125,7 @@ def cancel_job(job_id: str) -> Response:
 
 @bp.get("/v1/jobs")
 def list_jobs() -> Response:
-    try:
-        limit = int(request.args.get("limit", 20))
-        before = float(request.args["before"]) if "before" in request.args else None
-    except ValueError:
-        raise InvalidRequest("limit must be an integer and before a timestamp") from None
-    if not 1 <= limit <= 100:
-        raise InvalidRequest("limit must be between 1 and 100")
-    # float() also reads nan, inf and 1e999; Redis refuses them as a bound (a 503 otherwise).
-    if before is not None and not (math.isfinite(before) and 0 <= before <= LATEST_TIMESTAMP):
-        raise InvalidRequest(f"before must be a timestamp in seconds between 0 and {LATEST_TIMESTAMP}")
+    limit, before = page_args(request.args)
     jobs = current_services().jobs.list(
         limit=limit, before=before, tenant=current_tenant().name, statuses=_statuses(request.args.get("status"))
     )

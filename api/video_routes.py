@@ -4,18 +4,17 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, request, url_for
 
 from api.auth import current_tenant
-from api.routes import LATEST_TIMESTAMP
+from api.pagination import page_args
 from api.services import current_services
 from api.video_submission import submit_video
 from api.waiting import wait_seconds
-from common.errors import Conflict, InvalidRequest, NotFound, VideoQAError
+from common.errors import Conflict, NotFound, VideoQAError
 from common.storage import UPLOADS_PREFIX
 from common.videos import Video, VideoInUse, VideoStatus, frames_prefix
 
@@ -83,15 +82,7 @@ def get_video(video_id: str) -> Response:
 
 @videos_bp.get("/v1/videos")
 def list_videos() -> Response:
-    try:
-        limit = int(request.args.get("limit", 20))
-        before = float(request.args["before"]) if "before" in request.args else None
-    except ValueError:
-        raise InvalidRequest("limit must be an integer and before a timestamp") from None
-    if not 1 <= limit <= 100:
-        raise InvalidRequest("limit must be between 1 and 100")
-    if before is not None and not (math.isfinite(before) and 0 <= before <= LATEST_TIMESTAMP):
-        raise InvalidRequest(f"before must be a timestamp in seconds between 0 and {LATEST_TIMESTAMP}")
+    limit, before = page_args(request.args)
     videos = current_services().videos.list(tenant=current_tenant().name, limit=limit, before=before)
     next_cursor = videos[-1].created_at if len(videos) == limit else None
     return jsonify({"videos": [_body(video) for video in videos], "next_before": next_cursor})
