@@ -114,7 +114,29 @@ def _length_key(item: BatchItem) -> tuple[int, int]:
     return (len(item.prompt.images), len(item.prompt.text))
 
 
-class _Runner:
+class OutcomeSink:
+    """Where a batch's rows end: each job's outcome recorded once, handed to ``on_outcome``, and
+    its streamed text closed with the final answer. The static runner and the in-flight loop share it."""
+
+    tokens: TokenStream | None
+    on_outcome: Callable[[Outcome], None] | None
+    outcomes: dict[str, Outcome]
+
+    def settle(self, outcome: Outcome) -> None:
+        self.outcomes[outcome.key] = outcome
+        if self.on_outcome is not None:
+            self.on_outcome(outcome)
+
+    def finish(self, key: str, completion: Completion) -> None:
+        if self.tokens is not None:
+            self.tokens.finish(key, completion.text)
+        self.settle(Outcome(key, completion=completion, generated_tokens=completion.completion_tokens))
+
+    def stop(self, key: str, *, cancelled: bool = False, error: VideoQAError | None = None, tokens: int = 0) -> None:
+        self.settle(Outcome(key, cancelled=cancelled, error=error, generated_tokens=tokens))
+
+
+class _Runner(OutcomeSink):
     def __init__(
         self,
         loaded: LoadedModel,
@@ -132,20 +154,7 @@ class _Runner:
         self.deadline = deadline
         self.check_every_s = check_every_s
         self.generate_fn = generate_fn
-        self.outcomes: dict[str, Outcome] = {}
-
-    def settle(self, outcome: Outcome) -> None:
-        self.outcomes[outcome.key] = outcome
-        if self.on_outcome is not None:
-            self.on_outcome(outcome)
-
-    def finish(self, key: str, completion: Completion) -> None:
-        if self.tokens is not None:
-            self.tokens.finish(key, completion.text)
-        self.settle(Outcome(key, completion=completion, generated_tokens=completion.completion_tokens))
-
-    def stop(self, key: str, *, cancelled: bool = False, error: VideoQAError | None = None, tokens: int = 0) -> None:
-        self.settle(Outcome(key, cancelled=cancelled, error=error, generated_tokens=tokens))
+        self.outcomes = {}
 
     def cancelled_among(self, keys: list[str]) -> set[str]:
         return self.cancelled(keys) if self.cancelled is not None and keys else set()

@@ -34,19 +34,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from common.errors import ResourceExhausted, VideoQAError
+from common.errors import ResourceExhausted
 from common.schemas import Generation
 from worker.gpu.batch import (
     CHECK_EVERY_S,
     CPU_BATCH_SIZE,
     BatchItem,
     Outcome,
+    OutcomeSink,
     _is_out_of_memory,
     _release_cached_memory,
     _timeout,
 )
 from worker.gpu.kv_rows import Forward, RunningRows, model_forward, prefill
-from worker.gpu.model import Completion, LoadedModel, completion_from_tokens, encode_prompt, memory_info
+from worker.gpu.model import LoadedModel, completion_from_tokens, encode_prompt, memory_info
 from worker.gpu.prefix_cache import PrefixCache
 from worker.gpu.token_stream import TokenStream
 
@@ -91,7 +92,7 @@ def run_inflight(
     return loop.outcomes
 
 
-class InflightLoop:
+class InflightLoop(OutcomeSink):
     def __init__(
         self,
         loaded: LoadedModel,
@@ -116,7 +117,7 @@ class InflightLoop:
         self.check_every_s = check_every_s
         self.tokens = tokens
         self.prefixes = prefixes
-        self.outcomes: dict[str, Outcome] = {}
+        self.outcomes = {}
         self.waiting: deque[BatchItem] = deque()
         self.rows: list[_Row] = []
         self.kv = RunningRows(forward)
@@ -283,17 +284,7 @@ class InflightLoop:
 
     def settle(self, outcome: Outcome) -> None:
         outcome.step = self.steps
-        self.outcomes[outcome.key] = outcome
-        if self.on_outcome is not None:
-            self.on_outcome(outcome)
-
-    def finish(self, key: str, completion: Completion) -> None:
-        if self.tokens is not None:
-            self.tokens.finish(key, completion.text)
-        self.settle(Outcome(key, completion=completion, generated_tokens=completion.completion_tokens))
-
-    def stop(self, key: str, *, cancelled: bool = False, error: VideoQAError | None = None, tokens: int = 0) -> None:
-        self.settle(Outcome(key, cancelled=cancelled, error=error, generated_tokens=tokens))
+        super().settle(outcome)
 
     def does_not_fit(self, item: BatchItem) -> None:
         free, total = memory_info(self.loaded)
