@@ -12,7 +12,8 @@ import base64
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import redis
@@ -65,10 +66,10 @@ def reconcile(
     now: float | None = None,
 ) -> list[str]:
     """One scan; returns the ids sent again."""
-    if not client.set(LOCK_KEY, "1", nx=True, ex=max(5, int(stale_after_s))):
-        return []
     now = time.time() if now is None else now
-    try:
+    with scan_lock(client, LOCK_KEY, stale_after_s) as held:
+        if not held:
+            return []
         in_flight = job_ids_in_flight(client)
         resent = []
         for key in client.scan_iter(match=ACTIVE_PREFIX + "*", count=500):
@@ -86,5 +87,16 @@ def reconcile(
                     resent.append(job_id)
                     log.warning("job %s was %s with no message for it; sent again", job_id, job.status)
         return resent
+
+
+@contextmanager
+def scan_lock(client: redis.Redis, key: str, stale_after_s: float) -> Iterator[bool]:
+    """Whether this process holds ``key`` for one scan: one scan at a time across the workers,
+    the lock expiring on its own if its holder dies mid-scan."""
+    if not client.set(key, "1", nx=True, ex=max(5, int(stale_after_s))):
+        yield False
+        return
+    try:
+        yield True
     finally:
-        client.delete(LOCK_KEY)
+        client.delete(key)

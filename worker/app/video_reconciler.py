@@ -11,7 +11,7 @@ import redis
 
 from common.celery_config import CPU_QUEUE, VIDEO_TASK
 from common.videos import VideoStore
-from worker.app.reconciler import job_ids_in_flight
+from worker.app.reconciler import job_ids_in_flight, scan_lock
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +27,9 @@ def reconcile_videos(
     now: float | None = None,
 ) -> list[str]:
     """One scan; returns the ids sent again."""
-    if not client.set(LOCK_KEY, "1", nx=True, ex=max(5, int(stale_after_s))):
-        return []
-    try:
+    with scan_lock(client, LOCK_KEY, stale_after_s) as held:
+        if not held:
+            return []
         in_flight = job_ids_in_flight(client, (CPU_QUEUE,))
         resent = []
         for video in videos.stale_processing(older_than_s=stale_after_s, now=now):
@@ -40,5 +40,3 @@ def reconcile_videos(
                 resent.append(video.id)
                 log.warning("video %s was processing with no message for it; sent again", video.id)
         return resent
-    finally:
-        client.delete(LOCK_KEY)
